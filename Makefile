@@ -1,0 +1,34 @@
+# iotd — the two commands people need are `make demo` and `make test`; both set up what is
+# missing first (Debian packages, the Python venv with AWS's SDK), so a fresh machine works.
+
+CARGO ?= cargo
+VENV ?= $(CURDIR)/target/venv
+export IOTD_VENV := $(VENV)
+
+.PHONY: setup build test lint unit demo bench clean
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(CARGO) build --workspace --all-targets
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# The whole suite: lints, unit tests, and black-box tests that start the real binaries (and AWS's
+# Python SDK against fake-iot-core). A missing tool fails the run; nothing is skipped.
+test: setup lint
+	$(CARGO) test --workspace --no-fail-fast
+
+demo: setup
+	$(CARGO) build --release -p fake-iot-core
+	@scripts/demo.sh
+
+bench: setup
+	$(CARGO) build --release -p fake-iot-core --bin fake-iot-core --bin fake-iot-core-bench
+	target/release/fake-iot-core-bench
+
+clean:
+	$(CARGO) clean

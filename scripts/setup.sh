@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what the build and the test suite need, and only what is missing, so that a second
+# run is a fast no-op. Runs as root on Debian (CI and developer machines are the same kind).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+
+# Debian packages the tests start or call. Later stages add swtpm, libtss2-dev, dbus, chromium.
+packages=(openssl ca-certificates pkg-config)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}"
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: need root to install ${missing[*]} (run as root, or install them yourself)" >&2
+        exit 1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust >= 1.89 (rustup)" >&2; exit 1; }
+
+# AWS's own device SDK and boto3, for the interoperability tests and the demo.
+"$repo/scripts/python-venv.sh"

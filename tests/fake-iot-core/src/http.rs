@@ -1,0 +1,230 @@
+//! The HTTP side: AWS IoT's REST control plane (in `control`) and the fake's own `/_fake/`
+//! API for inspection and fault injection.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::faults::{Api, FaultRule};
+use crate::server::{Shared, lock};
+
+type AppState = State<Arc<Shared>>;
+
+/// All HTTP routes.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/_fake/health", get(|| async { Json(json!({"ok": true})) }))
+        .route("/_fake/connections", get(connections))
+        .route("/_fake/messages", get(messages).delete(clear_messages))
+        .route("/_fake/registry", get(registry))
+        .route(
+            "/_fake/faults",
+            get(list_faults).post(add_fault).delete(clear_faults),
+        )
+        .route("/_fake/faults/{id}", delete(remove_fault))
+        .route("/_fake/throttle", post(set_throttle))
+        .route("/_fake/disconnect", post(disconnect))
+        .route("/_fake/tokens/expire", post(expire_tokens))
+        .route("/_fake/clock", get(clock).post(advance_clock))
+        .merge(crate::control::routes())
+        .with_state(shared)
+}
+
+fn bad_request(message: impl Into<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"message": message.into()})),
+    )
+        .into_response()
+}
+
+async fn connections(State(shared): AppState) -> Json<Value> {
+    let sessions: Vec<_> = lock(&shared.sessions).values().cloned().collect();
+    let list: Vec<Value> = sessions
+        .iter()
+        .map(|s| {
+            json!({
+                "clientId": s.client_id,
+                "connId": s.conn_id,
+                "certificateId": s.cert_id,
+                "protocol": s.version.as_str(),
+                "alpn": s.alpn,
+                "remote": s.remote.to_string(),
+                "connectedAt": s.connected_at,
+                "subscriptions": lock(&s.subscriptions).iter().map(|(f, q)| json!({"filter": f, "qos": q})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Json(json!({"connections": list}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageQuery {
+    client_id: Option<String>,
+    topic: Option<String>,
+    kind: Option<String>,
+    since: Option<u64>,
+}
+
+async fn messages(State(shared): AppState, Query(q): Query<MessageQuery>) -> Json<Value> {
+    let entries: Vec<_> = shared
+        .log_entries()
+        .into_iter()
+        .filter(|e| q.client_id.as_ref().is_none_or(|c| *c == e.client_id))
+        .filter(|e| {
+            q.topic.as_ref().is_none_or(|t| {
+                e.topic
+                    .as_deref()
+                    .is_some_and(|et| crate::mqtt::topic_matches(et, t))
+            })
+        })
+        .filter(|e| q.kind.as_ref().is_none_or(|k| k == e.kind))
+        .filter(|e| q.since.is_none_or(|s| e.seq > s))
+        .collect();
+    Json(json!({"messages": entries}))
+}
+
+async fn clear_messages(State(shared): AppState) -> StatusCode {
+    shared.clear_log();
+    StatusCode::NO_CONTENT
+}
+
+async fn registry(State(shared): AppState) -> Response {
+    match shared.read(|reg| serde_json::to_value(reg)) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"message": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn list_faults(State(shared): AppState) -> Json<Value> {
+    let faults = lock(&shared.faults);
+    Json(json!({
+        "rules": faults.rules(),
+        "throttles": faults.throttles().into_iter().map(|(k, v)| (format!("{k:?}"), v)).collect::<std::collections::BTreeMap<_, _>>(),
+        "stats": faults.stats,
+    }))
+}
+
+async fn add_fault(
+    State(shared): AppState,
+    body: Result<Json<FaultRule>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(rule)) => {
+            let id = lock(&shared.faults).add(rule);
+            (StatusCode::CREATED, Json(json!({"id": id}))).into_response()
+        }
+        Err(e) => bad_request(format!("fault rule: {e}")),
+    }
+}
+
+async fn clear_faults(State(shared): AppState) -> StatusCode {
+    lock(&shared.faults).clear();
+    StatusCode::NO_CONTENT
+}
+
+async fn remove_fault(State(shared): AppState, Path(id): Path<u64>) -> StatusCode {
+    if lock(&shared.faults).remove(id) {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::NOT_FOUND
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Throttle {
+    api: Api,
+    per_second: Option<u32>,
+}
+
+async fn set_throttle(
+    State(shared): AppState,
+    body: Result<Json<Throttle>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(t)) => {
+            lock(&shared.faults).set_throttle(t.api, t.per_second);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => bad_request(format!("throttle: {e}")),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Disconnect {
+    client_id: String,
+}
+
+async fn disconnect(
+    State(shared): AppState,
+    body: Result<Json<Disconnect>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(d)) => {
+            if shared.disconnect(&d.client_id) {
+                StatusCode::NO_CONTENT.into_response()
+            } else {
+                (
+                    StatusCode::NOT_FOUND,
+                    Json(
+                        json!({"message": format!("no connection with client id {}", d.client_id)}),
+                    ),
+                )
+                    .into_response()
+            }
+        }
+        Err(e) => bad_request(format!("disconnect: {e}")),
+    }
+}
+
+async fn expire_tokens(State(shared): AppState) -> Json<Value> {
+    let now = shared.clock.now();
+    let n = shared.write(|reg| {
+        let n = reg.tokens.len();
+        for t in reg.tokens.values_mut() {
+            t.expires_at = now;
+        }
+        reg.sweep(now);
+        n
+    });
+    Json(json!({"expired": n}))
+}
+
+async fn clock(State(shared): AppState) -> Json<Value> {
+    Json(json!({"now": shared.clock.now(), "offsetSeconds": shared.clock.offset()}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Advance {
+    advance_seconds: i64,
+}
+
+async fn advance_clock(
+    State(shared): AppState,
+    body: Result<Json<Advance>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(a)) => {
+            let now = shared.clock.advance(a.advance_seconds);
+            // Expiry is lazy; touch the registry so that it is swept and persisted now.
+            shared.write(|_| ());
+            Json(json!({"now": now, "offsetSeconds": shared.clock.offset()})).into_response()
+        }
+        Err(e) => bad_request(format!("clock: {e}")),
+    }
+}
