@@ -47,6 +47,11 @@ from cryptography.x509.oid import NameOID
 
 PROG = "fleet_provision"
 TIMEOUT_S = 30.0
+# The CRT's TLS (s2n) delays reporting a failed handshake -- e.g. a server
+# certificate it does not trust -- by a random 10-30 s ("blinding"); waiting
+# a little longer than that for a connect reports the TLS error instead of a
+# bare timeout.
+CONNECT_TIMEOUT_S = 45.0
 # What the SDK's builders put in the TLS ClientHello on port 443 so that AWS
 # IoT Core can serve MQTT there; --alpn sends it on any port.
 ALPN_MQTT = "x-amzn-mqtt-ca"
@@ -176,14 +181,24 @@ class Mqtt3Session:
         settle(self.lost, describe(error))
 
     def start(self):
+        connecting = self.connection.connect()
+        try:
+            wait_for(connecting, f"connect ({self.protocol}) to {self.label}",
+                     timeout=CONNECT_TIMEOUT_S)
+        except ProvisioningError:
+            # A failed connect leaves nothing to close; a pending one does.
+            self._started = not connecting.done()
+            raise
         self._started = True
-        wait_for(self.connection.connect(), f"connect ({self.protocol}) to {self.label}")
 
     def stop(self, timeout=TIMEOUT_S):
         if self._started:
             self._started = False
-            wait_for(self.connection.disconnect(), f"disconnect from {self.label}",
-                     timeout=timeout)
+            disconnected = self.connection.disconnect()
+            # After a drop the connection is waiting out its reconnect back-off
+            # and disconnect() completes only after that; nothing to wait for.
+            if not self.lost.done():
+                wait_for(disconnected, f"disconnect from {self.label}", timeout=timeout)
 
 
 class Mqtt5Session:
@@ -258,7 +273,8 @@ class Mqtt5Session:
     def start(self):
         self._started = True
         self.client.start()
-        wait_for(self.connected, f"connect ({self.protocol}) to {self.label}")
+        wait_for(self.connected, f"connect ({self.protocol}) to {self.label}",
+                 timeout=CONNECT_TIMEOUT_S)
 
     def stop(self, timeout=TIMEOUT_S):
         # Also after a failed connect: a started client retries forever.
@@ -277,14 +293,12 @@ def open_session(args, cert, key, client_id):
 
 
 def stop_quietly(session):
-    """Stops a session on the error path, where the first error is the one
-    worth reporting."""
+    """Stops a session on the error path. The first error is the one worth
+    reporting, so a failure to disconnect after it is not."""
     try:
-        # Short: an MQTT 3 connection that dropped is waiting out its
-        # reconnect back-off (5 s), and disconnect() completes only after it.
-        session.stop(timeout=1)
-    except Exception as e:
-        progress(f"while cleaning up: {describe(e)}")
+        session.stop(timeout=5)
+    except Exception:
+        pass
 
 
 # --------------------------------------------------------------------------
@@ -448,6 +462,10 @@ def require_fields(api, response, *names):
 
 def provision(args):
     started = time.monotonic()
+    # The CRT would only say "No such file" without naming the file.
+    for flag, path in (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key)):
+        if not os.path.isfile(path):
+            raise ProvisioningError(f"reading {flag} {path} failed: no such file")
     os.makedirs(args.out_dir, exist_ok=True)
     cert_path = os.path.join(args.out_dir, "device.pem.crt")
     key_path = os.path.join(args.out_dir, "device.private.pem.key")

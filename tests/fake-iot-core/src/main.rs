@@ -101,6 +101,10 @@ fn parse_override(s: &str) -> Result<Override, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // A fleet simulation holds thousands of connections: use the hard file limit, not 1024.
+    if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
+        let _ = rlimit::Resource::NOFILE.set(hard, hard);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FAKE_IOT_CORE_LOG")

@@ -2,15 +2,14 @@
 //! RegisterThing, in JSON and CBOR, with the pre-provisioning hook and injected faults.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use crate::faults::{Api, FaultAction};
+use crate::faults::Api;
 use crate::registry::{CertStatus, Certificate, OwnershipToken, Policy, Thing, new_uuid};
-use crate::server::{ApiRequest, Control, Session, Shared, lock};
+use crate::server::{ApiRequest, Gate, Session, Shared};
 use crate::template::{Override, PolicyPlan};
 
 /// Payload encoding, chosen by the topic's last level.
@@ -181,61 +180,41 @@ pub async fn serve(shared: &Shared, session: &Session, req: &ApiRequest) {
     let Some(route) = parse_topic(&req.topic) else {
         return;
     };
-    let fault = lock(&shared.faults).take(route.api, &session.client_id);
-    if let Some(FaultAction::Delay { delay_ms }) = &fault {
-        tokio::time::sleep(Duration::from_millis(*delay_ms)).await;
-    }
-    let admitted = lock(&shared.faults).admit(route.api);
-    let result = match (&fault, admitted) {
-        (_, false) => Err(Rejection::new(429, "Throttling", "Rate exceeded")),
-        (
-            Some(FaultAction::Reject {
-                status_code,
-                error_code,
-                error_message,
-            }),
-            true,
-        ) => Err(Rejection::new(
-            *status_code,
+    let (result, drop_reply) = match crate::server::fault_gate(shared, session, route.api).await {
+        Gate::Closed => return,
+        Gate::Throttled => (
+            Err(Rejection::new(429, "Throttling", "Rate exceeded")),
+            false,
+        ),
+        Gate::Reject {
+            status_code,
             error_code,
-            error_message.clone(),
-        )),
-        _ => match decode(route.format, &req.payload) {
-            Ok(body) => match route.api {
-                Api::CreateKeysAndCertificate => create_keys_and_certificate(shared).await,
-                Api::CreateCertificateFromCsr => create_from_csr(shared, &body),
-                Api::RegisterThing => {
-                    register_thing(
-                        shared,
-                        session,
-                        route.template.as_deref().unwrap_or_default(),
-                        &body,
-                    )
-                    .await
-                }
-                Api::Connect | Api::Jobs => return,
-            },
-            Err(rejection) => Err(rejection),
-        },
+            error_message,
+        } => (
+            Err(Rejection::new(status_code, &error_code, error_message)),
+            false,
+        ),
+        Gate::Serve { drop_reply } => {
+            let result = match decode(route.format, &req.payload) {
+                Ok(body) => match route.api {
+                    Api::CreateKeysAndCertificate => create_keys_and_certificate(shared).await,
+                    Api::CreateCertificateFromCsr => create_from_csr(shared, &body),
+                    Api::RegisterThing => {
+                        let template = route.template.as_deref().unwrap_or_default();
+                        register_thing(shared, session, template, &body).await
+                    }
+                    Api::Connect | Api::Jobs => return,
+                },
+                Err(rejection) => Err(rejection),
+            };
+            (result, drop_reply)
+        }
     };
-    match fault {
-        Some(FaultAction::Drop) => {
-            shared.log_event(
-                "dropped",
-                (&session.client_id, session.conn_id),
-                Some(&req.topic),
-                None,
-                Some("injected fault: reply dropped".to_owned()),
-            );
-            return;
-        }
-        Some(FaultAction::Disconnect) => {
-            session.send(Control::Close(
-                crate::mqtt::DisconnectReason::AdministrativeAction,
-            ));
-            return;
-        }
-        _ => {}
+    if drop_reply {
+        let who = (session.client_id.as_str(), session.conn_id);
+        let detail = Some("injected fault: reply dropped".to_owned());
+        shared.log_event("dropped", who, Some(&req.topic), None, detail);
+        return;
     }
     let (suffix, value) = match result {
         Ok(v) => ("accepted", v),

@@ -244,8 +244,9 @@ impl Registry {
     }
 
     /// Deletes what AWS deletes on its own: certificates whose ownership token expired before
-    /// they were registered, and expired tokens; and times out job steps.
-    pub fn sweep(&mut self, now: i64) {
+    /// they were registered, and expired tokens; and times out job steps. Returns the things
+    /// whose job executions timed out, for their notifications.
+    pub fn sweep(&mut self, now: i64) -> Vec<String> {
         let expired: Vec<String> = self
             .tokens
             .iter()
@@ -270,14 +271,17 @@ impl Registry {
         // Trusted-user claims vanish once expired.
         self.certificates
             .retain(|_, c| c.temporary_claim_for.is_none() || c.not_after > now);
+        let mut timed_out = Vec::new();
         for exec in self.executions.values_mut() {
             if exec.status == "IN_PROGRESS" && exec.step_timeout_at.is_some_and(|t| t <= now) {
                 exec.status = "TIMED_OUT".to_owned();
                 exec.last_updated_at = now;
                 exec.version_number += 1;
                 exec.step_timeout_at = None;
+                timed_out.push(exec.thing_name.clone());
             }
         }
+        timed_out
     }
 
     /// Attaches a certificate to a thing (both sides of the relation).

@@ -133,6 +133,8 @@ pub struct Shared {
     dirty: Notify,
     pub sessions: Mutex<HashMap<String, Arc<Session>>>,
     pub faults: Mutex<Faults>,
+    /// What `jobs::notify_thing` last pushed per thing, so that it pushes only changes.
+    pub job_pushes: Mutex<HashMap<String, crate::jobs::Pushed>>,
     log: Mutex<VecDeque<LogEntry>>,
     log_seq: AtomicU64,
     next_conn: AtomicU64,
@@ -177,6 +179,7 @@ impl Shared {
             dirty: Notify::new(),
             sessions: Mutex::new(HashMap::new()),
             faults: Mutex::new(faults),
+            job_pushes: Mutex::new(HashMap::new()),
             log: Mutex::new(VecDeque::new()),
             log_seq: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
@@ -187,18 +190,34 @@ impl Shared {
     /// Reads the registry (after the lazy sweep of expired tokens and claims).
     pub fn read<R>(&self, f: impl FnOnce(&Registry) -> R) -> R {
         let mut reg = lock(&self.registry);
-        reg.sweep(self.clock.now());
-        f(&reg)
+        let timed_out = reg.sweep(self.clock.now());
+        let out = f(&reg);
+        drop(reg);
+        self.after_sweep(&timed_out);
+        out
     }
 
     /// Changes the registry and schedules a write to disk.
     pub fn write<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> R {
         let mut reg = lock(&self.registry);
-        reg.sweep(self.clock.now());
+        let timed_out = reg.sweep(self.clock.now());
         let out = f(&mut reg);
         drop(reg);
         self.dirty.notify_one();
+        self.after_sweep(&timed_out);
         out
+    }
+
+    /// Things whose job executions timed out in a sweep get their notifications, outside the
+    /// registry lock (notify_thing reads the registry itself).
+    fn after_sweep(&self, timed_out: &[String]) {
+        if timed_out.is_empty() {
+            return;
+        }
+        self.dirty.notify_one();
+        for thing in timed_out {
+            crate::jobs::notify_thing(self, thing);
+        }
     }
 
     /// Serialises the registry for the persister.
@@ -723,6 +742,54 @@ fn check_connect(
         ));
     }
     None
+}
+
+/// What injected faults and throttles decide for one API request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    /// Do the work; `drop_reply` keeps the answer from the device.
+    Serve { drop_reply: bool },
+    /// Answer with this error instead of doing the work.
+    Reject {
+        status_code: u16,
+        error_code: String,
+        error_message: String,
+    },
+    /// Over the API's rate: answer with the API's throttling error.
+    Throttled,
+    /// The connection was closed instead; nothing was done.
+    Closed,
+}
+
+/// Applies the fault rules and throttle of `api` to one request of `session` (waiting out an
+/// injected delay), so that every request-response API treats faults alike.
+pub async fn fault_gate(shared: &Shared, session: &Session, api: Api) -> Gate {
+    let fault = lock(&shared.faults).take(api, &session.client_id);
+    if let Some(FaultAction::Delay { delay_ms }) = &fault {
+        tokio::time::sleep(Duration::from_millis(*delay_ms)).await;
+    }
+    if fault == Some(FaultAction::Disconnect) {
+        session.send(Control::Close(DisconnectReason::AdministrativeAction));
+        return Gate::Closed;
+    }
+    if !lock(&shared.faults).admit(api) {
+        return Gate::Throttled;
+    }
+    match fault {
+        Some(FaultAction::Reject {
+            status_code,
+            error_code,
+            error_message,
+        }) => Gate::Reject {
+            status_code,
+            error_code,
+            error_message,
+        },
+        Some(FaultAction::Drop) => Gate::Serve { drop_reply: true },
+        Some(FaultAction::Delay { .. } | FaultAction::Disconnect) | None => {
+            Gate::Serve { drop_reply: false }
+        }
+    }
 }
 
 /// A request to a request-response API, handled in order per connection.

@@ -23,9 +23,10 @@ pub const WAIT: Duration = Duration::from_secs(15);
 
 /// A running fake-iot-core.
 pub struct Fake {
+    // Dropped first (fields drop in order): the process is killed before its directory goes.
+    child: Child,
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
-    child: Child,
     pub ready: Value,
     pub args: Vec<String>,
 }
