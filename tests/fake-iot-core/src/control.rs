@@ -5,8 +5,8 @@
 //! `x-amzn-ErrorType` and `{"message": ...}`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::mqtt::DisconnectReason;
 use crate::registry::{
     CertStatus, Certificate, Hook, Job, JobExecution, NamedResource, Policy, ProvisioningTemplate,
-    Registry, Thing, new_uuid,
+    Registry, TemplateVersion, Thing, new_uuid,
 };
 use crate::server::{Control, Settings, Shared, lock};
 use crate::template::Template;
@@ -566,47 +566,6 @@ fn template_listing(s: &Settings, t: &ProvisioningTemplate) -> Value {
     })
 }
 
-/// One version of a template's body.
-#[derive(Debug, Clone)]
-struct StoredVersion {
-    body: String,
-    created_at: i64,
-}
-
-type VersionTable = BTreeMap<u32, StoredVersion>;
-
-/// Template versions. The registry keeps only the default version (its body is what
-/// RegisterThing evaluates), so the others live here, per fake instance (keyed by state
-/// directory) and template, for the life of the process: after a restart only the default
-/// version is listed. Always locked inside a registry closure, never the other way round.
-static VERSIONS: Mutex<BTreeMap<(PathBuf, String), VersionTable>> = Mutex::new(BTreeMap::new());
-
-/// Runs `f` on the versions of `t`, the registry's default version included.
-fn with_versions<R>(
-    s: &Settings,
-    t: &ProvisioningTemplate,
-    f: impl FnOnce(&mut VersionTable) -> R,
-) -> R {
-    let mut all = lock(&VERSIONS);
-    let table = all
-        .entry((s.state_dir.clone(), t.name.clone()))
-        .or_default();
-    // The registry is the truth for the default version: it may have been set at start-up
-    // (--template) or survived a restart.
-    let default = table
-        .entry(t.default_version_id)
-        .or_insert_with(|| StoredVersion {
-            body: t.body.clone(),
-            created_at: t.last_modified_at,
-        });
-    default.body.clone_from(&t.body);
-    f(table)
-}
-
-fn forget_versions(s: &Settings, name: &str) {
-    lock(&VERSIONS).remove(&(s.state_dir.clone(), name.to_owned()));
-}
-
 async fn create_template(State(shared): AppState, body: Bytes) -> Reply {
     let input: CreateTemplateInput = parse_body(&body)?;
     let name = required(input.template_name, "templateName")?;
@@ -634,7 +593,7 @@ async fn create_template(State(shared): AppState, body: Bytes) -> Reply {
         }
         let t = ProvisioningTemplate {
             name: name.clone(),
-            body: template_body,
+            body: template_body.clone(),
             // AWS creates templates disabled unless asked otherwise.
             enabled: input.enabled.unwrap_or(false),
             description: input.description,
@@ -644,10 +603,15 @@ async fn create_template(State(shared): AppState, body: Bytes) -> Reply {
             last_modified_at: now,
             default_version_id: 1,
             template_type,
+            versions: BTreeMap::from([(
+                1,
+                TemplateVersion {
+                    body: template_body.clone(),
+                    created_at: now,
+                },
+            )]),
             parsed: Some(parsed),
         };
-        forget_versions(s, &name);
-        with_versions(s, &t, |_| ());
         reg.templates.insert(name.clone(), t);
         Ok(())
     })?;
@@ -691,7 +655,6 @@ async fn update_template(State(shared): AppState, Path(name): Path<String>, body
         ));
     }
     let now = shared.clock.now();
-    let s = &shared.settings;
     shared.write(|reg| {
         let t = reg
             .templates
@@ -702,10 +665,9 @@ async fn update_template(State(shared): AppState, Path(name): Path<String>, body
             .map(|h| check_hook(h, &t.template_type))
             .transpose()?;
         if let Some(id) = input.default_version_id {
-            let body = with_versions(s, t, |table| table.get(&id).map(|v| v.body.clone()))
-                .ok_or_else(|| {
-                    ApiError::not_found(format!("Version {id} of template {name} not found"))
-                })?;
+            let body = t.versions.get(&id).map(|v| v.body.clone()).ok_or_else(|| {
+                ApiError::not_found(format!("Version {id} of template {name} not found"))
+            })?;
             // Stored versions were parsed when created; a failure here is the fake's own bug.
             let parsed = Template::parse(&body)
                 .map_err(|e| ApiError::internal(format!("version {id}: {e}")))?;
@@ -735,12 +697,10 @@ async fn update_template(State(shared): AppState, Path(name): Path<String>, body
 }
 
 async fn delete_template(State(shared): AppState, Path(name): Path<String>) -> Reply {
-    let s = &shared.settings;
     shared.write(|reg| {
         reg.templates
             .remove(&name)
             .ok_or_else(|| template_not_found(&name))?;
-        forget_versions(s, &name);
         Ok(())
     })?;
     reply(json!({}))
@@ -763,22 +723,17 @@ async fn create_template_version(
             .templates
             .get_mut(&name)
             .ok_or_else(|| template_not_found(&name))?;
-        let id = with_versions(s, t, |table| {
-            if table.len() >= TEMPLATE_VERSIONS_MAX {
-                return Err(ApiError::versions_limit(format!(
-                    "Template {name} already has {TEMPLATE_VERSIONS_MAX} versions; delete one first"
-                )));
-            }
-            let id = table.keys().next_back().copied().unwrap_or(0) + 1;
-            table.insert(
-                id,
-                StoredVersion {
-                    body: template_body.clone(),
-                    created_at: now,
-                },
-            );
-            Ok(id)
-        })?;
+        if t.versions.len() >= TEMPLATE_VERSIONS_MAX {
+            return Err(ApiError::versions_limit(format!(
+                "Template {name} already has {TEMPLATE_VERSIONS_MAX} versions; delete one first"
+            )));
+        }
+        let id = t.versions.keys().next_back().copied().unwrap_or(0) + 1;
+        let version = TemplateVersion {
+            body: template_body.clone(),
+            created_at: now,
+        };
+        t.versions.insert(id, version);
         if set_default {
             t.body = template_body;
             t.parsed = Some(parsed);
@@ -802,18 +757,17 @@ async fn list_template_versions(
 ) -> Reply {
     let q = query(q)?;
     let size = page_size(q.max_results, PAGE_MAX)?;
-    let s = &shared.settings;
     let all = shared.read(|reg| {
         let t = reg.templates.get(&name).ok_or_else(|| template_not_found(&name))?;
-        Ok::<_, ApiError>(with_versions(s, t, |table| {
-            table
+        Ok::<_, ApiError>(
+            t.versions
                 .iter()
                 .map(|(id, v)| {
                     let item = json!({"versionId": id, "creationDate": v.created_at, "isDefaultVersion": *id == t.default_version_id});
                     (id.to_string(), item)
                 })
-                .collect::<Vec<_>>()
-        }))
+                .collect::<Vec<_>>(),
+        )
     })?;
     let (items, next) = page(all, |(k, _)| k.clone(), q.next_token.as_deref(), size)?;
     reply(
@@ -828,13 +782,12 @@ async fn describe_template_version(
     let id: u32 = id
         .parse()
         .map_err(|_| ApiError::invalid(format!("versionId {id} is not a number")))?;
-    let s = &shared.settings;
     let v = shared.read(|reg| {
         let t = reg
             .templates
             .get(&name)
             .ok_or_else(|| template_not_found(&name))?;
-        let v = with_versions(s, t, |table| table.get(&id).cloned()).ok_or_else(|| {
+        let v = t.versions.get(&id).cloned().ok_or_else(|| {
             ApiError::not_found(format!("Version {id} of template {name} not found"))
         })?;
         Ok::<_, ApiError>(json!({
@@ -854,15 +807,15 @@ async fn delete_template_version(
     let id: u32 = id
         .parse()
         .map_err(|_| ApiError::invalid(format!("versionId {id} is not a number")))?;
-    let s = &shared.settings;
-    shared.read(|reg| {
-        let t = reg.templates.get(&name).ok_or_else(|| template_not_found(&name))?;
+    shared.write(|reg| {
+        let t = reg.templates.get_mut(&name).ok_or_else(|| template_not_found(&name))?;
         if id == t.default_version_id {
             return Err(ApiError::delete_conflict(format!(
                 "Version {id} is the default version of template {name}; make another version the default first"
             )));
         }
-        with_versions(s, t, |table| table.remove(&id))
+        t.versions
+            .remove(&id)
             .map(|_| ())
             .ok_or_else(|| ApiError::not_found(format!("Version {id} of template {name} not found")))
     })?;
@@ -2491,7 +2444,7 @@ mod tests {
     use super::*;
 
     fn settings() -> Settings {
-        Settings::new(PathBuf::from("/nonexistent"))
+        Settings::new(std::path::PathBuf::from("/nonexistent"))
     }
 
     #[test]

@@ -107,6 +107,16 @@ pub struct Hook {
     pub payload_version: Option<String>,
 }
 
+/// One version of a template's body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateVersion {
+    pub body: String,
+    pub created_at: i64,
+}
+
+/// A provisioning template. `body`/`parsed` are the default version's, which RegisterThing
+/// evaluates; `versions` holds every version, the default included.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProvisioningTemplate {
@@ -124,6 +134,8 @@ pub struct ProvisioningTemplate {
     pub default_version_id: u32,
     #[serde(default = "fleet_provisioning")]
     pub template_type: String,
+    #[serde(default)]
+    pub versions: BTreeMap<u32, TemplateVersion>,
     #[serde(skip)]
     pub parsed: Option<Template>,
 }

@@ -1,6 +1,7 @@
 //! Start-up: state directory, CA, registry, templates and claims from the command line,
 //! listeners, the ready line, and shutdown on SIGTERM/SIGINT.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,7 +12,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::ca::Authority;
 use crate::clock::Clock;
-use crate::registry::{CertStatus, Certificate, Policy, ProvisioningTemplate, Registry};
+use crate::registry::{
+    CertStatus, Certificate, Policy, ProvisioningTemplate, Registry, TemplateVersion,
+};
 use crate::server::{Settings, Shared};
 use crate::template::Template;
 
@@ -127,11 +130,28 @@ fn apply_templates(shared: &Shared, templates: &[(String, String)]) -> Result<()
                     last_modified_at: now,
                     default_version_id: 1,
                     template_type: "FLEET_PROVISIONING".to_owned(),
+                    versions: BTreeMap::from([(
+                        1,
+                        TemplateVersion {
+                            body: body.clone(),
+                            created_at: now,
+                        },
+                    )]),
                     parsed: None,
                 });
             if entry.body != body {
+                // A changed file is a new default version, as CreateProvisioningTemplateVersion
+                // with setAsDefault would make it.
+                let id = entry.versions.keys().next_back().copied().unwrap_or(0) + 1;
+                entry.versions.insert(
+                    id,
+                    TemplateVersion {
+                        body: body.clone(),
+                        created_at: now,
+                    },
+                );
                 entry.body = body.clone();
-                entry.default_version_id += 1;
+                entry.default_version_id = id;
                 entry.last_modified_at = now;
             }
             entry.enabled = true;

@@ -140,7 +140,33 @@ async fn registry_claims_and_clock_survive_a_restart() {
         .await;
     let offset_before = fake.http("GET", "/_fake/clock", None).await.2["offsetSeconds"].clone();
 
+    let mut v2 = device_template();
+    v2["DeviceConfiguration"]["Fallback"] = json!("https://v2.example.com");
+    let body = json!({"templateBody": v2.to_string()});
+    let (status, _, created) = fake
+        .http(
+            "POST",
+            "/provisioning-templates/gw/versions?setAsDefault=false",
+            Some(body),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+
     let fake = fake.restart().await;
+    let (_, _, versions) = fake
+        .http("GET", "/provisioning-templates/gw/versions", None)
+        .await;
+    let ids: Vec<_> = versions["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["versionId"].clone(), v["isDefaultVersion"].clone()))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![(json!(1), json!(true)), (json!(2), json!(false))],
+        "template versions persist"
+    );
     assert_eq!(
         fake.claim("factory").cert_pem,
         claim.cert_pem,
