@@ -22,12 +22,15 @@ lint:
 test: setup lint
 	$(CARGO) test --workspace --no-fail-fast
 
+# The main job on the embedded default: iotd provisions itself against fake-iot-core.
 demo: setup
-	$(CARGO) build --release -p fake-iot-core
-	@scripts/demo.sh
+	$(CARGO) build --release -p iotd -p iotd-testkit
+	target/release/iotd-demo
 
+# Figures, not tests: provisioning time of iotd (20 runs), and the fake's own capacity.
 bench: setup
-	$(CARGO) build --release -p fake-iot-core --bin fake-iot-core --bin fake-iot-core-bench
+	$(CARGO) build --release -p iotd -p iotd-testkit -p fake-iot-core
+	target/release/iotd-bench --runs 20
 	target/release/fake-iot-core-bench
 
 clean:

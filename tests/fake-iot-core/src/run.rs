@@ -270,8 +270,28 @@ fn local(l: &TcpListener, fallback: SocketAddr) -> SocketAddr {
     l.local_addr().unwrap_or(fallback)
 }
 
-/// Runs the fake until SIGTERM or SIGINT.
-pub async fn run(options: Options) -> Result<(), StartError> {
+/// A started fake: its ready line, and what `stop` needs.
+#[derive(Debug)]
+pub struct Running {
+    /// The ready line's content: addresses, root CA and claim files.
+    pub ready: serde_json::Value,
+    pub shared: Arc<Shared>,
+    persister: tokio::task::JoinHandle<()>,
+    http_task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, tells connections, writes the registry, and returns.
+    pub async fn stop(self) {
+        self.shared.shutdown.cancel();
+        let _ = self.persister.await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), self.http_task).await;
+    }
+}
+
+/// Starts the fake on the current tokio runtime: every listener is bound when this returns.
+/// Used by `run` and by other crates' tests that want the fake in-process.
+pub async fn start(options: Options) -> Result<Running, StartError> {
     let dir = options.settings.state_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|source| StartError::StateDir {
         path: dir.clone(),
@@ -325,22 +345,31 @@ pub async fn run(options: Options) -> Result<(), StartError> {
         "rootCa": shared.ca.root_path(),
         "claims": claims,
     });
+    Ok(Running {
+        ready,
+        shared,
+        persister,
+        http_task,
+    })
+}
+
+/// Runs the fake until SIGTERM or SIGINT, printing the ready line on stdout once it is ready.
+pub async fn run(options: Options) -> Result<(), StartError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Handlers first, so that a SIGTERM right after the ready line is not lost.
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
+    let running = start(options).await?;
     {
         use std::io::Write;
         let mut stdout = std::io::stdout().lock();
-        let _ = writeln!(stdout, "{ready}");
+        let _ = writeln!(stdout, "{}", running.ready);
         let _ = stdout.flush();
     }
-
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    shared.shutdown.cancel();
-    let _ = persister.await;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), http_task).await;
+    running.stop().await;
     Ok(())
 }

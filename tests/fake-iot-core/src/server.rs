@@ -137,6 +137,8 @@ pub struct Shared {
     pub job_pushes: Mutex<HashMap<String, crate::jobs::Pushed>>,
     log: Mutex<VecDeque<LogEntry>>,
     log_seq: AtomicU64,
+    /// The sequence number of the newest log entry, for waiters (tests, long polls).
+    log_watch: tokio::sync::watch::Sender<u64>,
     next_conn: AtomicU64,
     pub shutdown: CancellationToken,
 }
@@ -182,6 +184,7 @@ impl Shared {
             job_pushes: Mutex::new(HashMap::new()),
             log: Mutex::new(VecDeque::new()),
             log_seq: AtomicU64::new(1),
+            log_watch: tokio::sync::watch::Sender::new(0),
             next_conn: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
         }
@@ -280,11 +283,42 @@ impl Shared {
             payload: payload.map(payload_text),
             detail,
         };
+        let seq = entry.seq;
         let mut log = lock(&self.log);
         if log.len() >= LOG_CAPACITY {
             log.pop_front();
         }
         log.push_back(entry);
+        drop(log);
+        self.log_watch.send_replace(seq);
+    }
+
+    /// Changes whenever an entry is added to the message log.
+    pub fn log_updates(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.log_watch.subscribe()
+    }
+
+    /// Waits until the log holds an entry for which `matches` is true, up to `timeout`.
+    pub async fn wait_for_log(
+        &self,
+        timeout: Duration,
+        matches: impl Fn(&LogEntry) -> bool,
+    ) -> Option<LogEntry> {
+        let mut updates = self.log_updates();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Mark the current value seen before looking, so no entry slips between the two.
+            updates.borrow_and_update();
+            if let Some(found) = lock(&self.log).iter().find(|e| matches(e)) {
+                return Some(found.clone());
+            }
+            if tokio::time::timeout_at(deadline, updates.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
     }
 
     pub fn log_entries(&self) -> Vec<LogEntry> {

@@ -1,0 +1,589 @@
+//! One MQTT connection to AWS IoT (rumqttc over our rustls configuration), as the provisioning
+//! steps and the production session use it: connect and wait for CONNACK, subscribe and wait
+//! for SUBACK, publish a request and wait for its reply, notice when the connection ends.
+//! Reconnecting is the caller's decision (with backoff), so every failure comes back here as an
+//! `AgentError` that says what happened and what to do about it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS,
+    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+};
+use tokio::sync::mpsc;
+
+use crate::error::{AgentError, ErrorCode, Retry};
+
+/// Whose identity a connection uses: errors read differently for each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// The claim (with its notAfter, for the "claim expired" message).
+    Claim { not_after: i64, path: String },
+    /// The device's own certificate.
+    Device { certificate_id: String },
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub keep_alive: Duration,
+    /// Describes the server trust for error messages ("CA bundle /etc/iotd/ca.pem").
+    pub trust: String,
+}
+
+/// Keeps CONNECTs of one client id at least a second apart (AWS throttles more).
+#[derive(Debug, Default)]
+pub struct ConnectPacer {
+    last: Mutex<HashMap<String, Instant>>,
+}
+
+impl ConnectPacer {
+    async fn wait(&self, client_id: &str) {
+        let wait = {
+            let last = self
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            last.get(client_id)
+                .map(|t| Duration::from_secs(1).saturating_sub(t.elapsed()))
+                .unwrap_or_default()
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(client_id.to_owned(), Instant::now());
+    }
+}
+
+#[derive(Debug)]
+enum Incoming {
+    ConnAck(ConnectReturnCode),
+    SubAck(Vec<SubscribeReasonCode>),
+    Message { topic: String, payload: Vec<u8> },
+    Closed(String, Option<AgentError>),
+}
+
+/// A live connection.
+#[derive(Debug)]
+pub struct Session {
+    client: AsyncClient,
+    events: mpsc::UnboundedReceiver<Incoming>,
+    task: tokio::task::JoinHandle<()>,
+    pub client_id: String,
+    identity: Identity,
+    target: Target,
+    subscribed: Vec<String>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A reply of a request/response API.
+#[derive(Debug)]
+pub struct Reply {
+    pub accepted: bool,
+    pub payload: Vec<u8>,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+pub fn rfc3339(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("@{secs}"))
+}
+
+/// Finds the rustls error inside rumqttc's error, if the failure was TLS. With TLS 1.3 a
+/// refused client certificate only shows on the first read, so it arrives wrapped as an MQTT
+/// read error.
+fn rustls_error(err: &ConnectionError) -> Option<&rustls::Error> {
+    let io = match err {
+        ConnectionError::Tls(rumqttc::TlsError::TLS(e)) => return Some(e),
+        ConnectionError::Tls(rumqttc::TlsError::Io(io))
+        | ConnectionError::Io(io)
+        | ConnectionError::MqttState(rumqttc::StateError::Io(io))
+        | ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::Io(io),
+        )) => io,
+        _ => return None,
+    };
+    io.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+/// Turns a connection failure into a message with its remedy.
+fn classify(
+    err: &ConnectionError,
+    identity: &Identity,
+    target: &Target,
+    client_id: &str,
+) -> AgentError {
+    let at = format!("{}:{}", target.host, target.port);
+    if let Some(tls) = rustls_error(err) {
+        use rustls::{AlertDescription as A, CertificateError as C};
+        return match (tls, identity) {
+            (
+                rustls::Error::AlertReceived(A::CertificateExpired),
+                Identity::Claim { not_after, path },
+            ) => AgentError::permanent(
+                ErrorCode::ClaimExpired,
+                format!(
+                    "claim certificate {path} expired at {} (AWS IoT refused it); install a new claim",
+                    rfc3339(*not_after)
+                ),
+            ),
+            (
+                rustls::Error::AlertReceived(A::CertificateExpired),
+                Identity::Device { certificate_id },
+            ) => AgentError::new(
+                ErrorCode::ClaimRejected,
+                Retry::Reconnect,
+                format!(
+                    "AWS IoT says certificate {certificate_id} has expired; it must be rotated or re-provisioned"
+                ),
+            ),
+            (
+                rustls::Error::AlertReceived(
+                    alert @ (A::BadCertificate
+                    | A::UnknownCA
+                    | A::CertificateRevoked
+                    | A::CertificateUnknown
+                    | A::AccessDenied),
+                ),
+                Identity::Claim { path, .. },
+            ) => AgentError::permanent(
+                ErrorCode::ClaimRejected,
+                format!(
+                    "AWS IoT refused the claim certificate {path} during the TLS handshake ({alert:?}): it is not registered, not active or revoked"
+                ),
+            ),
+            (rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature), _) => {
+                AgentError::permanent(
+                    ErrorCode::ServerUntrusted,
+                    format!(
+                        "the server at {at} presented a certificate that {} does not trust; check cloud.ca_bundle and cloud.endpoint",
+                        target.trust
+                    ),
+                )
+            }
+            (
+                rustls::Error::InvalidCertificate(
+                    C::NotValidForName | C::NotValidForNameContext { .. },
+                ),
+                _,
+            ) => AgentError::permanent(
+                ErrorCode::ServerUntrusted,
+                format!(
+                    "the server at {at} has a certificate for another name than {}; check cloud.endpoint",
+                    target.host
+                ),
+            ),
+            (
+                rustls::Error::InvalidCertificate(
+                    C::Expired
+                    | C::ExpiredContext { .. }
+                    | C::NotValidYet
+                    | C::NotValidYetContext { .. },
+                ),
+                _,
+            ) => AgentError::new(
+                ErrorCode::ServerUntrusted,
+                Retry::Reconnect,
+                format!(
+                    "the server certificate at {at} is outside its validity period by this gateway's clock ({}); check the system clock (NTP)",
+                    rfc3339(now())
+                ),
+            ),
+            (other, _) => AgentError::new(
+                ErrorCode::Network,
+                Retry::Reconnect,
+                format!("TLS with {at} failed: {other}"),
+            ),
+        };
+    }
+    match err {
+        ConnectionError::ConnectionRefused(code) => {
+            let (retry, why) = match code {
+                ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword => (
+                    match identity {
+                        Identity::Claim { .. } => Retry::Permanent,
+                        Identity::Device { .. } => Retry::Reconnect,
+                    },
+                    match identity {
+                        Identity::Claim { path, .. } => format!(
+                            "the claim certificate {path} is not ACTIVE, or its policy does not allow iot:Connect as client id {client_id}"
+                        ),
+                        Identity::Device { certificate_id } => format!(
+                            "certificate {certificate_id} is not ACTIVE, or its policy does not allow iot:Connect as {client_id} (right after registration this can take a moment)"
+                        ),
+                    },
+                ),
+                ConnectReturnCode::BadClientId => (
+                    Retry::Permanent,
+                    format!("client id {client_id} is not valid for AWS IoT (1-128 bytes)"),
+                ),
+                _ => (
+                    Retry::Reconnect,
+                    format!("AWS IoT is unavailable ({code:?})"),
+                ),
+            };
+            let code_name =
+                if retry == Retry::Permanent && matches!(identity, Identity::Claim { .. }) {
+                    ErrorCode::ClaimRejected
+                } else {
+                    ErrorCode::ConnectRefused
+                };
+            AgentError::new(
+                code_name,
+                retry,
+                format!("AWS IoT at {at} refused the connection: {why}"),
+            )
+        }
+        ConnectionError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            AgentError::new(
+                ErrorCode::Network,
+                Retry::Reconnect,
+                format!(
+                    "nothing accepts connections at {at}; check cloud.endpoint and cloud.port, and the network"
+                ),
+            )
+        }
+        ConnectionError::Io(io)
+            if io.kind() == std::io::ErrorKind::NotFound
+                || io.to_string().contains("failed to lookup") =>
+        {
+            AgentError::new(
+                ErrorCode::Network,
+                Retry::Reconnect,
+                format!(
+                    "{} does not resolve ({io}); check cloud.endpoint and DNS",
+                    target.host
+                ),
+            )
+        }
+        ConnectionError::NetworkTimeout => AgentError::new(
+            ErrorCode::Network,
+            Retry::Reconnect,
+            format!("no answer from {at} in time; check the network"),
+        ),
+        other => AgentError::new(
+            ErrorCode::Network,
+            Retry::Reconnect,
+            format!("the connection to {at} failed: {other}"),
+        ),
+    }
+}
+
+async fn forward(
+    mut eventloop: EventLoop,
+    tx: mpsc::UnboundedSender<Incoming>,
+    identity: Identity,
+    target: Target,
+    client_id: String,
+) {
+    loop {
+        let incoming = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => Incoming::ConnAck(ack.code),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => Incoming::SubAck(ack.return_codes),
+            Ok(Event::Incoming(Packet::Publish(p))) => Incoming::Message {
+                topic: p.topic,
+                payload: p.payload.to_vec(),
+            },
+            Ok(_) => continue,
+            Err(e) => {
+                let classified = classify(&e, &identity, &target, &client_id);
+                let _ = tx.send(Incoming::Closed(e.to_string(), Some(classified)));
+                return;
+            }
+        };
+        if tx.send(incoming).is_err() {
+            return;
+        }
+    }
+}
+
+impl Session {
+    /// Connects and waits for CONNACK.
+    pub async fn connect(
+        target: &Target,
+        tls: Arc<rustls::ClientConfig>,
+        client_id: &str,
+        identity: Identity,
+        pacer: &ConnectPacer,
+    ) -> Result<Session, AgentError> {
+        if let Identity::Claim { not_after, path } = &identity
+            && now() > *not_after
+        {
+            return Err(AgentError::permanent(
+                ErrorCode::ClaimExpired,
+                format!(
+                    "claim certificate {path} expired at {}; install a new claim",
+                    rfc3339(*not_after)
+                ),
+            ));
+        }
+        pacer.wait(client_id).await;
+        let mut options = MqttOptions::new(client_id, target.host.clone(), target.port);
+        options.set_keep_alive(target.keep_alive);
+        options.set_clean_session(true);
+        // AWS IoT allows 128 KB messages; job documents and device configuration can be large.
+        options.set_max_packet_size(132 * 1024, 132 * 1024);
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        let (client, eventloop) = AsyncClient::new(options, 16);
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(forward(
+            eventloop,
+            tx,
+            identity.clone(),
+            target.clone(),
+            client_id.to_owned(),
+        ));
+        let wait = target
+            .keep_alive
+            .max(Duration::from_secs(10))
+            .min(Duration::from_secs(30));
+        let first = tokio::time::timeout(wait, events.recv()).await;
+        let session = Session {
+            client,
+            events,
+            task,
+            client_id: client_id.to_owned(),
+            identity,
+            target: target.clone(),
+            subscribed: Vec::new(),
+        };
+        match first {
+            Ok(Some(Incoming::ConnAck(ConnectReturnCode::Success))) => Ok(session),
+            Ok(Some(Incoming::ConnAck(code))) => Err(classify(
+                &ConnectionError::ConnectionRefused(code),
+                &session.identity,
+                target,
+                client_id,
+            )),
+            Ok(Some(Incoming::Closed(_, Some(e)))) => Err(e),
+            Ok(None) | Ok(Some(Incoming::Closed(_, None))) => Err(AgentError::new(
+                ErrorCode::Network,
+                Retry::Reconnect,
+                format!(
+                    "the connection to {}:{} closed before CONNACK (throttled?)",
+                    target.host, target.port
+                ),
+            )),
+            Ok(Some(other)) => Err(AgentError::new(
+                ErrorCode::Network,
+                Retry::Reconnect,
+                format!(
+                    "unexpected {other:?} before CONNACK from {}:{}",
+                    target.host, target.port
+                ),
+            )),
+            Err(_) => Err(AgentError::new(
+                ErrorCode::Network,
+                Retry::Reconnect,
+                format!(
+                    "no CONNACK from {}:{} within {} s",
+                    target.host,
+                    target.port,
+                    wait.as_secs()
+                ),
+            )),
+        }
+    }
+
+    fn closed(&self, why: &str, classified: Option<AgentError>, context: &str) -> AgentError {
+        classified.unwrap_or_else(|| {
+            AgentError::new(
+                ErrorCode::Network,
+                Retry::Reconnect,
+                format!(
+                    "the connection to {}:{} closed {context}: {why}",
+                    self.target.host, self.target.port
+                ),
+            )
+        })
+    }
+
+    /// Subscribes to `filters` (those not yet subscribed) in one SUBSCRIBE and waits for SUBACK.
+    pub async fn subscribe(
+        &mut self,
+        filters: &[String],
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
+        let new: Vec<String> = filters
+            .iter()
+            .filter(|f| !self.subscribed.contains(f))
+            .cloned()
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .subscribe_many(
+                new.iter()
+                    .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+            )
+            .await
+            .map_err(|e| {
+                AgentError::new(
+                    ErrorCode::Network,
+                    Retry::Reconnect,
+                    format!("subscribing to {}: {e}", new.join(", ")),
+                )
+            })?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Incoming::SubAck(codes))) => {
+                    let refused: Vec<&String> = new
+                        .iter()
+                        .zip(&codes)
+                        .filter(|(_, c)| matches!(c, SubscribeReasonCode::Failure))
+                        .map(|(f, _)| f)
+                        .collect();
+                    if !refused.is_empty() {
+                        let whose = match &self.identity {
+                            Identity::Claim { .. } => "the claim policy",
+                            Identity::Device { .. } => "the device policy",
+                        };
+                        let list: Vec<&str> = refused.iter().map(|s| s.as_str()).collect();
+                        return Err(AgentError::permanent(
+                            ErrorCode::PolicyDenied,
+                            format!(
+                                "{whose} does not allow subscribing to {}; add iot:Subscribe on topicfilter/… for it",
+                                list.join(", ")
+                            ),
+                        ));
+                    }
+                    self.subscribed.extend(new);
+                    return Ok(());
+                }
+                Ok(Some(Incoming::Closed(why, classified))) => {
+                    return Err(self.closed(&why, classified, "while subscribing"));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(self.closed("event loop ended", None, "while subscribing")),
+                Err(_) => {
+                    return Err(AgentError::new(
+                        ErrorCode::NoReply,
+                        Retry::Reconnect,
+                        format!(
+                            "no SUBACK for {} within {} s",
+                            new.join(", "),
+                            timeout.as_secs()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Publishes a request to `topic` (after subscribing to its accepted/rejected replies) and
+    /// waits for one of them.
+    pub async fn request(
+        &mut self,
+        topic: &str,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Reply, AgentError> {
+        let accepted = format!("{topic}/accepted");
+        let rejected = format!("{topic}/rejected");
+        self.subscribe(&[accepted.clone(), rejected.clone()], timeout)
+            .await?;
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .map_err(|e| {
+                AgentError::new(
+                    ErrorCode::Network,
+                    Retry::Reconnect,
+                    format!("publishing to {topic}: {e}"),
+                )
+            })?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Incoming::Message { topic: t, payload }))
+                    if t == accepted || t == rejected =>
+                {
+                    return Ok(Reply {
+                        accepted: t == accepted,
+                        payload,
+                    });
+                }
+                Ok(Some(Incoming::Closed(why, classified))) => {
+                    // AWS closes an MQTT 3.1.1 connection when a publish is not allowed.
+                    let whose = match &self.identity {
+                        Identity::Claim { .. } => "the claim policy",
+                        Identity::Device { .. } => "the device policy",
+                    };
+                    let mut e =
+                        self.closed(&why, classified, &format!("after publishing to {topic}"));
+                    if e.code == ErrorCode::Network {
+                        e.message = format!(
+                            "{}; if this repeats, {whose} probably does not allow publishing to {topic}",
+                            e.message
+                        );
+                    }
+                    return Err(e);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(self.closed("event loop ended", None, "while waiting for a reply"));
+                }
+                Err(_) => {
+                    return Err(AgentError::new(
+                        ErrorCode::NoReply,
+                        Retry::SameConnection,
+                        format!("no reply to {topic} within {} s", timeout.as_secs()),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Waits until the connection ends and says why (the production session).
+    pub async fn closed_reason(&mut self) -> AgentError {
+        loop {
+            match self.events.recv().await {
+                Some(Incoming::Closed(why, classified)) => {
+                    return self.closed(&why, classified, "unexpectedly");
+                }
+                Some(_) => {}
+                None => return self.closed("event loop ended", None, "unexpectedly"),
+            }
+        }
+    }
+
+    /// Disconnects politely (best effort, bounded).
+    pub async fn disconnect(self) {
+        let _ = self.client.try_disconnect();
+        let mut me = self;
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Some(ev) = me.events.recv().await {
+                if matches!(ev, Incoming::Closed(..)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,444 @@
+//! Stage 2: each file's values checked where they are written, then merged in file order.
+//!
+//! Checking per file rather than after the merge means a bad value is reported in the file that
+//! holds it, even when a later file overrides it: a typo should not lie in wait until the
+//! override is removed.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::fragments::{
+    CloudFragment, Fragment, KeyFragment, ParameterFragment, ParameterTable, ProvisioningFragment,
+    Source, StateFragment, key_segment,
+};
+use super::{CertificateSource, ConfigError, Location, ParameterSource, PayloadFormat};
+
+/// A checked value and where it was written.
+#[derive(Debug, Clone)]
+pub(super) struct Located<T> {
+    pub value: T,
+    pub at: Location,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Backend {
+    File,
+    Tpm,
+}
+
+/// Every key, flattened; `None` where no file so far set it.
+#[derive(Debug, Default)]
+pub(super) struct Layer {
+    pub endpoint: Option<Located<String>>,
+    pub port: Option<Located<u16>>,
+    pub alpn: Option<Located<bool>>,
+    pub server_name: Option<Located<String>>,
+    pub ca_bundle: Option<Located<PathBuf>>,
+    pub keep_alive: Option<Located<Duration>>,
+    pub reply_timeout: Option<Located<Duration>>,
+    pub template: Option<Located<String>>,
+    pub certificate_source: Option<Located<CertificateSource>>,
+    pub claim_certificate: Option<Located<PathBuf>>,
+    pub claim_key: Option<Located<PathBuf>>,
+    pub claim_client_id: Option<Located<String>>,
+    pub delete_claim: Option<Located<bool>>,
+    pub format: Option<Located<PayloadFormat>>,
+    pub parameters: BTreeMap<String, Located<ParameterSource>>,
+    pub backend: Option<Located<Backend>>,
+    pub tcti: Option<Located<String>>,
+    pub persistent_handle: Option<Located<u32>>,
+    pub state_dir: Option<Located<PathBuf>>,
+}
+
+impl Layer {
+    /// Applies `later` on top: the keys it sets replace ours; parameters merge per name.
+    pub fn merge(&mut self, later: Layer) {
+        // Destructured so that a key added to `Layer` but forgotten here does not compile.
+        let Layer {
+            endpoint,
+            port,
+            alpn,
+            server_name,
+            ca_bundle,
+            keep_alive,
+            reply_timeout,
+            template,
+            certificate_source,
+            claim_certificate,
+            claim_key,
+            claim_client_id,
+            delete_claim,
+            format,
+            parameters,
+            backend,
+            tcti,
+            persistent_handle,
+            state_dir,
+        } = later;
+        over(&mut self.endpoint, endpoint);
+        over(&mut self.port, port);
+        over(&mut self.alpn, alpn);
+        over(&mut self.server_name, server_name);
+        over(&mut self.ca_bundle, ca_bundle);
+        over(&mut self.keep_alive, keep_alive);
+        over(&mut self.reply_timeout, reply_timeout);
+        over(&mut self.template, template);
+        over(&mut self.certificate_source, certificate_source);
+        over(&mut self.claim_certificate, claim_certificate);
+        over(&mut self.claim_key, claim_key);
+        over(&mut self.claim_client_id, claim_client_id);
+        over(&mut self.delete_claim, delete_claim);
+        over(&mut self.format, format);
+        self.parameters.extend(parameters);
+        over(&mut self.backend, backend);
+        over(&mut self.tcti, tcti);
+        over(&mut self.persistent_handle, persistent_handle);
+        over(&mut self.state_dir, state_dir);
+    }
+
+    /// Checks every value of one file.
+    pub fn from_fragment(fragment: Fragment, source: &Source<'_>) -> Result<Self, ConfigError> {
+        let mut layer = Layer::default();
+        let check = Checker { source };
+        if let Some(cloud) = fragment.cloud {
+            layer.cloud(cloud, &check)?;
+        }
+        if let Some(provisioning) = fragment.provisioning {
+            layer.provisioning(provisioning, &check)?;
+        }
+        if let Some(key) = fragment.key {
+            layer.key(key, &check)?;
+        }
+        if let Some(StateFragment { dir }) = fragment.state {
+            layer.state_dir = check.opt("state.dir", dir, absolute_path)?;
+        }
+        Ok(layer)
+    }
+
+    fn cloud(&mut self, cloud: CloudFragment, check: &Checker<'_>) -> Result<(), ConfigError> {
+        let CloudFragment {
+            endpoint,
+            port,
+            alpn,
+            server_name,
+            ca_bundle,
+            keep_alive_secs,
+            reply_timeout_secs,
+        } = cloud;
+        self.endpoint = check.opt("cloud.endpoint", endpoint, host_name)?;
+        self.port = check.opt("cloud.port", port, |p| {
+            u16::try_from(p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{p} is not a TCP port (1 to 65535)"))
+        })?;
+        self.alpn = check.opt("cloud.alpn", alpn, Ok)?;
+        self.server_name = check.opt("cloud.server_name", server_name, host_name)?;
+        self.ca_bundle = check.opt("cloud.ca_bundle", ca_bundle, absolute_path)?;
+        // AWS IoT refuses keep-alives outside 30..=1200 s; better to say so here than to be
+        // disconnected by the broker.
+        self.keep_alive = check.opt("cloud.keep_alive_secs", keep_alive_secs, |s| {
+            seconds(s, 30, 1200)
+        })?;
+        self.reply_timeout = check.opt("cloud.reply_timeout_secs", reply_timeout_secs, |s| {
+            seconds(s, 5, 300)
+        })?;
+        Ok(())
+    }
+
+    fn provisioning(
+        &mut self,
+        provisioning: ProvisioningFragment,
+        check: &Checker<'_>,
+    ) -> Result<(), ConfigError> {
+        let ProvisioningFragment {
+            template,
+            certificate_source,
+            claim_certificate,
+            claim_key,
+            claim_client_id,
+            delete_claim,
+            format,
+            parameters,
+        } = provisioning;
+        self.template = check.opt("provisioning.template", template, template_name)?;
+        self.certificate_source = check.opt(
+            "provisioning.certificate_source",
+            certificate_source,
+            |s| match s.as_str() {
+                "csr" => Ok(CertificateSource::Csr),
+                "cloud-generated" => Ok(CertificateSource::CloudGenerated),
+                _ => Err(one_of(&s, &["csr", "cloud-generated"])),
+            },
+        )?;
+        self.claim_certificate = check.opt(
+            "provisioning.claim_certificate",
+            claim_certificate,
+            absolute_path,
+        )?;
+        self.claim_key = check.opt("provisioning.claim_key", claim_key, absolute_path)?;
+        self.claim_client_id =
+            check.opt("provisioning.claim_client_id", claim_client_id, client_id)?;
+        self.delete_claim = check.opt("provisioning.delete_claim", delete_claim, Ok)?;
+        self.format = check.opt("provisioning.format", format, |s| match s.as_str() {
+            "json" => Ok(PayloadFormat::Json),
+            "cbor" => Ok(PayloadFormat::Cbor),
+            _ => Err(one_of(&s, &["json", "cbor"])),
+        })?;
+        for (name, value) in parameters.unwrap_or_default() {
+            let key = format!("provisioning.parameters.{}", key_segment(name.get_ref()));
+            if name.get_ref().is_empty() {
+                return Err(check.invalid(&key, name.span(), "a parameter name cannot be empty"));
+            }
+            let at = check.source.locate(value.span().start);
+            let value = parameter(&key, value, check)?;
+            self.parameters
+                .insert(name.into_inner(), Located { value, at });
+        }
+        Ok(())
+    }
+
+    fn key(&mut self, key: KeyFragment, check: &Checker<'_>) -> Result<(), ConfigError> {
+        let KeyFragment {
+            backend,
+            tcti,
+            persistent_handle,
+        } = key;
+        self.backend = check.opt("key.backend", backend, |s| match s.as_str() {
+            "file" => Ok(Backend::File),
+            "tpm" => Ok(Backend::Tpm),
+            _ => Err(one_of(&s, &["file", "tpm"])),
+        })?;
+        self.tcti = check.opt("key.tcti", tcti, tcti_conf)?;
+        self.persistent_handle =
+            check.opt("key.persistent_handle", persistent_handle, tpm_handle)?;
+        Ok(())
+    }
+}
+
+/// Replaces `mine` with `later` if `later` is set.
+fn over<T>(mine: &mut Option<T>, later: Option<T>) {
+    if later.is_some() {
+        *mine = later;
+    }
+}
+
+/// Turns a refused value into an error at its location.
+struct Checker<'a> {
+    source: &'a Source<'a>,
+}
+
+impl Checker<'_> {
+    fn invalid(&self, key: &str, span: std::ops::Range<usize>, message: &str) -> ConfigError {
+        ConfigError::Invalid {
+            at: self.source.locate(span.start),
+            key: key.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+
+    fn one<T, U>(
+        &self,
+        key: &str,
+        value: Spanned<T>,
+        convert: impl FnOnce(T) -> Result<U, String>,
+    ) -> Result<Located<U>, ConfigError> {
+        let span = value.span();
+        match convert(value.into_inner()) {
+            Ok(value) => Ok(Located {
+                value,
+                at: self.source.locate(span.start),
+            }),
+            Err(message) => Err(self.invalid(key, span, &message)),
+        }
+    }
+
+    fn opt<T, U>(
+        &self,
+        key: &str,
+        value: Option<Spanned<T>>,
+        convert: impl FnOnce(T) -> Result<U, String>,
+    ) -> Result<Option<Located<U>>, ConfigError> {
+        value.map(|v| self.one(key, v, convert)).transpose()
+    }
+}
+
+/// A template parameter's source; errors point at the part of the value that is wrong.
+fn parameter(
+    key: &str,
+    value: Spanned<ParameterFragment>,
+    check: &Checker<'_>,
+) -> Result<ParameterSource, ConfigError> {
+    let span = value.span();
+    match value.into_inner() {
+        ParameterFragment::Literal(value) => Ok(ParameterSource::Literal(value)),
+        ParameterFragment::Table(ParameterTable {
+            file: Some(_),
+            command: Some(_),
+        }) => Err(check.invalid(key, span, "set either file or command, not both")),
+        ParameterFragment::Table(ParameterTable {
+            file: None,
+            command: None,
+        }) => Err(check.invalid(
+            key,
+            span,
+            "expected { file = \"path\" } or { command = [\"program\", \"argument\"] }",
+        )),
+        ParameterFragment::Table(ParameterTable {
+            file: Some(file),
+            command: None,
+        }) => Ok(ParameterSource::File(
+            check
+                .one(&format!("{key}.file"), file, absolute_path)?
+                .value,
+        )),
+        ParameterFragment::Table(ParameterTable {
+            file: None,
+            command: Some(command),
+        }) => Ok(ParameterSource::Command(
+            check.one(&format!("{key}.command"), command, argv)?.value,
+        )),
+    }
+}
+
+fn argv(argv: Vec<String>) -> Result<Vec<String>, String> {
+    match argv.first() {
+        None => Err("an empty command names no program".to_owned()),
+        Some(program) if program.is_empty() => {
+            Err("the program (the first element) is empty".to_owned())
+        }
+        Some(_) if argv.iter().any(|a| a.contains('\0')) => {
+            Err("an argument contains a NUL byte".to_owned())
+        }
+        Some(_) => Ok(argv),
+    }
+}
+
+fn one_of(value: &str, allowed: &[&str]) -> String {
+    let allowed: Vec<String> = allowed.iter().map(|a| format!("{a:?}")).collect();
+    format!("{value:?} is not one of: {}", allowed.join(", "))
+}
+
+fn seconds(value: i64, min: u64, max: u64) -> Result<Duration, String> {
+    u64::try_from(value)
+        .ok()
+        .filter(|s| (min..=max).contains(s))
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{value} is out of range ({min} to {max} seconds)"))
+}
+
+/// Paths must be absolute: the daemon's working directory is `/`, and a relative path would
+/// silently mean something else under `iotctl config check` run from a shell.
+fn absolute_path(value: String) -> Result<PathBuf, String> {
+    if value.contains('\0') {
+        return Err(format!("{value:?} contains a NUL byte"));
+    }
+    if !value.starts_with('/') {
+        return Err(format!("{value:?} is not an absolute path"));
+    }
+    Ok(PathBuf::from(value))
+}
+
+/// A DNS name or an IP address; URLs and `host:port` get a message saying what to drop.
+fn host_name(value: String) -> Result<String, String> {
+    if let Some((scheme, _)) = value.split_once("://") {
+        return Err(format!(
+            "{value:?} is a URL; give only the host name, without \"{scheme}://\""
+        ));
+    }
+    if value.parse::<IpAddr>().is_ok() {
+        return Ok(value);
+    }
+    if value.contains(':') {
+        return Err(format!(
+            "{value:?} is not a host name; give the port in cloud.port"
+        ));
+    }
+    let name = value.strip_suffix('.').unwrap_or(&value);
+    let label_ok = |label: &str| {
+        (1..=63).contains(&label.len())
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!("{value:?} is not a host name or IP address"));
+    }
+    Ok(value)
+}
+
+/// AWS's rule for provisioning template names.
+fn template_name(value: String) -> Result<String, String> {
+    let ok = (1..=36).contains(&value.len())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{value:?} is not a provisioning template name (1 to 36 of A-Z a-z 0-9 _ -)"
+        ))
+    }
+}
+
+/// AWS IoT accepts client ids of up to 128 bytes; whitespace and control characters are refused
+/// because they cannot be matched in an IoT policy's `iot:Connect` resource.
+fn client_id(value: String) -> Result<String, String> {
+    if value.is_empty() || value.len() > 128 {
+        return Err(format!(
+            "{value:?} is not an MQTT client id (1 to 128 bytes)"
+        ));
+    }
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{value:?} contains whitespace or control characters"
+        ));
+    }
+    Ok(value)
+}
+
+/// The TCTIs tss-esapi knows; checked here so a typo is a config error, not a TPM error later.
+fn tcti_conf(value: String) -> Result<String, String> {
+    let name = value
+        .split_once(':')
+        .map_or(value.as_str(), |(name, _)| name);
+    if matches!(name, "device" | "mssim" | "swtpm" | "tabrmd") && !value.contains('\0') {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{value:?} is not a TCTI (expected device:PATH, swtpm:…, mssim:… or tabrmd:…)"
+        ))
+    }
+}
+
+/// Persistent handles are 0x81000000..=0x81FFFFFF (TPM_HT_PERSISTENT).
+fn tpm_handle(value: toml::Value) -> Result<u32, String> {
+    const RANGE: std::ops::RangeInclusive<u32> = 0x8100_0000..=0x81FF_FFFF;
+    let handle = match &value {
+        toml::Value::Integer(i) => u32::try_from(*i).ok(),
+        toml::Value::String(s) => match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+            Some(hex) => u32::from_str_radix(hex, 16).ok(),
+            None => s.parse().ok(),
+        },
+        other => {
+            return Err(format!(
+                "expected a handle like \"0x81010001\", found a {}",
+                other.type_str()
+            ));
+        }
+    };
+    match handle {
+        Some(handle) if RANGE.contains(&handle) => Ok(handle),
+        Some(handle) => Err(format!(
+            "{handle:#x} is not a TPM persistent handle (0x81000000 to 0x81ffffff)"
+        )),
+        None => Err(format!("{value} is not a TPM handle")),
+    }
+}

@@ -1,0 +1,1062 @@
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::parameters::{display_command, resolve_all};
+use super::*;
+
+const ENDPOINT: &str = "example-ats.iot.eu-west-1.amazonaws.com";
+const REQUIRED: &str = "[cloud]\nendpoint = \"example-ats.iot.eu-west-1.amazonaws.com\"\n\
+                        [provisioning]\ntemplate = \"gw-template\"\n";
+
+fn fragments(parts: &[(&str, &str)]) -> Vec<(PathBuf, String)> {
+    parts
+        .iter()
+        .map(|(path, text)| (PathBuf::from(path), (*text).to_owned()))
+        .collect()
+}
+
+fn load_parts(parts: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    load_fragments(&fragments(parts))
+}
+
+/// `text` as a drop-in after the required keys; returns the error message.
+fn error_of(text: &str) -> String {
+    match load_parts(&[
+        ("/etc/iotd/config.toml", REQUIRED),
+        ("/d/20-site.toml", text),
+    ]) {
+        Ok(settings) => panic!("expected an error for {text:?}, got {settings:?}"),
+        Err(error) => error.to_string(),
+    }
+}
+
+/// `text` as a drop-in after the required keys; returns the settings.
+fn with(text: &str) -> Settings {
+    load_parts(&[
+        ("/etc/iotd/config.toml", REQUIRED),
+        ("/d/20-site.toml", text),
+    ])
+    .unwrap()
+}
+
+// ---- defaults and merging -------------------------------------------------------------------
+
+#[test]
+fn defaults_apply_when_only_required_keys_are_set() {
+    let s = load_parts(&[("/etc/iotd/config.toml", REQUIRED)]).unwrap();
+    assert_eq!(s.cloud.endpoint, ENDPOINT);
+    assert_eq!(s.cloud.port, 8883);
+    assert!(!s.cloud.alpn);
+    assert_eq!(s.cloud.server_name, ENDPOINT);
+    assert_eq!(s.cloud.ca_bundle, None);
+    assert_eq!(s.cloud.keep_alive, Duration::from_secs(300));
+    assert_eq!(s.cloud.reply_timeout, Duration::from_secs(30));
+    assert_eq!(s.provisioning.template, "gw-template");
+    assert_eq!(s.provisioning.certificate_source, CertificateSource::Csr);
+    assert!(s.provisioning.claim.is_none());
+    assert_eq!(s.provisioning.claim_client_id, None);
+    assert!(!s.provisioning.delete_claim);
+    assert_eq!(s.provisioning.format, PayloadFormat::Json);
+    assert!(s.provisioning.parameters.is_empty());
+    assert_eq!(s.key, KeySettings::File);
+    assert_eq!(s.state_dir, Path::new("/var/lib/iotd"));
+    assert_eq!(s.sources, vec![PathBuf::from("/etc/iotd/config.toml")]);
+}
+
+#[test]
+fn every_key_is_read() {
+    let s = with(
+        r#"
+        [cloud]
+        port = 9443
+        alpn = true
+        server_name = "iot.test"
+        ca_bundle = "/etc/iotd/ca.pem"
+        keep_alive_secs = 60
+        reply_timeout_secs = 10
+        [provisioning]
+        certificate_source = "cloud-generated"
+        claim_certificate = "/c/claim.pem"
+        claim_key = "/c/claim.key"
+        claim_client_id = "iotd-0011223344556677"
+        delete_claim = true
+        format = "cbor"
+        [key]
+        backend = "file"
+        [state]
+        dir = "/data/iotd"
+        "#,
+    );
+    assert_eq!(s.cloud.port, 9443);
+    assert!(s.cloud.alpn);
+    assert_eq!(s.cloud.server_name, "iot.test");
+    assert_eq!(s.cloud.ca_bundle, Some(PathBuf::from("/etc/iotd/ca.pem")));
+    assert_eq!(s.cloud.keep_alive, Duration::from_secs(60));
+    assert_eq!(s.cloud.reply_timeout, Duration::from_secs(10));
+    assert_eq!(
+        s.provisioning.certificate_source,
+        CertificateSource::CloudGenerated
+    );
+    let claim = s.provisioning.claim.unwrap();
+    assert_eq!(claim.certificate, Path::new("/c/claim.pem"));
+    assert_eq!(claim.key, Path::new("/c/claim.key"));
+    assert_eq!(
+        s.provisioning.claim_client_id.as_deref(),
+        Some("iotd-0011223344556677")
+    );
+    assert!(s.provisioning.delete_claim);
+    assert_eq!(s.provisioning.format, PayloadFormat::Cbor);
+    assert_eq!(s.key, KeySettings::File);
+    assert_eq!(s.state_dir, Path::new("/data/iotd"));
+}
+
+#[test]
+fn alpn_defaults_to_true_on_port_443_only() {
+    assert!(with("[cloud]\nport = 443\n").cloud.alpn);
+    assert!(!with("[cloud]\nport = 8883\n").cloud.alpn);
+    assert!(!with("[cloud]\nport = 443\nalpn = false\n").cloud.alpn);
+    assert!(with("[cloud]\nport = 18443\nalpn = true\n").cloud.alpn);
+}
+
+#[test]
+fn any_port_is_accepted() {
+    assert_eq!(with("[cloud]\nport = 1\n").cloud.port, 1);
+    assert_eq!(with("[cloud]\nport = 65535\n").cloud.port, 65535);
+}
+
+#[test]
+fn later_fragments_override_scalar_keys() {
+    let s = load_parts(&[
+        ("/a.toml", REQUIRED),
+        (
+            "/b.toml",
+            "[cloud]\nport = 443\nkeep_alive_secs = 100\n[state]\ndir = \"/b\"\n",
+        ),
+        ("/c.toml", "[cloud]\nport = 8884\n"),
+    ])
+    .unwrap();
+    assert_eq!(s.cloud.port, 8884);
+    // ALPN follows the port that won, not one that was overridden.
+    assert!(!s.cloud.alpn);
+    assert_eq!(s.cloud.keep_alive, Duration::from_secs(100));
+    assert_eq!(s.state_dir, Path::new("/b"));
+    assert_eq!(s.cloud.endpoint, ENDPOINT);
+}
+
+#[test]
+fn parameters_merge_per_name() {
+    let s = load_parts(&[
+        ("/a.toml", REQUIRED),
+        (
+            "/b.toml",
+            "[provisioning.parameters]\nSite = \"berlin\"\nSerialNumber = { file = \"/sys/serial\" }\n",
+        ),
+        (
+            "/c.toml",
+            "[provisioning.parameters]\nSite = \"hamburg\"\nModel = { command = [\"model\", \"-s\"] }\n",
+        ),
+    ])
+    .unwrap();
+    let expected = BTreeMap::from([
+        (
+            "Model".to_owned(),
+            ParameterSource::Command(vec!["model".to_owned(), "-s".to_owned()]),
+        ),
+        (
+            "SerialNumber".to_owned(),
+            ParameterSource::File(PathBuf::from("/sys/serial")),
+        ),
+        (
+            "Site".to_owned(),
+            ParameterSource::Literal("hamburg".to_owned()),
+        ),
+    ]);
+    assert_eq!(s.provisioning.parameters, expected);
+}
+
+#[test]
+fn parameters_may_be_written_as_dotted_keys_and_quoted_names() {
+    let s = with("provisioning.parameters.\"Serial Number\" = \"x\"\n");
+    assert_eq!(
+        s.provisioning.parameters.get("Serial Number"),
+        Some(&ParameterSource::Literal("x".to_owned()))
+    );
+}
+
+#[test]
+fn tpm_backend_defaults_and_handles() {
+    let s = with("[key]\nbackend = \"tpm\"\n");
+    assert_eq!(
+        s.key,
+        KeySettings::Tpm {
+            tcti: "device:/dev/tpmrm0".to_owned(),
+            persistent_handle: None
+        }
+    );
+    let s = with(
+        "[key]\nbackend = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=2321\"\npersistent_handle = \"0x81010001\"\n",
+    );
+    assert_eq!(
+        s.key,
+        KeySettings::Tpm {
+            tcti: "swtpm:host=127.0.0.1,port=2321".to_owned(),
+            persistent_handle: Some(0x8101_0001)
+        }
+    );
+    // A TOML hex integer is read as well as the string form.
+    let s = with("[key]\nbackend = \"tpm\"\npersistent_handle = 0x81000002\n");
+    assert!(matches!(
+        s.key,
+        KeySettings::Tpm {
+            persistent_handle: Some(0x8100_0002),
+            ..
+        }
+    ));
+}
+
+#[test]
+fn tpm_keys_are_ignored_with_the_file_backend() {
+    let s = with("[key]\ntcti = \"mssim:host=localhost\"\npersistent_handle = \"0x81010001\"\n");
+    assert_eq!(s.key, KeySettings::File);
+}
+
+#[test]
+fn sources_list_the_fragments_that_were_read() {
+    let s = load_parts(&[("/a.toml", REQUIRED), ("/b.toml", ""), ("/c.toml", "# c\n")]).unwrap();
+    assert_eq!(
+        s.sources,
+        vec![PathBuf::from("/a.toml"), PathBuf::from("/c.toml")]
+    );
+}
+
+// ---- required keys and rules across keys -----------------------------------------------------
+
+#[test]
+fn missing_required_keys_are_named() {
+    let error = load_parts(&[(
+        "/etc/iotd/config.toml",
+        "[provisioning]\ntemplate = \"t\"\n",
+    )])
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "missing required key cloud.endpoint (set it in /etc/iotd/config.toml or a config.d drop-in)"
+    );
+    let error = load_parts(&[("/x/main.toml", "[cloud]\nendpoint = \"h.test\"\n")]).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "missing required key provisioning.template (set it in /x/main.toml or a config.d drop-in)"
+    );
+    let error = load_parts(&[]).unwrap_err();
+    assert!(
+        error.to_string().contains("/etc/iotd/config.toml"),
+        "{error}"
+    );
+}
+
+#[test]
+fn cloud_generated_certificates_need_the_file_backend() {
+    let error = load_parts(&[
+        ("/etc/iotd/config.toml", REQUIRED),
+        (
+            "/etc/iotd/config.d/20-site.toml",
+            "[provisioning]\ncertificate_source = \"cloud-generated\"\n",
+        ),
+        (
+            "/run/iotd/config.d/30-tpm.toml",
+            "[key]\nbackend = \"tpm\"\n",
+        ),
+    ])
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "/etc/iotd/config.d/20-site.toml:2:22: key provisioning.certificate_source: \
+         \"cloud-generated\" needs key.backend = \"file\" \
+         (key.backend = \"tpm\" at /run/iotd/config.d/30-tpm.toml:2:11): \
+         a TPM key never leaves the TPM"
+    );
+    // The same keys are fine with the file backend, and csr is fine with the TPM.
+    let s = with(
+        "[provisioning]\ncertificate_source = \"cloud-generated\"\n[key]\nbackend = \"file\"\n",
+    );
+    assert_eq!(
+        s.provisioning.certificate_source,
+        CertificateSource::CloudGenerated
+    );
+    let s = with("[provisioning]\ncertificate_source = \"csr\"\n[key]\nbackend = \"tpm\"\n");
+    assert!(matches!(s.key, KeySettings::Tpm { .. }));
+}
+
+#[test]
+fn claim_paths_come_in_pairs() {
+    assert_eq!(
+        error_of("[provisioning]\nclaim_certificate = \"/c/claim.pem\"\n"),
+        "/d/20-site.toml:2:21: key provisioning.claim_certificate: \
+         is set but provisioning.claim_key is not (set both, or neither)"
+    );
+    assert_eq!(
+        error_of("[provisioning]\nclaim_key = \"/c/claim.key\"\n"),
+        "/d/20-site.toml:2:13: key provisioning.claim_key: \
+         is set but provisioning.claim_certificate is not (set both, or neither)"
+    );
+}
+
+// ---- unknown keys -----------------------------------------------------------------------------
+
+#[test]
+fn unknown_top_level_key_is_refused() {
+    assert_eq!(
+        error_of("clod = 1\n"),
+        "/d/20-site.toml:1:1: key clod: unknown key \
+         (expected one of: cloud, provisioning, key, state); did you mean cloud?"
+    );
+    assert_eq!(
+        error_of("\n[rotation]\nx = 1\n"),
+        "/d/20-site.toml:2:2: key rotation: unknown key \
+         (expected one of: cloud, provisioning, key, state)"
+    );
+}
+
+#[test]
+fn unknown_nested_key_is_refused() {
+    assert_eq!(
+        error_of("[provisioning]\ntemplate = \"t\"\n\ntempalte = \"x\"\n"),
+        "/d/20-site.toml:4:1: key provisioning.tempalte: unknown key (expected one of: \
+         template, certificate_source, claim_certificate, claim_key, claim_client_id, \
+         delete_claim, format, parameters); did you mean template?"
+    );
+    assert_eq!(
+        error_of("cloud.keepalive = 30\n"),
+        "/d/20-site.toml:1:7: key cloud.keepalive: unknown key (expected one of: \
+         endpoint, port, alpn, server_name, ca_bundle, keep_alive_secs, reply_timeout_secs)"
+    );
+    assert_eq!(
+        error_of("[provisioning.parameters]\nSerial = { fil = \"/x\" }\n"),
+        "/d/20-site.toml:2:12: key provisioning.parameters.Serial.fil: unknown key \
+         (expected one of: file, command); did you mean file?"
+    );
+}
+
+// ---- wrong types --------------------------------------------------------------------------
+
+#[test]
+fn wrong_types_are_refused_with_the_key() {
+    assert_eq!(
+        error_of("[cloud]\nport = \"8883\"\n"),
+        "/d/20-site.toml:2:8: key cloud.port: invalid type: string \"8883\", expected an integer"
+    );
+    assert_eq!(
+        error_of("[cloud]\nalpn = \"yes\"\n"),
+        "/d/20-site.toml:2:8: key cloud.alpn: invalid type: string \"yes\", expected a boolean"
+    );
+    assert_eq!(
+        error_of("[provisioning]\ntemplate = 5\n"),
+        "/d/20-site.toml:2:12: key provisioning.template: invalid type: integer `5`, expected a string"
+    );
+    assert_eq!(
+        error_of("cloud = 5\n"),
+        "/d/20-site.toml:1:9: key cloud: invalid type: integer `5`, expected a [cloud] table"
+    );
+    assert_eq!(
+        error_of("[[state]]\ndir = \"/x\"\n"),
+        "/d/20-site.toml:1:3: key state: invalid type: array, expected a [state] table"
+    );
+    // Serde would fill a struct from an array by position; the key names must be used.
+    assert_eq!(
+        error_of("cloud = [\"h.test\"]\n"),
+        "/d/20-site.toml:1:1: key cloud: invalid type: array, expected a [cloud] table"
+    );
+    assert_eq!(
+        error_of("[provisioning]\nparameters = [\"x\"]\n"),
+        "/d/20-site.toml:2:1: key provisioning.parameters: invalid type: array, \
+         expected a [provisioning.parameters] table"
+    );
+    assert_eq!(
+        error_of("[provisioning.parameters]\nSite = 5\n"),
+        "/d/20-site.toml:2:8: key provisioning.parameters.Site: invalid type: integer `5`, \
+         expected a string, { file = \"path\" } or { command = [\"program\", \"argument\"] }"
+    );
+    assert_eq!(
+        error_of("[provisioning.parameters]\nModel = { command = \"cat /x\" }\n"),
+        "/d/20-site.toml:2:21: key provisioning.parameters.Model.command: \
+         invalid type: string \"cat /x\", expected a sequence"
+    );
+    assert_eq!(
+        error_of("[provisioning.parameters]\nModel = { command = [\"cat\", 1] }\n"),
+        "/d/20-site.toml:2:29: key provisioning.parameters.Model.command[1]: \
+         invalid type: integer `1`, expected a string"
+    );
+    assert_eq!(
+        error_of("[key]\npersistent_handle = true\n"),
+        "/d/20-site.toml:2:21: key key.persistent_handle: \
+         expected a handle like \"0x81010001\", found a boolean"
+    );
+}
+
+#[test]
+fn syntax_errors_name_the_place_and_the_key() {
+    assert_eq!(
+        error_of("[cloud]\nport = \n"),
+        "/d/20-site.toml:2:8: key cloud.port: invalid TOML: \
+         string values must be quoted, expected literal string"
+    );
+    assert_eq!(
+        error_of("[cloud]\nport = 1\nport = 2\n"),
+        "/d/20-site.toml:3:1: key cloud.port: invalid TOML: duplicate key"
+    );
+    assert_eq!(
+        error_of("[cloud]\nport = 1\n[provisioning]\ntemplate = \"a\"\ntemplate = \"b\"\n"),
+        "/d/20-site.toml:5:1: key provisioning.template: invalid TOML: duplicate key"
+    );
+    assert_eq!(
+        error_of("cloud.port = 1\ncloud.port = 2\n"),
+        "/d/20-site.toml:2:7: key cloud.port: invalid TOML: duplicate key"
+    );
+    assert_eq!(
+        error_of("[cloud]\n[cloud]\n"),
+        "/d/20-site.toml:2:2: key cloud: invalid TOML: duplicate key"
+    );
+    // Where no key can be named, the place still is.
+    assert_eq!(
+        error_of("[cloud]\ngarbage line\n"),
+        "/d/20-site.toml:2:9: invalid TOML: key with no value, expected `=`"
+    );
+}
+
+// ---- values out of range ---------------------------------------------------------------------
+
+#[test]
+fn invalid_values_are_refused_with_file_line_column_and_key() {
+    let cases = [
+        (
+            "[cloud]\nport = 70000\n",
+            "/d/20-site.toml:2:8: key cloud.port: 70000 is not a TCP port (1 to 65535)",
+        ),
+        (
+            "[cloud]\nport = 0\n",
+            "/d/20-site.toml:2:8: key cloud.port: 0 is not a TCP port (1 to 65535)",
+        ),
+        (
+            "[cloud]\nkeep_alive_secs = 29\n",
+            "/d/20-site.toml:2:19: key cloud.keep_alive_secs: 29 is out of range (30 to 1200 seconds)",
+        ),
+        (
+            "[cloud]\nkeep_alive_secs = 1201\n",
+            "/d/20-site.toml:2:19: key cloud.keep_alive_secs: 1201 is out of range (30 to 1200 seconds)",
+        ),
+        (
+            "[cloud]\nreply_timeout_secs = 301\n",
+            "/d/20-site.toml:2:22: key cloud.reply_timeout_secs: 301 is out of range (5 to 300 seconds)",
+        ),
+        (
+            "[cloud]\nreply_timeout_secs = -1\n",
+            "/d/20-site.toml:2:22: key cloud.reply_timeout_secs: -1 is out of range (5 to 300 seconds)",
+        ),
+        (
+            "[cloud]\nendpoint = \"https://x.iot.eu-west-1.amazonaws.com\"\n",
+            "/d/20-site.toml:2:12: key cloud.endpoint: \"https://x.iot.eu-west-1.amazonaws.com\" \
+             is a URL; give only the host name, without \"https://\"",
+        ),
+        (
+            "[cloud]\nendpoint = \"x.example.com:8883\"\n",
+            "/d/20-site.toml:2:12: key cloud.endpoint: \"x.example.com:8883\" is not a host name; \
+             give the port in cloud.port",
+        ),
+        (
+            "[cloud]\nserver_name = \"bad name\"\n",
+            "/d/20-site.toml:2:15: key cloud.server_name: \"bad name\" is not a host name or IP address",
+        ),
+        (
+            "[cloud]\nendpoint = \"\"\n",
+            "/d/20-site.toml:2:12: key cloud.endpoint: \"\" is not a host name or IP address",
+        ),
+        (
+            "[cloud]\nca_bundle = \"certs/ca.pem\"\n",
+            "/d/20-site.toml:2:13: key cloud.ca_bundle: \"certs/ca.pem\" is not an absolute path",
+        ),
+        (
+            "[provisioning]\ntemplate = \"gw template\"\n",
+            "/d/20-site.toml:2:12: key provisioning.template: \"gw template\" is not a provisioning \
+             template name (1 to 36 of A-Z a-z 0-9 _ -)",
+        ),
+        (
+            "[provisioning]\ntemplate = \"0123456789012345678901234567890123456\"\n",
+            "/d/20-site.toml:2:12: key provisioning.template: \"0123456789012345678901234567890123456\" \
+             is not a provisioning template name (1 to 36 of A-Z a-z 0-9 _ -)",
+        ),
+        (
+            "[provisioning]\ncertificate_source = \"CSR\"\n",
+            "/d/20-site.toml:2:22: key provisioning.certificate_source: \"CSR\" is not one of: \
+             \"csr\", \"cloud-generated\"",
+        ),
+        (
+            "[provisioning]\nformat = \"xml\"\n",
+            "/d/20-site.toml:2:10: key provisioning.format: \"xml\" is not one of: \"json\", \"cbor\"",
+        ),
+        (
+            "[provisioning]\nclaim_client_id = \"iotd gw\"\n",
+            "/d/20-site.toml:2:19: key provisioning.claim_client_id: \"iotd gw\" contains \
+             whitespace or control characters",
+        ),
+        (
+            "[provisioning]\nclaim_key = \"claim.key\"\n",
+            "/d/20-site.toml:2:13: key provisioning.claim_key: \"claim.key\" is not an absolute path",
+        ),
+        (
+            "[provisioning.parameters]\nSerial = { file = \"serial\" }\n",
+            "/d/20-site.toml:2:19: key provisioning.parameters.Serial.file: \"serial\" is not an \
+             absolute path",
+        ),
+        (
+            "[provisioning.parameters]\nSerial = { command = [] }\n",
+            "/d/20-site.toml:2:22: key provisioning.parameters.Serial.command: an empty command \
+             names no program",
+        ),
+        (
+            "[provisioning.parameters]\nSerial = { file = \"/a\", command = [\"b\"] }\n",
+            "/d/20-site.toml:2:10: key provisioning.parameters.Serial: set either file or command, \
+             not both",
+        ),
+        (
+            "[provisioning.parameters]\nSerial = {}\n",
+            "/d/20-site.toml:2:10: key provisioning.parameters.Serial: expected { file = \"path\" } \
+             or { command = [\"program\", \"argument\"] }",
+        ),
+        (
+            "[provisioning.parameters]\n\"\" = \"x\"\n",
+            "/d/20-site.toml:2:1: key provisioning.parameters.\"\": a parameter name cannot be empty",
+        ),
+        (
+            "[key]\nbackend = \"pkcs11\"\n",
+            "/d/20-site.toml:2:11: key key.backend: \"pkcs11\" is not one of: \"file\", \"tpm\"",
+        ),
+        (
+            "[key]\ntcti = \"/dev/tpm0\"\n",
+            "/d/20-site.toml:2:8: key key.tcti: \"/dev/tpm0\" is not a TCTI (expected device:PATH, \
+             swtpm:…, mssim:… or tabrmd:…)",
+        ),
+        (
+            "[key]\npersistent_handle = \"0x80000001\"\n",
+            "/d/20-site.toml:2:21: key key.persistent_handle: 0x80000001 is not a TPM persistent \
+             handle (0x81000000 to 0x81ffffff)",
+        ),
+        (
+            "[key]\npersistent_handle = \"handle\"\n",
+            "/d/20-site.toml:2:21: key key.persistent_handle: \"handle\" is not a TPM handle",
+        ),
+        (
+            "[state]\ndir = \"var/lib/iotd\"\n",
+            "/d/20-site.toml:2:7: key state.dir: \"var/lib/iotd\" is not an absolute path",
+        ),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(error_of(text), expected, "for {text:?}");
+    }
+}
+
+#[test]
+fn valid_host_names_and_addresses_are_accepted() {
+    for host in [
+        "iot.test",
+        "localhost",
+        "127.0.0.1",
+        "::1",
+        "a-b_c.example.com.",
+    ] {
+        let s = with(&format!("[cloud]\nserver_name = \"{host}\"\n"));
+        assert_eq!(s.cloud.server_name, host);
+    }
+}
+
+#[test]
+fn a_bad_value_is_refused_even_when_a_later_file_overrides_it() {
+    let error = load_parts(&[
+        ("/a.toml", REQUIRED),
+        ("/b.toml", "[cloud]\nport = 0\n"),
+        ("/c.toml", "[cloud]\nport = 8883\n"),
+    ])
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "/b.toml:2:8: key cloud.port: 0 is not a TCP port (1 to 65535)"
+    );
+}
+
+#[test]
+fn columns_count_characters_not_bytes() {
+    assert_eq!(
+        error_of("# Größe\n[cloud] # übrigens\nport = 0 # naïve\n"),
+        "/d/20-site.toml:3:8: key cloud.port: 0 is not a TCP port (1 to 65535)"
+    );
+    assert_eq!(
+        error_of("[provisioning.parameters]\nStadt = \"München\"\nSite = { files = \"/x\" }\n"),
+        "/d/20-site.toml:3:10: key provisioning.parameters.Site.files: unknown key \
+         (expected one of: file, command); did you mean file?"
+    );
+}
+
+// ---- files, drop-ins, masking ---------------------------------------------------------------
+
+fn write(path: &Path, text: &str) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, text).unwrap();
+}
+
+#[test]
+fn system_and_for_main_paths() {
+    let system = ConfigPaths::system();
+    assert_eq!(system.main, Path::new("/etc/iotd/config.toml"));
+    assert_eq!(
+        system.dropin_dirs,
+        vec![
+            PathBuf::from("/usr/lib/iotd/config.d"),
+            PathBuf::from("/etc/iotd/config.d"),
+            PathBuf::from("/run/iotd/config.d"),
+        ]
+    );
+    let custom = ConfigPaths::for_main(Path::new("/srv/gw/iotd.toml"));
+    assert_eq!(custom.main, Path::new("/srv/gw/iotd.toml"));
+    assert_eq!(custom.dropin_dirs, vec![PathBuf::from("/srv/gw/config.d")]);
+    let relative = ConfigPaths::for_main(Path::new("iotd.toml"));
+    assert_eq!(relative.dropin_dirs, vec![PathBuf::from("config.d")]);
+}
+
+#[test]
+fn drop_ins_merge_by_file_name_and_later_directories_mask_earlier_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (usr, etc, run) = (
+        tmp.path().join("usr"),
+        tmp.path().join("etc"),
+        tmp.path().join("run"),
+    );
+    let paths = ConfigPaths {
+        main: tmp.path().join("config.toml"),
+        dropin_dirs: vec![usr.clone(), etc.clone(), run.clone()],
+    };
+    write(&paths.main, "[cloud]\nport = 1000\n");
+    // Required keys from the image, as an image builder ships them.
+    write(&usr.join("10-image.toml"), REQUIRED);
+    // Masked by /etc's file of the same name: its keep-alive must not survive.
+    write(
+        &usr.join("20-site.toml"),
+        "[cloud]\nkeep_alive_secs = 100\n[provisioning.parameters]\nSite = \"usr\"\n",
+    );
+    write(
+        &etc.join("20-site.toml"),
+        "[provisioning.parameters]\nSite = \"etc\"\n",
+    );
+    // File name order, not directory order: /run's 05 applies before /usr's 50.
+    write(&run.join("05-early.toml"), "[cloud]\nport = 1111\n");
+    write(&usr.join("50-late.toml"), "[cloud]\nport = 2222\n");
+    // Masked by a symlink to /dev/null: its broken content must not be read.
+    write(&usr.join("40-broken.toml"), "this is not toml");
+    fs::create_dir_all(&etc).unwrap();
+    symlink("/dev/null", etc.join("40-broken.toml")).unwrap();
+    // Masked by an empty file.
+    write(&etc.join("60-state.toml"), "[state]\ndir = \"/masked\"\n");
+    write(&run.join("60-state.toml"), "");
+    // Ignored: hidden files, other extensions, directories.
+    write(&etc.join(".#70-lock.toml"), "garbage");
+    write(&etc.join("70-backup.toml.bak"), "garbage");
+    write(&etc.join("README"), "garbage");
+    fs::create_dir_all(etc.join("80-dir.toml")).unwrap();
+
+    let s = load(&paths).unwrap();
+    assert_eq!(s.cloud.port, 2222);
+    assert_eq!(s.cloud.keep_alive, Duration::from_secs(300));
+    assert_eq!(
+        s.provisioning.parameters.get("Site"),
+        Some(&ParameterSource::Literal("etc".to_owned()))
+    );
+    assert_eq!(s.state_dir, Path::new("/var/lib/iotd"));
+    assert_eq!(
+        s.sources,
+        vec![
+            paths.main.clone(),
+            run.join("05-early.toml"),
+            usr.join("10-image.toml"),
+            etc.join("20-site.toml"),
+            usr.join("50-late.toml"),
+        ]
+    );
+}
+
+#[test]
+fn the_main_file_comes_before_drop_ins_and_may_be_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = ConfigPaths::for_main(&tmp.path().join("config.toml"));
+    write(&tmp.path().join("config.d/10-image.toml"), REQUIRED);
+    let s = load(&paths).unwrap();
+    assert_eq!(s.sources, vec![tmp.path().join("config.d/10-image.toml")]);
+
+    write(
+        &paths.main,
+        "[cloud]\nport = 443\n[state]\ndir = \"/main\"\n",
+    );
+    write(
+        &tmp.path().join("config.d/20-state.toml"),
+        "[state]\ndir = \"/dropin\"\n",
+    );
+    let s = load(&paths).unwrap();
+    assert_eq!(s.state_dir, Path::new("/dropin"));
+    assert_eq!(s.cloud.port, 443);
+    assert_eq!(s.sources.first(), Some(&paths.main));
+}
+
+#[test]
+fn missing_directories_and_files_leave_only_the_required_keys_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = ConfigPaths::for_main(&tmp.path().join("nothing/config.toml"));
+    let error = load(&paths).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "missing required key cloud.endpoint (set it in {} or a config.d drop-in)",
+            paths.main.display()
+        )
+    );
+}
+
+#[test]
+fn errors_in_drop_ins_name_the_drop_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = ConfigPaths::for_main(&tmp.path().join("config.toml"));
+    write(&paths.main, REQUIRED);
+    let dropin = tmp.path().join("config.d/20-site.toml");
+    write(&dropin, "[provisioning]\n\ntempalte = \"x\"\n");
+    let error = load(&paths).unwrap_err();
+    assert!(
+        error.to_string().starts_with(&format!(
+            "{}:3:1: key provisioning.tempalte: unknown key",
+            dropin.display()
+        )),
+        "{error}"
+    );
+}
+
+#[test]
+fn unreadable_files_and_directories_are_errors_naming_the_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A directory where the main file should be cannot be read, even by root.
+    let main = tmp.path().join("config.toml");
+    fs::create_dir_all(&main).unwrap();
+    let error = load(&ConfigPaths::for_main(&main)).unwrap_err();
+    assert!(matches!(error, ConfigError::ReadFile { .. }), "{error:?}");
+    assert_eq!(
+        error.to_string(),
+        format!("reading config file {}", main.display())
+    );
+
+    let main = tmp.path().join("ok/config.toml");
+    write(&main, REQUIRED);
+    let dropin = tmp.path().join("ok/config.d/20-latin1.toml");
+    write(&dropin, "");
+    fs::write(&dropin, b"# Gr\xf6\xdfe\n").unwrap();
+    let error = load(&ConfigPaths::for_main(&main)).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!("reading config file {}", dropin.display())
+    );
+
+    let not_a_dir = tmp.path().join("file");
+    write(&not_a_dir, "");
+    let error = load(&ConfigPaths {
+        main: tmp.path().join("absent.toml"),
+        dropin_dirs: vec![not_a_dir.clone()],
+    })
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!("listing config drop-in directory {}", not_a_dir.display())
+    );
+}
+
+// ---- template parameters ----------------------------------------------------------------------
+
+fn params(list: &[(&str, ParameterSource)]) -> BTreeMap<String, ParameterSource> {
+    list.iter()
+        .map(|(name, source)| ((*name).to_owned(), source.clone()))
+        .collect()
+}
+
+fn command(argv: &[&str]) -> ParameterSource {
+    ParameterSource::Command(argv.iter().map(|a| (*a).to_owned()).collect())
+}
+
+#[test]
+fn literal_file_and_command_values_are_resolved_and_trimmed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let serial = tmp.path().join("product_serial");
+    fs::write(&serial, "  SN-0042 \n").unwrap();
+    // Device-tree strings end in a NUL byte.
+    let model = tmp.path().join("model");
+    fs::write(&model, "Raspberry Pi 4\0").unwrap();
+    let resolved = resolve_all(
+        &params(&[
+            ("Site", ParameterSource::Literal(" berlin ".to_owned())),
+            ("Serial", ParameterSource::File(serial)),
+            ("Model", ParameterSource::File(model)),
+            (
+                "Board",
+                command(&["sh", "-c", "printf '\\n  rev-b  \\n\\n'"]),
+            ),
+        ]),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let expected = BTreeMap::from([
+        ("Board".to_owned(), "rev-b".to_owned()),
+        ("Model".to_owned(), "Raspberry Pi 4".to_owned()),
+        ("Serial".to_owned(), "SN-0042".to_owned()),
+        // Literals are taken as written.
+        ("Site".to_owned(), " berlin ".to_owned()),
+    ]);
+    assert_eq!(resolved, expected);
+}
+
+#[test]
+fn resolve_parameters_uses_the_settings() {
+    let s = with(
+        "[provisioning.parameters]\nSite = \"berlin\"\nEcho = { command = [\"echo\", \"hi\"] }\n",
+    );
+    let resolved = s.provisioning.resolve_parameters().unwrap();
+    assert_eq!(resolved.get("Site").map(String::as_str), Some("berlin"));
+    assert_eq!(resolved.get("Echo").map(String::as_str), Some("hi"));
+}
+
+#[test]
+fn a_missing_or_empty_file_is_an_error_naming_parameter_and_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing");
+    let error = resolve_all(
+        &params(&[("Serial", ParameterSource::File(missing.clone()))]),
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "resolving template parameter Serial: reading file {}",
+            missing.display()
+        )
+    );
+    let empty = tmp.path().join("empty");
+    fs::write(&empty, " \n").unwrap();
+    let error = resolve_all(
+        &params(&[("Serial", ParameterSource::File(empty.clone()))]),
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "resolving template parameter Serial: file {} gave an empty value",
+            empty.display()
+        )
+    );
+}
+
+#[test]
+fn a_failing_command_is_an_error_with_status_and_first_stderr_line() {
+    let error = resolve_all(
+        &params(&[(
+            "Serial",
+            command(&[
+                "sh",
+                "-c",
+                "echo partial; echo >&2; echo 'no serial: board not ready' >&2; echo more >&2; exit 3",
+            ]),
+        )]),
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "resolving template parameter Serial: command `sh -c 'echo partial; echo >&2; echo '\\''no \
+         serial: board not ready'\\'' >&2; echo more >&2; exit 3'` failed (exit status: 3): \
+         no serial: board not ready"
+    );
+    let error = resolve_all(
+        &params(&[("X", command(&["false"]))]),
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "resolving template parameter X: command `false` failed (exit status: 1)"
+    );
+}
+
+#[test]
+fn a_command_that_cannot_start_or_prints_nothing_is_an_error() {
+    let error = resolve_all(
+        &params(&[("X", command(&["/nonexistent/iotd-serial"]))]),
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(error, ConfigError::ParameterCommand { .. }),
+        "{error:?}"
+    );
+    assert_eq!(
+        error.to_string(),
+        "resolving template parameter X: running command `/nonexistent/iotd-serial`"
+    );
+    let error = resolve_all(
+        &params(&[("X", command(&["true"]))]),
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "resolving template parameter X: command `true` gave an empty value"
+    );
+}
+
+#[test]
+fn a_command_that_runs_too_long_is_killed() {
+    let started = Instant::now();
+    let error = resolve_all(
+        &params(&[("X", command(&["sleep", "30"]))]),
+        Duration::from_millis(300),
+    )
+    .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(
+        error.to_string(),
+        "resolving template parameter X: command `sleep 30` did not finish within 300ms; killed it"
+    );
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn commands_are_shown_as_a_shell_would_read_them() {
+    let argv = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(display_command(&argv(&["cat", "/x/y"])), "`cat /x/y`");
+    assert_eq!(
+        display_command(&argv(&["sh", "-c", "a b", ""])),
+        "`sh -c 'a b' ''`"
+    );
+    assert_eq!(display_command(&argv(&["it's"])), "`'it'\\''s'`");
+}
+
+// ---- the shipped reference file -------------------------------------------------------------
+
+const SHIPPED: &str = include_str!("../../../config/iotd.toml");
+
+/// The shipped file with every commented-out setting (`#key = value`, `#[table]`) switched on;
+/// prose comments start with `# `.
+fn shipped_uncommented() -> String {
+    SHIPPED
+        .lines()
+        .map(|line| match line.strip_prefix('#') {
+            Some(rest) if rest.starts_with(|c: char| c.is_ascii_alphabetic() || c == '[') => rest,
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_shipped_file_parses_and_changes_nothing_as_shipped() {
+    let s = load_parts(&[
+        ("/etc/iotd/config.toml", SHIPPED),
+        ("/d/10-required.toml", REQUIRED),
+    ])
+    .unwrap();
+    assert_eq!(s.cloud.port, 8883);
+    assert!(s.provisioning.parameters.is_empty());
+    assert!(s.provisioning.claim.is_none());
+}
+
+#[test]
+fn the_shipped_file_documents_the_real_defaults() {
+    let text = shipped_uncommented();
+    assert_ne!(text, SHIPPED, "no commented-out settings found");
+    let documented = load_parts(&[
+        ("/etc/iotd/config.toml", &text),
+        ("/d/10-required.toml", REQUIRED),
+    ])
+    .unwrap();
+    let defaults = load_parts(&[("/d/10-required.toml", REQUIRED)]).unwrap();
+    let (d, b) = (&documented, &defaults);
+    assert_eq!(d.cloud.port, b.cloud.port);
+    assert_eq!(d.cloud.alpn, b.cloud.alpn);
+    assert_eq!(d.cloud.keep_alive, b.cloud.keep_alive);
+    assert_eq!(d.cloud.reply_timeout, b.cloud.reply_timeout);
+    assert_eq!(
+        d.provisioning.certificate_source,
+        b.provisioning.certificate_source
+    );
+    assert_eq!(d.provisioning.delete_claim, b.provisioning.delete_claim);
+    assert_eq!(d.provisioning.format, b.provisioning.format);
+    assert_eq!(d.key, b.key);
+    assert_eq!(d.state_dir, b.state_dir);
+    // Keys without a default are shown with examples that must be valid.
+    assert_eq!(
+        d.cloud.ca_bundle,
+        Some(PathBuf::from("/etc/iotd/AmazonRootCA.pem"))
+    );
+    assert!(d.provisioning.claim.is_some());
+    assert_eq!(d.provisioning.parameters.len(), 3);
+    // The documented TPM defaults are the real ones.
+    let tpm = load_parts(&[
+        ("/etc/iotd/config.toml", &text),
+        ("/d/10-required.toml", REQUIRED),
+        ("/d/20-tpm.toml", "[key]\nbackend = \"tpm\"\n"),
+    ])
+    .unwrap();
+    assert_eq!(
+        tpm.key,
+        KeySettings::Tpm {
+            tcti: DEFAULT_TCTI.to_owned(),
+            persistent_handle: Some(0x8101_0001)
+        }
+    );
+    let tpm_defaults = with("[key]\nbackend = \"tpm\"\n");
+    assert!(matches!(tpm_defaults.key, KeySettings::Tpm { ref tcti, .. } if tcti == DEFAULT_TCTI));
+    // Both required keys are shown.
+    for required in ["#endpoint = ", "#template = "] {
+        assert!(SHIPPED.contains(required), "{required} is not shown");
+    }
+}
+
+#[test]
+fn the_shipped_file_documents_every_key() {
+    // The parser lists its keys when it meets an unknown one; each must appear in the file.
+    for (table, probe) in [
+        ("", "zzz = 1\n"),
+        ("cloud", "[cloud]\nzzz = 1\n"),
+        ("provisioning", "[provisioning]\nzzz = 1\n"),
+        (
+            "provisioning.parameters.X",
+            "[provisioning.parameters]\nX = { zzz = 1 }\n",
+        ),
+        ("key", "[key]\nzzz = 1\n"),
+        ("state", "[state]\nzzz = 1\n"),
+    ] {
+        let message = error_of(probe);
+        let list = message
+            .split_once("expected one of: ")
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .map(|(list, _)| list)
+            .unwrap_or_else(|| panic!("no key list in {message:?}"));
+        for key in list.split(", ") {
+            let shown = match table {
+                "" => SHIPPED.contains(&format!("[{key}]")),
+                "provisioning.parameters.X" => SHIPPED.contains(&format!("{{ {key} = ")),
+                "provisioning" if key == "parameters" => {
+                    SHIPPED.contains("[provisioning.parameters]")
+                }
+                _ => SHIPPED.contains(&format!("\n#{key} = ")),
+            };
+            assert!(shown, "{table}.{key} is not documented in config/iotd.toml");
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Errors a person can act on. Every failure the agent meets — a rejected reply, a TLS alert,
+//! a refused CONNECT, a missing file — becomes an `AgentError` whose message names the cause
+//! and the remedy, with a stable code (for D-Bus and `iotctl --json`) and a retry class that
+//! decides what the state machine does next.
+
+use std::time::Duration;
+
+/// Stable error codes; `as_str` is what scripts and D-Bus see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    Config,
+    ClaimMissing,
+    ClaimExpired,
+    ClaimRejected,
+    PolicyDenied,
+    TemplateRejected,
+    HookDenied,
+    Throttled,
+    NoReply,
+    Rejected,
+    ServerUntrusted,
+    Network,
+    ConnectRefused,
+    CertificateMismatch,
+    Key,
+    Store,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Config => "config",
+            ErrorCode::ClaimMissing => "claim-missing",
+            ErrorCode::ClaimExpired => "claim-expired",
+            ErrorCode::ClaimRejected => "claim-rejected",
+            ErrorCode::PolicyDenied => "policy-denied",
+            ErrorCode::TemplateRejected => "template-rejected",
+            ErrorCode::HookDenied => "hook-denied",
+            ErrorCode::Throttled => "throttled",
+            ErrorCode::NoReply => "no-reply",
+            ErrorCode::Rejected => "rejected",
+            ErrorCode::ServerUntrusted => "server-untrusted",
+            ErrorCode::Network => "network",
+            ErrorCode::ConnectRefused => "connect-refused",
+            ErrorCode::CertificateMismatch => "certificate-mismatch",
+            ErrorCode::Key => "key",
+            ErrorCode::Store => "store",
+        }
+    }
+}
+
+/// What the state machine does after the error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Retry the step after a jittered, growing delay; drop the connection first.
+    Reconnect,
+    /// Retry the request on the same connection after a jittered, growing delay.
+    SameConnection,
+    /// The ownership token is gone: go back to the CSR (same key) at once.
+    RestartFromCsr,
+    /// Retrying cannot help: stop, keep the state, show the cause.
+    Permanent,
+}
+
+/// An error with its cause and remedy in one message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retry: Retry,
+}
+
+impl AgentError {
+    pub fn new(code: ErrorCode, retry: Retry, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            retry,
+        }
+    }
+    pub fn permanent(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::new(code, Retry::Permanent, message)
+    }
+    pub fn is_permanent(&self) -> bool {
+        self.retry == Retry::Permanent
+    }
+}
+
+/// Full-jitter exponential backoff (AWS architecture blog's "full jitter"): each delay is
+/// uniform in [floor, min(cap, base * 2^attempt)], so that a fleet that failed together does
+/// not retry together. The floor keeps CONNECTs of one client id at most one per second.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    attempt: u32,
+    base: Duration,
+    cap: Duration,
+    floor: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            attempt: 0,
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(300),
+            floor: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Backoff {
+    /// The next delay; grows with each call until `reset`.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.cap)
+            .max(self.floor);
+        self.attempt = self.attempt.saturating_add(1);
+        let span = ceiling.saturating_sub(self.floor).as_millis();
+        let jitter = if span == 0 {
+            0
+        } else {
+            rand::random::<u64>() % u64::try_from(span + 1).unwrap_or(u64::MAX)
+        };
+        self.floor + Duration::from_millis(jitter)
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_within_bounds_and_resets() {
+        let mut b = Backoff::default();
+        for attempt in 0..30u32 {
+            let d = b.next_delay();
+            let ceiling =
+                Duration::from_secs(1u64 << attempt.min(20)).min(Duration::from_secs(300));
+            assert!(
+                d >= Duration::from_secs(1) && d <= ceiling.max(Duration::from_secs(1)),
+                "{attempt}: {d:?}"
+            );
+        }
+        b.reset();
+        assert_eq!(b.attempts(), 0);
+        assert!(b.next_delay() <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn jitter_spreads_delays() {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            let mut b = Backoff::default();
+            b.next_delay();
+            b.next_delay();
+            seen.insert(b.next_delay().as_millis());
+        }
+        assert!(seen.len() > 10, "delays should differ: {seen:?}");
+    }
+}

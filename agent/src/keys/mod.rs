@@ -1,0 +1,68 @@
+//! Device keys behind one small trait, so that the TPM backend (issue 4) drops in where the
+//! file backend is today. A key signs in two places: the CSR (rcgen's remote-key traits) and
+//! TLS client authentication (a rustls `SigningKey`).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub mod file;
+
+/// An error of a key operation, naming the action and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{action} {key}: {message}")]
+    Crypto {
+        action: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("{action}: {message}")]
+    Unsupported {
+        action: &'static str,
+        message: String,
+    },
+}
+
+/// A private key the agent can use but need not be able to read.
+pub trait DeviceKey: Send + Sync + fmt::Debug {
+    /// Where the key lives, for messages and D-Bus ("file /var/lib/iotd/gen/1/key.pem").
+    fn location(&self) -> String;
+
+    /// The public key as a DER SubjectPublicKeyInfo: compared with the issued certificate's.
+    fn public_key_spki(&self) -> Vec<u8>;
+
+    /// Signs `message` with ECDSA P-256 / SHA-256 and returns the DER signature (for the CSR).
+    /// Keys that are not P-256 answer `KeyError::Unsupported`.
+    fn sign_ecdsa_p256_sha256(&self, message: &[u8]) -> Result<Vec<u8>, KeyError>;
+
+    /// The key as rustls uses it for TLS client authentication (TLS 1.2 and 1.3).
+    fn tls_signing_key(&self) -> Arc<dyn rustls::sign::SigningKey>;
+}
+
+/// Creates and loads device keys of one kind, in one place.
+pub trait KeyBackend: Send + Sync + fmt::Debug {
+    /// "file" or "tpm".
+    fn kind(&self) -> &'static str;
+
+    /// Loads the key of generation `generation`, if it exists.
+    fn load(&self, generation: u32) -> Result<Option<Arc<dyn DeviceKey>>, KeyError>;
+
+    /// Creates a new ECDSA P-256 key for `generation`, replacing any half-made one. The key is
+    /// durable (fsynced) when this returns.
+    fn create(&self, generation: u32) -> Result<Arc<dyn DeviceKey>, KeyError>;
+
+    /// Stores a private key the cloud generated (CreateKeysAndCertificate: PKCS#1 or PKCS#8
+    /// PEM). Backends that keep keys in hardware refuse: a key that travelled is not theirs.
+    fn import_pem(&self, generation: u32, pem: &str) -> Result<Arc<dyn DeviceKey>, KeyError>;
+
+    /// Removes the key of `generation` (after a newer one took over).
+    fn remove(&self, generation: u32) -> Result<(), KeyError>;
+}

@@ -1,0 +1,98 @@
+//! `iotd`: the gateway identity daemon. See the library docs for what it does and which files
+//! it uses. Exit codes: 0 after SIGTERM/SIGINT, 1 when it cannot run (state, trust store), 2 for
+//! a configuration error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use iotd::config::{self, ConfigPaths, KeySettings};
+
+/// Owns this gateway's AWS IoT identity: device key, fleet provisioning, MQTT session.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Main configuration file; drop-ins are read from `config.d/` beside it. Default:
+    /// /etc/iotd/config.toml with /usr/lib/iotd/config.d, /etc/iotd/config.d, /run/iotd/config.d.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IOTD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttc=warn,rustls=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // Under systemd the journal stamps every line itself.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging();
+    let paths = match &args.config {
+        Some(path) => ConfigPaths::for_main(path),
+        None => ConfigPaths::system(),
+    };
+    let settings = match config::load(&paths) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("iotd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let backend: Arc<dyn iotd::keys::KeyBackend> = match &settings.key {
+        KeySettings::File => Arc::new(iotd::keys::file::FileBackend::new(&settings.state_dir)),
+        KeySettings::Tpm { .. } => {
+            eprintln!(
+                "iotd: key.backend = \"tpm\" is not available in this build yet; use \"file\""
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("iotd: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let (agent, _snapshot) = match iotd::agent::Agent::new(settings, backend) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("iotd: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("iotd: installing signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tokio::select! {
+            () = agent.run() => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        iotd::notify::stopping();
+        tracing::info!("stopping");
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,190 @@
+//! `make bench`: how long iotd takes to provision. Each run is a new gateway (fresh state
+//! directory, new serial, so a new thing and its own claim client id) against one fake-iot-core
+//! in this process; the time is from just before iotd is spawned to its STATUS line
+//! "Provisioned as …; certificate valid until …" (connected with the issued certificate).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use iotd_testkit::{Cloud, Iotd, WAIT, config};
+
+/// How long one run may take; shorter than the harness's own limit, so that a slow run is
+/// reported here (with its STATUS lines) rather than by a panic in the harness.
+const LIMIT: Duration = Duration::from_secs(20);
+const _: () = assert!(LIMIT.as_secs() < WAIT.as_secs());
+
+/// Reports the median/min/max time from iotd's start with a factory claim to "provisioned".
+///
+/// "Provisioned" is iotd connected with the certificate it was issued, against a local fake AWS
+/// IoT Core in this process. Each run is a new gateway: fresh state directory, new serial.
+///
+/// The figures mean something only for a release build of iotd, which is looked for next to
+/// this binary: run it as `make bench`, which builds both in release. iotd is started through a
+/// two-line /bin/sh script that execs it with its log in a file (about 0.5 ms of each run).
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Number of runs.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    // The harness panics when it cannot set something up: a failed benchmark like any other.
+    match tokio::spawn(bench(args.runs)).await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("iotd-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("iotd-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bench(runs: u32) -> Result<()> {
+    let exe = std::env::current_exe()?.with_file_name("iotd");
+    if !exe.is_file() {
+        bail!(
+            "{} is missing: run `make bench`, which builds it (release)",
+            exe.display()
+        );
+    }
+    let cloud = Cloud::start().await;
+    let mut times = Vec::new();
+    for run in 1..=runs {
+        let serial = format!("bench-{run:03}");
+        match run_once(&cloud, &exe, &serial).await {
+            Ok(t) => {
+                println!("run {run:>3}: gw-{serial} provisioned in {:.1} ms", ms(t));
+                times.push(t);
+            }
+            Err(e) => eprintln!("run {run:>3}: gw-{serial} FAILED: {e:#}"),
+        }
+    }
+    cloud.stop().await;
+
+    let failed = runs as usize - times.len();
+    times.sort();
+    let n = times.len();
+    if let (Some(min), Some(max)) = (times.first(), times.last()) {
+        let median = (times[(n - 1) / 2] + times[n / 2]) / 2;
+        let (median, min, max) = (ms(median), ms(*min), ms(*max));
+        let runs = if failed == 0 {
+            n.to_string()
+        } else {
+            format!("{n} ({failed} failed)")
+        };
+        println!();
+        println!(
+            "iotd: start with the factory claim -> provisioned (connected with the issued certificate)"
+        );
+        println!();
+        println!("| runs | median | min | max | machine |");
+        println!("|---:|---:|---:|---:|---|");
+        println!(
+            "| {runs} | {median:.1} ms | {min:.1} ms | {max:.1} ms | {} |",
+            machine()
+        );
+    }
+    if failed > 0 {
+        bail!("{failed} of {runs} runs failed");
+    }
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `nproc` × the CPU's model name.
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, m)| m.trim())
+        })
+        .unwrap_or("unknown CPU");
+    format!("{cpus} × {model}")
+}
+
+/// One gateway provisioned from scratch; its time, or why it failed.
+async fn run_once(cloud: &Cloud, exe: &Path, serial: &str) -> Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    let (script, log) = quiet_iotd(exe, dir.path())?;
+    let conf = config(cloud, &dir.path().join("state"), serial);
+    let done = format!("STATUS=Provisioned as gw-{serial}; certificate valid until");
+    let started = Instant::now();
+    let mut iotd = Iotd::start(&script, dir.path(), &conf).await;
+    let mut statuses = Vec::new();
+    let outcome = loop {
+        // `wait_status` answers from the lines already read (`seen`) first: emptied, the next.
+        iotd.seen.clear();
+        let next = tokio::time::timeout_at((started + LIMIT).into(), iotd.wait_status("")).await;
+        let Ok(line) = next else {
+            break Err(format!("not provisioned within {} s", LIMIT.as_secs()));
+        };
+        if line.starts_with(&done) {
+            break Ok(started.elapsed());
+        } else if line.starts_with("STATUS=Failed at ") {
+            break Err(format!("iotd gave up: {line}"));
+        } else if line.starts_with("STATUS=") {
+            statuses.push(line);
+        }
+    };
+    let why = match outcome {
+        Ok(t) => {
+            let exit = iotd.terminate().await;
+            if exit.code() == Some(0) {
+                return Ok(t);
+            }
+            format!("iotd exited with {exit} on SIGTERM, not 0")
+        }
+        Err(why) => why,
+    };
+    drop(iotd); // kills it if it still runs
+    let indent = |lines: Vec<&str>| lines.iter().fold(String::new(), |s, l| s + "\n    " + l);
+    let statuses = indent(
+        statuses
+            .iter()
+            .rev()
+            .take(5)
+            .rev()
+            .map(String::as_str)
+            .collect(),
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let tail = indent(
+        text.lines()
+            .rev()
+            .take(10)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect(),
+    );
+    bail!("{why}\n  last STATUS lines:{statuses}\n  end of iotd's log:{tail}")
+}
+
+/// A script that runs `iotd` with its log (stderr) in a file of `dir`, so that 20 runs of
+/// iotd's log do not bury the figures; `exec` keeps the pid, so SIGTERM reaches iotd.
+fn quiet_iotd(iotd: &Path, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (script, log) = (dir.join("iotd.sh"), dir.join("iotd.log"));
+    let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
+    let text = format!("#!/bin/sh\nexec {} \"$@\" 2>{}\n", quote(iotd), quote(&log));
+    std::fs::write(&script, text).with_context(|| format!("writing {}", script.display()))?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    Ok((script, log))
+}

@@ -1,0 +1,188 @@
+//! `make demo`: fake-iot-core runs in this process with the gateway template and a factory
+//! claim; the release `iotd` next to this binary provisions gateway 0042 against it; this
+//! prints each step as iotd reports it (STATUS= lines on its notify socket) and what the cloud
+//! now holds, then stops iotd with SIGTERM. iotd's own log goes to a file, shown on failure.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Parser;
+use iotd_testkit::{Cloud, Iotd, WAIT, config};
+
+const SERIAL: &str = "0042";
+/// How long iotd gets to provision; shorter than the harness's own limit, so that a slow iotd
+/// is reported here (with its STATUS lines) rather than by a panic in the harness.
+const LIMIT: Duration = Duration::from_secs(20);
+const _: () = assert!(LIMIT.as_secs() < WAIT.as_secs());
+
+/// Provisions gateway 0042 with iotd against a local fake AWS IoT Core and shows what happened.
+/// Run it as `make demo`, which builds iotd and this binary (release) side by side.
+#[derive(Parser)]
+#[command(version)]
+struct Args {}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    Args::parse();
+    // The harness panics when it cannot set something up: a failed demo like any other.
+    match tokio::spawn(demo()).await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("iotd-demo: {e:#}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("iotd-demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo() -> Result<()> {
+    let exe = std::env::current_exe()?.with_file_name("iotd");
+    if !exe.is_file() {
+        bail!(
+            "{} is missing: run `make demo`, which builds it",
+            exe.display()
+        );
+    }
+    let cloud = Cloud::start().await;
+    println!(
+        "fake-iot-core: MQTT on {} (mutual TLS), control plane at {}",
+        cloud.ready["mqtt"].as_str().unwrap_or("?"),
+        cloud.ready["http"].as_str().unwrap_or("?"),
+    );
+    let dir = tempfile::tempdir()?;
+    let (script, log) = quiet_iotd(&exe, dir.path())?;
+    let conf = config(&cloud, &dir.path().join("state"), SERIAL);
+    println!(
+        "iotd: provisioning with the factory claim (CreateCertificateFromCsr + RegisterThing)..."
+    );
+    let started = Instant::now();
+    let iotd = Iotd::start(&script, dir.path(), &conf).await;
+    let mut watch = Watch {
+        iotd,
+        started,
+        lines: Vec::new(),
+    };
+    let outcome = provision(&cloud, &mut watch).await;
+    if outcome.is_err() {
+        eprintln!("last STATUS lines from iotd (seconds since its start):");
+        let statuses: Vec<_> = watch
+            .lines
+            .iter()
+            .filter(|(_, l)| l.starts_with("STATUS="))
+            .collect();
+        for (at, line) in &statuses[statuses.len().saturating_sub(6)..] {
+            eprintln!("  +{:.2} s  {line}", at.as_secs_f64());
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<_> = text.lines().rev().take(20).collect();
+        eprintln!("end of iotd's log:");
+        tail.iter().rev().for_each(|l| eprintln!("  {l}"));
+    }
+    drop(watch); // kills iotd if it still runs
+    cloud.stop().await;
+    outcome
+}
+
+/// iotd with the lines it sent, each with when it arrived.
+struct Watch {
+    iotd: Iotd,
+    started: Instant,
+    lines: Vec<(Duration, String)>,
+}
+
+impl Watch {
+    /// The next line iotd sends. The harness answers `wait_status` from the lines it has
+    /// already read (`seen`) first, so with `seen` emptied, `wait_status("")` is the next line.
+    async fn next(&mut self) -> Result<(Duration, String)> {
+        self.iotd.seen.clear();
+        let wait = self.iotd.wait_status("");
+        let line = tokio::time::timeout_at((self.started + LIMIT).into(), wait)
+            .await
+            .map_err(|_| anyhow!("iotd did not provision within {} s", LIMIT.as_secs()))?;
+        let at = self.started.elapsed();
+        self.lines.push((at, line.clone()));
+        Ok((at, line))
+    }
+}
+
+async fn provision(cloud: &Cloud, watch: &mut Watch) -> Result<()> {
+    let thing = format!("gw-{SERIAL}");
+    let done = format!("STATUS=Provisioned as {thing}; certificate valid until");
+    let taken = loop {
+        let (at, line) = watch.next().await?;
+        let secs = at.as_secs_f64();
+        if line.starts_with(&done) {
+            let note = format!("(connected as {thing} with its own certificate)");
+            println!("  {:<20} +{secs:.2} s  {note}", "provisioned");
+            break secs;
+        } else if let Some(failed) = line.strip_prefix("STATUS=Failed at ") {
+            bail!("iotd gave up at {failed}");
+        } else if let Some(rest) = line.strip_prefix("STATUS=Provisioning (") {
+            match rest.split_once("); retrying: ") {
+                Some((step, why)) => println!("  {step:<20} +{secs:.2} s  retrying: {why}"),
+                None if rest != "unprovisioned)" => {
+                    println!("  {:<20} +{secs:.2} s", rest.trim_end_matches(')'));
+                }
+                None => {}
+            }
+        }
+    };
+
+    let state_dir = &watch.iotd.state_dir;
+    let state_path = state_dir.join("state.json");
+    let state: serde_json::Value = std::fs::read_to_string(&state_path)
+        .map_err(anyhow::Error::from)
+        .and_then(|t| Ok(serde_json::from_str(&t)?))
+        .with_context(|| format!("reading {}", state_path.display()))?;
+    let (step, cert) = (
+        &state["step"],
+        state["certificateId"].as_str().unwrap_or_default(),
+    );
+    if step != "provisioned" || state["thingName"] != thing.as_str() {
+        bail!(
+            "iotd's state.json says {step} as {}, not provisioned as {thing}",
+            state["thingName"]
+        );
+    }
+    let status = cloud.registry()["certificates"][cert]["status"].clone();
+    let principals = cloud.principals(&thing);
+    if status != "ACTIVE" || principals != [cert] {
+        bail!("the cloud has certificate {cert} {status} and {thing} attached to {principals:?}");
+    }
+    let key = state_dir.join(format!("gen/{}/key.pem", state["generation"]));
+    let mode = std::fs::metadata(&key).with_context(|| format!("reading {}", key.display()))?;
+    let mode = mode.permissions().mode() & 0o777;
+    println!("thing name:      {thing}");
+    println!("certificate id:  {cert}  (ACTIVE, the only one attached to {thing})");
+    println!(
+        "device key:      {} ({mode:04o}, never left this machine)",
+        key.display()
+    );
+    println!(
+        "time taken:      {taken:.2} s from iotd start to connected with the issued certificate"
+    );
+
+    let exit = watch.iotd.terminate().await;
+    if exit.code() != Some(0) {
+        bail!("iotd exited with {exit} on SIGTERM, not 0");
+    }
+    println!("iotd: stopped on SIGTERM (exit 0)");
+    Ok(())
+}
+
+/// A script that runs `iotd` with its log (stderr) in a file of `dir`, so that iotd's log does
+/// not interleave with what the demo prints; `exec` keeps the pid, so SIGTERM reaches iotd.
+fn quiet_iotd(iotd: &Path, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (script, log) = (dir.join("iotd.sh"), dir.join("iotd.log"));
+    let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
+    let text = format!("#!/bin/sh\nexec {} \"$@\" 2>{}\n", quote(iotd), quote(&log));
+    std::fs::write(&script, text)?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    Ok((script, log))
+}
