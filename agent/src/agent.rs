@@ -36,6 +36,14 @@ pub struct Snapshot {
     pub last_error: Option<LastError>,
 }
 
+/// " in 3 s" for a transient error with a scheduled retry.
+fn retry_in(e: &LastError) -> String {
+    match e.retry_at {
+        Some(t) if !e.permanent => format!(" in {} s", (t - e.at).max(0)),
+        _ => String::new(),
+    }
+}
+
 fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -170,7 +178,12 @@ impl Agent {
             (_, Some(e)) if e.permanent => {
                 format!("Failed at {}: {}", self.state.step.name(), e.message)
             }
-            (step, Some(e)) => format!("Provisioning ({}); retrying: {}", step.name(), e.message),
+            (step, Some(e)) => format!(
+                "Provisioning ({}); retrying{}: {}",
+                step.name(),
+                retry_in(e),
+                e.message
+            ),
             (step, None) => format!("Provisioning ({})", step.name()),
         }
     }
@@ -230,12 +243,15 @@ impl Agent {
         Ok(())
     }
 
-    fn record_error(&mut self, e: &AgentError) {
+    /// Records (and shows) the last error; `retry_in` is when the next attempt starts.
+    fn record_error(&mut self, e: &AgentError, retry_in: Option<std::time::Duration>) {
+        let at = now();
         let last = LastError {
             code: e.code.as_str().to_owned(),
             message: e.message.clone(),
-            at: now(),
+            at,
             permanent: e.is_permanent(),
+            retry_at: retry_in.map(|d| at + i64::try_from(d.as_secs()).unwrap_or(0)),
         };
         let mut next = self.state.clone();
         next.last_error = Some(last);
@@ -262,8 +278,8 @@ impl Agent {
                     }
                     backoff.reset();
                     let e = self.serve(session).await;
-                    self.record_error(&e);
                     let delay = backoff.next_delay();
+                    self.record_error(&e, Some(delay));
                     tracing::warn!(delay_ms = delay.as_millis() as u64, "{e}; reconnecting");
                     tokio::time::sleep(delay).await;
                 }
@@ -274,7 +290,7 @@ impl Agent {
                             code = e.code.as_str(),
                             "{e}"
                         );
-                        self.record_error(&e);
+                        self.record_error(&e, None);
                         if let Some(c) = claim.take() {
                             c.disconnect().await;
                         }
@@ -284,9 +300,9 @@ impl Agent {
                     }
                     Retry::RestartFromCsr => {
                         tracing::warn!(step = self.state.step.name(), "{e}");
-                        self.record_error(&e);
+                        self.record_error(&e, Some(std::time::Duration::ZERO));
                         if let Err(e) = self.restart_from_csr() {
-                            self.record_error(&e);
+                            self.record_error(&e, None);
                             std::future::pending::<()>().await;
                         }
                     }
@@ -294,8 +310,8 @@ impl Agent {
                         if e.retry == Retry::Reconnect {
                             claim = None;
                         }
-                        self.record_error(&e);
                         let delay = backoff.next_delay();
+                        self.record_error(&e, Some(delay));
                         tracing::warn!(
                             step = self.state.step.name(),
                             code = e.code.as_str(),
@@ -556,6 +572,9 @@ impl Agent {
                 let (session, not_after) = self
                     .connect_device(generation, &certificate_id, &thing_name)
                     .await?;
+                // The identity works, so the claim is no longer needed; removing it before the
+                // step is recorded means that nobody sees "provisioned" with the claim still there.
+                self.after_provisioning();
                 self.transition(Step::Provisioned {
                     generation,
                     certificate_id: certificate_id.clone(),
@@ -564,7 +583,6 @@ impl Agent {
                     provisioned_at: now(),
                     not_after,
                 })?;
-                self.after_provisioning();
                 tracing::info!(thing = %thing_name, certificate_id = %certificate_id, "provisioned: connected with the issued certificate");
                 Ok(Advance::Connected(session))
             }

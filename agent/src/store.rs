@@ -83,6 +83,9 @@ pub struct LastError {
     pub at: i64,
     /// Permanent errors stop the retries until the service restarts or is told to retry.
     pub permanent: bool,
+    /// When the next attempt starts (Unix seconds), for transient errors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<i64>,
 }
 
 /// Everything in `state.json`.

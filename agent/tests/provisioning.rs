@@ -109,7 +109,7 @@ async fn cloud_generated_keys_flow() {
     let mut conf = config(&cloud, &dir.path().join("state"), "0043");
     conf = conf.replace(
         "template = \"gateway\"",
-        "template = \"gateway\"\ncertificate_source = \"cloud-generated\"",
+        "template = \"gateway\"\ncertificate_source = \"cloud-generated\"\ndelete_claim = true",
     );
     let mut iotd = Iotd::start(exe(), dir.path(), &conf).await;
     iotd.wait_status("Provisioned as gw-0043").await;
@@ -121,6 +121,54 @@ async fn cloud_generated_keys_flow() {
             .log()
             .iter()
             .any(|e| e.kind == "in" && e.topic.as_deref() == Some("$aws/certificates/create/json"))
+    );
+    // delete_claim = true: the claim files go, but only after success.
+    let (claim_cert, claim_key) = cloud.claim();
+    assert!(
+        !std::path::Path::new(&claim_cert).exists() && !std::path::Path::new(&claim_key).exists()
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_whose_token_is_too_old_is_replaced_before_register_thing() {
+    let cloud = Cloud::start().await;
+    cloud.add_fault(json!({"api": "RegisterThing", "action": "delay", "delayMs": 60000}));
+    let dir = tempfile::tempdir().unwrap();
+    let conf = config(&cloud, &dir.path().join("state"), "0050");
+    let mut iotd = Iotd::start(exe(), dir.path(), &conf).await;
+    cloud
+        .wait_log("RegisterThing request", |e| {
+            e.kind == "in"
+                && e.topic
+                    .as_deref()
+                    .is_some_and(|t| t.contains("/provision/"))
+        })
+        .await;
+    iotd.kill().await;
+    // The power came back 56 minutes later: the token would expire under the request.
+    let path = iotd.state_dir.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(state["step"], "certificate-issued");
+    let old = state["issuedAt"].as_i64().unwrap() - 56 * 60;
+    state["issuedAt"] = json!(old);
+    std::fs::write(&path, state.to_string()).unwrap();
+    cloud.clear_faults();
+    let mut again = Iotd::start(exe(), dir.path(), &conf).await;
+    again
+        .wait_status("Provisioned as gw-0050; certificate")
+        .await;
+    assert_provisioned(&cloud, &again, "gw-0050");
+    let csr_requests = cloud
+        .log()
+        .iter()
+        .filter(|e| {
+            e.kind == "in" && e.topic.as_deref() == Some("$aws/certificates/create-from-csr/json")
+        })
+        .count();
+    assert_eq!(
+        csr_requests, 2,
+        "a new certificate was requested instead of using the old token"
     );
 }
 
@@ -379,4 +427,66 @@ async fn post(cloud: &Cloud, path: &str) -> serde_json::Value {
     assert!(resp.status().is_success(), "{path}: {}", resp.status());
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     serde_json::from_slice(&bytes).unwrap()
+}
+
+/// Replaces the factory claim's policy in the fake.
+fn set_claim_policy(cloud: &Cloud, document: serde_json::Value) {
+    let text = document.to_string();
+    let parsed = fake_iot_core::policy::PolicyDocument::parse(&text).unwrap();
+    cloud.shared().write(|reg| {
+        let p = reg.policies.get_mut("fake-claim-gateway").unwrap();
+        p.document = text;
+        p.parsed = Some(parsed);
+    });
+}
+
+#[tokio::test]
+async fn claim_policy_mistakes_are_named() {
+    let arn = |r: &str| format!("arn:aws:iot:us-east-1:123456789012:{r}");
+    // Subscribing is refused: permanent, with the filter named.
+    let cloud = Cloud::start().await;
+    set_claim_policy(
+        &cloud,
+        json!({"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+            {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": arn("topic/$aws/certificates/create/*")},
+            {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": arn("topicfilter/$aws/certificates/create/*")}
+        ]}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut iotd = Iotd::start(
+        exe(),
+        dir.path(),
+        &config(&cloud, &dir.path().join("state"), "0051"),
+    )
+    .await;
+    let status = iotd.wait_status("Failed at key-ready").await;
+    assert!(
+        status.contains("the claim policy does not allow subscribing to $aws/certificates/create-from-csr/json/accepted"),
+        "{status}"
+    );
+    assert_eq!(iotd.state()["lastError"]["code"], "policy-denied");
+
+    // Publishing is refused: AWS closes the connection; the agent retries and says why it may be.
+    let cloud = Cloud::start().await;
+    set_claim_policy(
+        &cloud,
+        json!({"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+            {"Effect": "Allow", "Action": "iot:Receive", "Resource": arn("topic/$aws/*")},
+            {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": arn("topicfilter/$aws/*")}
+        ]}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut iotd = Iotd::start(
+        exe(),
+        dir.path(),
+        &config(&cloud, &dir.path().join("state"), "0052"),
+    )
+    .await;
+    let status = iotd.wait_status("retrying").await;
+    assert!(
+        status.contains("the claim policy probably does not allow publishing to $aws/certificates/create-from-csr/json"),
+        "{status}"
+    );
 }

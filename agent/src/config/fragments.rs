@@ -57,7 +57,6 @@ pub(super) struct CloudFragment {
     pub endpoint: Option<Spanned<String>>,
     pub port: Option<Spanned<i64>>,
     pub alpn: Option<Spanned<bool>>,
-    pub server_name: Option<Spanned<String>>,
     pub ca_bundle: Option<Spanned<String>>,
     pub keep_alive_secs: Option<Spanned<i64>>,
     pub reply_timeout_secs: Option<Spanned<i64>>,

@@ -36,7 +36,6 @@ pub(super) struct Layer {
     pub endpoint: Option<Located<String>>,
     pub port: Option<Located<u16>>,
     pub alpn: Option<Located<bool>>,
-    pub server_name: Option<Located<String>>,
     pub ca_bundle: Option<Located<PathBuf>>,
     pub keep_alive: Option<Located<Duration>>,
     pub reply_timeout: Option<Located<Duration>>,
@@ -62,7 +61,6 @@ impl Layer {
             endpoint,
             port,
             alpn,
-            server_name,
             ca_bundle,
             keep_alive,
             reply_timeout,
@@ -82,7 +80,6 @@ impl Layer {
         over(&mut self.endpoint, endpoint);
         over(&mut self.port, port);
         over(&mut self.alpn, alpn);
-        over(&mut self.server_name, server_name);
         over(&mut self.ca_bundle, ca_bundle);
         over(&mut self.keep_alive, keep_alive);
         over(&mut self.reply_timeout, reply_timeout);
@@ -124,7 +121,6 @@ impl Layer {
             endpoint,
             port,
             alpn,
-            server_name,
             ca_bundle,
             keep_alive_secs,
             reply_timeout_secs,
@@ -137,7 +133,6 @@ impl Layer {
                 .ok_or_else(|| format!("{p} is not a TCP port (1 to 65535)"))
         })?;
         self.alpn = check.opt("cloud.alpn", alpn, Ok)?;
-        self.server_name = check.opt("cloud.server_name", server_name, host_name)?;
         self.ca_bundle = check.opt("cloud.ca_bundle", ca_bundle, absolute_path)?;
         // AWS IoT refuses keep-alives outside 30..=1200 s; better to say so here than to be
         // disconnected by the broker.

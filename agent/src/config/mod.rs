@@ -114,8 +114,6 @@ pub struct CloudSettings {
     pub port: u16,
     /// Offer ALPN [`MQTT_ALPN_PROTOCOL`]; defaults to `port == 443`.
     pub alpn: bool,
-    /// TLS SNI and the name the server certificate must carry; defaults to `endpoint`.
-    pub server_name: String,
     /// PEM bundle of trusted roots; `None` means the system trust store ([`SYSTEM_CA_BUNDLE`]).
     pub ca_bundle: Option<PathBuf>,
     pub keep_alive: Duration,
@@ -317,7 +315,6 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
         endpoint,
         port,
         alpn,
-        server_name,
         ca_bundle,
         keep_alive,
         reply_timeout,
@@ -388,7 +385,6 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
 
     Ok(Settings {
         cloud: CloudSettings {
-            server_name: server_name.map_or_else(|| endpoint.clone(), |s| s.value),
             endpoint,
             port,
             alpn: alpn.map_or(port == ALPN_PORT, |a| a.value),

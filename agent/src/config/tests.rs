@@ -52,7 +52,6 @@ fn defaults_apply_when_only_required_keys_are_set() {
     assert_eq!(s.cloud.endpoint, ENDPOINT);
     assert_eq!(s.cloud.port, 8883);
     assert!(!s.cloud.alpn);
-    assert_eq!(s.cloud.server_name, ENDPOINT);
     assert_eq!(s.cloud.ca_bundle, None);
     assert_eq!(s.cloud.keep_alive, Duration::from_secs(300));
     assert_eq!(s.cloud.reply_timeout, Duration::from_secs(30));
@@ -75,7 +74,6 @@ fn every_key_is_read() {
         [cloud]
         port = 9443
         alpn = true
-        server_name = "iot.test"
         ca_bundle = "/etc/iotd/ca.pem"
         keep_alive_secs = 60
         reply_timeout_secs = 10
@@ -94,7 +92,6 @@ fn every_key_is_read() {
     );
     assert_eq!(s.cloud.port, 9443);
     assert!(s.cloud.alpn);
-    assert_eq!(s.cloud.server_name, "iot.test");
     assert_eq!(s.cloud.ca_bundle, Some(PathBuf::from("/etc/iotd/ca.pem")));
     assert_eq!(s.cloud.keep_alive, Duration::from_secs(60));
     assert_eq!(s.cloud.reply_timeout, Duration::from_secs(10));
@@ -333,7 +330,7 @@ fn unknown_nested_key_is_refused() {
     assert_eq!(
         error_of("cloud.keepalive = 30\n"),
         "/d/20-site.toml:1:7: key cloud.keepalive: unknown key (expected one of: \
-         endpoint, port, alpn, server_name, ca_bundle, keep_alive_secs, reply_timeout_secs)"
+         endpoint, port, alpn, ca_bundle, keep_alive_secs, reply_timeout_secs)"
     );
     assert_eq!(
         error_of("[provisioning.parameters]\nSerial = { fil = \"/x\" }\n"),
@@ -468,8 +465,8 @@ fn invalid_values_are_refused_with_file_line_column_and_key() {
              give the port in cloud.port",
         ),
         (
-            "[cloud]\nserver_name = \"bad name\"\n",
-            "/d/20-site.toml:2:15: key cloud.server_name: \"bad name\" is not a host name or IP address",
+            "[cloud]\nendpoint = \"bad name\"\n",
+            "/d/20-site.toml:2:12: key cloud.endpoint: \"bad name\" is not a host name or IP address",
         ),
         (
             "[cloud]\nendpoint = \"\"\n",
@@ -568,8 +565,8 @@ fn valid_host_names_and_addresses_are_accepted() {
         "::1",
         "a-b_c.example.com.",
     ] {
-        let s = with(&format!("[cloud]\nserver_name = \"{host}\"\n"));
-        assert_eq!(s.cloud.server_name, host);
+        let s = with(&format!("[cloud]\nendpoint = \"{host}\"\n"));
+        assert_eq!(s.cloud.endpoint, host);
     }
 }
 
