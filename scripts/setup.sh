@@ -4,8 +4,10 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
-# Debian packages the tests start or call. Later stages add swtpm, libtss2-dev, dbus, chromium.
-packages=(openssl ca-certificates pkg-config)
+# Debian packages the build needs (tss-esapi links libtss2) and the tests start or call
+# (swtpm per test, tpm2-tools for the interop check, openssl for TLS probes).
+packages=(openssl ca-certificates pkg-config libtss2-dev libtss2-tcti-swtpm0 libtss2-tcti-device0
+          swtpm swtpm-tools tpm2-tools)
 
 missing=()
 for p in "${packages[@]}"; do

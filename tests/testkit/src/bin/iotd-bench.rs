@@ -37,17 +37,13 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     // The harness panics when it cannot set something up: a failed benchmark like any other.
-    match tokio::spawn(bench(args.runs)).await {
-        Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(e)) => {
-            eprintln!("iotd-bench: {e:#}");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("iotd-bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let cause = match tokio::spawn(bench(args.runs)).await {
+        Ok(Ok(())) => return ExitCode::SUCCESS,
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(panic) => panic.to_string(),
+    };
+    eprintln!("iotd-bench: {cause}");
+    ExitCode::FAILURE
 }
 
 async fn bench(runs: u32) -> Result<()> {

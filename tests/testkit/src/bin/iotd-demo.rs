@@ -28,17 +28,13 @@ struct Args {}
 async fn main() -> ExitCode {
     Args::parse();
     // The harness panics when it cannot set something up: a failed demo like any other.
-    match tokio::spawn(demo()).await {
-        Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(e)) => {
-            eprintln!("iotd-demo: {e:#}");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("iotd-demo: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let cause = match tokio::spawn(demo()).await {
+        Ok(Ok(())) => return ExitCode::SUCCESS,
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(panic) => panic.to_string(),
+    };
+    eprintln!("iotd-demo: {cause}");
+    ExitCode::FAILURE
 }
 
 async fn demo() -> Result<()> {
@@ -63,10 +59,11 @@ async fn demo() -> Result<()> {
     );
     let started = Instant::now();
     let iotd = Iotd::start(&script, dir.path(), &conf).await;
+    let lines = Vec::new();
     let mut watch = Watch {
         iotd,
         started,
-        lines: Vec::new(),
+        lines,
     };
     let outcome = provision(&cloud, &mut watch).await;
     if outcome.is_err() {
@@ -136,19 +133,12 @@ async fn provision(cloud: &Cloud, watch: &mut Watch) -> Result<()> {
 
     let state_dir = &watch.iotd.state_dir;
     let state_path = state_dir.join("state.json");
-    let state: serde_json::Value = std::fs::read_to_string(&state_path)
-        .map_err(anyhow::Error::from)
-        .and_then(|t| Ok(serde_json::from_str(&t)?))
-        .with_context(|| format!("reading {}", state_path.display()))?;
-    let (step, cert) = (
-        &state["step"],
-        state["certificateId"].as_str().unwrap_or_default(),
-    );
-    if step != "provisioned" || state["thingName"] != thing.as_str() {
-        bail!(
-            "iotd's state.json says {step} as {}, not provisioned as {thing}",
-            state["thingName"]
-        );
+    let text = std::fs::read_to_string(&state_path);
+    let text = text.with_context(|| format!("reading {}", state_path.display()))?;
+    let state: serde_json::Value = serde_json::from_str(&text)?;
+    let cert = state["certificateId"].as_str().unwrap_or_default();
+    if state["step"] != "provisioned" || state["thingName"] != thing.as_str() {
+        bail!("iotd's state.json is not provisioned as {thing}: {state}");
     }
     let status = cloud.registry()["certificates"][cert]["status"].clone();
     let principals = cloud.principals(&thing);
