@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV ?= $(CURDIR)/target/venv
 export IOTD_VENV := $(VENV)
 
-.PHONY: setup build test lint unit demo bench clean
+.PHONY: setup build test lint test-packaging demo bench clean
 
 setup:
 	@scripts/setup.sh
@@ -21,6 +21,13 @@ lint:
 # Python SDK against fake-iot-core). A missing tool fails the run; nothing is skipped.
 test: setup lint
 	$(CARGO) test --workspace --no-fail-fast
+	$(MAKE) test-packaging
+
+# The .deb (lintian, install/upgrade/purge in a bookworm root, piuparts, the unit's checks) and
+# the Yocto layer (oelint-adv, bitbake's parser, the crates file). Needs root, like CI.
+test-packaging: setup
+	scripts/test-packaging.sh
+	scripts/test-yocto.sh
 
 # The main job on the embedded default: iotd provisions itself against fake-iot-core.
 demo: setup

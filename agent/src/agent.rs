@@ -25,15 +25,63 @@ use crate::tls::{self, ServerTrust, TlsIdentity};
 /// expiry, so the agent asks for a new certificate instead.
 const TOKEN_MAX_AGE_SECS: i64 = 55 * 60;
 
-/// What readers (systemd status, later D-Bus and iotctl) see of the agent.
+/// What readers (systemd status, D-Bus properties, iotctl) see of the agent. Published through a
+/// `watch` channel by the task that owns the state; readers never lock anything.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Snapshot {
-    pub step: String,
+    /// One of `iotd_api::state::*`.
+    pub state: &'static str,
+    /// The provisioning step (`store::Step::name`).
+    pub step: &'static str,
     pub thing_name: Option<String>,
     pub certificate_id: Option<String>,
     pub certificate_not_after: Option<i64>,
+    pub certificate_path: Option<std::path::PathBuf>,
+    /// When the next rotation is due; `None` until rotation exists.
+    pub next_rotation: Option<i64>,
+    /// "file" or "tpm".
+    pub key_backend: &'static str,
+    /// Where the key is (`DeviceKey::location`), once there is one.
+    pub key_reference: Option<String>,
     pub connected: bool,
+    /// "host:port".
+    pub endpoint: String,
     pub last_error: Option<LastError>,
+    pub onboarding_open: bool,
+    pub onboarding_closes_at: Option<i64>,
+    /// The one-line summary also sent as systemd STATUS=.
+    pub status_line: String,
+}
+
+/// What an operation did: "safe to repeat, says whether it changed anything".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Changed(String),
+    Unchanged(String),
+}
+
+impl Outcome {
+    pub fn message(&self) -> &str {
+        match self {
+            Outcome::Changed(m) | Outcome::Unchanged(m) => m,
+        }
+    }
+}
+
+/// Requests to the task that owns the state, each with its answer channel.
+#[derive(Debug)]
+pub enum Command {
+    /// Abandon the identity and provision a new one with a new key.
+    Reprovision(tokio::sync::oneshot::Sender<Result<Outcome, AgentError>>),
+    /// Replace the certificate now.
+    Rotate(tokio::sync::oneshot::Sender<Result<Outcome, AgentError>>),
+}
+
+/// The handle other tasks (D-Bus) hold: a command sender and the snapshot.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    pub commands: tokio::sync::mpsc::Sender<Command>,
+    pub snapshot: watch::Receiver<Snapshot>,
 }
 
 /// " in 3 s" for a transient error with a scheduled retry.
@@ -56,7 +104,13 @@ fn store_error(e: crate::store::StoreError) -> AgentError {
 }
 
 fn key_error(e: crate::keys::KeyError) -> AgentError {
-    AgentError::permanent(ErrorCode::Key, e.to_string())
+    match e {
+        // Decided by `Agent::lost_key`, which knows whether a new identity may be made.
+        crate::keys::KeyError::Lost { .. } => {
+            AgentError::new(ErrorCode::KeyLost, Retry::NewIdentity, e.to_string())
+        }
+        other => AgentError::permanent(ErrorCode::Key, other.to_string()),
+    }
 }
 
 fn tls_error(code: ErrorCode, e: tls::TlsError) -> AgentError {
@@ -81,6 +135,10 @@ pub struct Agent {
     state: State,
     snapshot: watch::Sender<Snapshot>,
     claim_client_id: String,
+    commands: Option<tokio::sync::mpsc::Receiver<Command>>,
+    /// Where the current device key is, once known (for the snapshot).
+    key_location: Option<String>,
+    connected: bool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -108,7 +166,7 @@ impl Agent {
     pub fn new(
         settings: Settings,
         backend: Arc<dyn KeyBackend>,
-    ) -> Result<(Self, watch::Receiver<Snapshot>), AgentError> {
+    ) -> Result<(Self, Handle), AgentError> {
         let store = Store::open(&settings.state_dir).map_err(store_error)?;
         let state = store.load().map_err(store_error)?;
         let trust = match &settings.cloud.ca_bundle {
@@ -122,7 +180,9 @@ impl Agent {
             .clone()
             .unwrap_or_else(default_claim_client_id);
         let (snapshot, rx) = watch::channel(Snapshot::default());
-        let agent = Self {
+        // Commands are rare and answered one at a time; a small queue is plenty.
+        let (commands_tx, commands) = tokio::sync::mpsc::channel(8);
+        let mut agent = Self {
             settings,
             store,
             backend,
@@ -131,9 +191,29 @@ impl Agent {
             state,
             snapshot,
             claim_client_id,
+            commands: Some(commands),
+            key_location: None,
+            connected: false,
         };
+        agent.key_location = agent
+            .state
+            .step
+            .generation()
+            .and_then(|g| agent.backend.load(g).ok().flatten())
+            .map(|k| k.location());
         agent.publish(false);
-        Ok((agent, rx))
+        Ok((
+            agent,
+            Handle {
+                commands: commands_tx,
+                snapshot: rx,
+            },
+        ))
+    }
+
+    /// The status line of the current state (for READY=1).
+    pub fn status(&self) -> String {
+        self.status_line(self.connected)
     }
 
     pub fn step(&self) -> &Step {
@@ -169,14 +249,18 @@ impl Agent {
                     rfc3339(*not_after)
                 )
             }
+            (_, Some(e)) if e.permanent => {
+                format!("Failed at {}: {}", self.state.step.name(), e.message)
+            }
             (Step::Provisioned { thing_name, .. }, Some(e)) => {
-                format!("Provisioned as {thing_name}; disconnected: {}", e.message)
+                format!(
+                    "Provisioned as {thing_name}; disconnected, retrying{}: {}",
+                    retry_in(e),
+                    e.message
+                )
             }
             (Step::Provisioned { thing_name, .. }, None) => {
                 format!("Provisioned as {thing_name}; connecting")
-            }
-            (_, Some(e)) if e.permanent => {
-                format!("Failed at {}: {}", self.state.step.name(), e.message)
             }
             (step, Some(e)) => format!(
                 "Provisioning ({}); retrying{}: {}",
@@ -188,7 +272,8 @@ impl Agent {
         }
     }
 
-    fn publish(&self, connected: bool) {
+    fn publish(&mut self, connected: bool) {
+        self.connected = connected;
         let (thing, cert, not_after) = match &self.state.step {
             Step::Provisioned {
                 thing_name,
@@ -210,22 +295,49 @@ impl Agent {
             }
             _ => (None, None, None),
         };
+        let state = match (&self.state.step, &self.state.last_error) {
+            (_, Some(e)) if e.permanent => iotd_api::state::FAILED,
+            (Step::Provisioned { .. }, _) => iotd_api::state::PROVISIONED,
+            (Step::Unprovisioned, None) if self.settings.provisioning.claim.is_none() => {
+                iotd_api::state::UNPROVISIONED
+            }
+            _ => iotd_api::state::PROVISIONING,
+        };
+        let certificate_path = cert
+            .as_ref()
+            .and(self.state.step.generation())
+            .map(|g| self.store.certificate_path(g));
         let snap = Snapshot {
-            step: self.state.step.name().to_owned(),
+            state,
+            step: self.state.step.name(),
             thing_name: thing,
             certificate_id: cert,
             certificate_not_after: not_after,
+            certificate_path,
+            next_rotation: None,
+            key_backend: self.backend.kind(),
+            key_reference: self.key_location.clone(),
             connected,
+            endpoint: format!(
+                "{}:{}",
+                self.settings.cloud.endpoint, self.settings.cloud.port
+            ),
             last_error: self.state.last_error.clone(),
+            onboarding_open: false,
+            onboarding_closes_at: None,
+            status_line: self.status_line(connected),
         };
-        self.snapshot.send_if_modified(|s| {
+        let line = snap.status_line.clone();
+        let changed = self.snapshot.send_if_modified(|s| {
             if *s == snap {
                 return false;
             }
             *s = snap;
             true
         });
-        crate::notify::status(&self.status_line(connected));
+        if changed {
+            crate::notify::status(&line);
+        }
     }
 
     /// Persists a new step (clearing the last error: the step succeeded).
@@ -264,65 +376,225 @@ impl Agent {
     }
 
     /// Runs until shutdown (the caller drops this future on SIGTERM: every write is atomic and
-    /// synchronous, so dropping it between awaits leaves a consistent state).
+    /// synchronous, so dropping it between awaits leaves a consistent state). This task owns
+    /// the state: it does the provisioning work, answers commands, and pings the systemd
+    /// watchdog from the same loop, so that a stuck loop stops the pings.
     pub async fn run(mut self) {
-        crate::notify::ready(&self.status_line(false));
+        let Some(mut commands) = self.commands.take() else {
+            return;
+        };
+        let mut watchdog = crate::notify::watchdog_interval();
         let mut claim: Option<Session> = None;
         let mut backoff = Backoff::default();
+        let mut parked = false;
         loop {
-            match self.advance(&mut claim).await {
-                Ok(Advance::Next) => backoff.reset(),
-                Ok(Advance::Connected(session)) => {
+            let mut command = None;
+            {
+                // One unit of work (a step, a session, a wait); commands and watchdog ticks are
+                // served around it. A command cancels the unit: each is safe to interrupt.
+                let work = async {
+                    if parked {
+                        std::future::pending::<()>().await;
+                    }
+                    parked = self.work_once(&mut claim, &mut backoff).await;
+                };
+                tokio::pin!(work);
+                loop {
+                    tokio::select! {
+                        () = &mut work => break,
+                        // Without a D-Bus API every sender is gone: the branch is then
+                        // disabled (a closed channel would otherwise answer at once, forever).
+                        Some(c) = commands.recv() => {
+                            command = Some(c);
+                            break;
+                        }
+                        () = crate::notify::tick(&mut watchdog) => crate::notify::watchdog(),
+                    }
+                }
+            }
+            #[cfg(feature = "test-hooks")]
+            crate::notify::test_stall_once();
+            if let Some(c) = command
+                && self.handle(c, &mut claim).await
+            {
+                parked = false;
+                backoff.reset();
+            }
+        }
+    }
+
+    /// Does one unit of work; returns true when the agent must stop trying (permanent error).
+    async fn work_once(&mut self, claim: &mut Option<Session>, backoff: &mut Backoff) -> bool {
+        match self.advance(claim).await {
+            Ok(Advance::Next) => backoff.reset(),
+            Ok(Advance::Connected(session)) => {
+                if let Some(c) = claim.take() {
+                    c.disconnect().await;
+                }
+                backoff.reset();
+                let e = self.serve(session).await;
+                let delay = backoff.next_delay();
+                self.record_error(&e, Some(delay));
+                tracing::warn!(delay_ms = delay.as_millis() as u64, "{e}; reconnecting");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => match e.retry {
+                Retry::Permanent => {
+                    tracing::error!(step = self.state.step.name(), code = e.code.as_str(), "{e}");
+                    self.record_error(&e, None);
                     if let Some(c) = claim.take() {
                         c.disconnect().await;
                     }
-                    backoff.reset();
-                    let e = self.serve(session).await;
+                    // Stay up with the cause visible; a restart or Reprovision tries again.
+                    return true;
+                }
+                Retry::NewIdentity => {
+                    let p = &self.settings.provisioning;
+                    if !p.reprovision_when_key_lost || p.claim.is_none() {
+                        let e = AgentError::permanent(
+                            ErrorCode::KeyLost,
+                            format!(
+                                "{}; set provisioning.reprovision_when_key_lost = true and keep a claim to get a new identity automatically, or run iotctl reprovision",
+                                e.message
+                            ),
+                        );
+                        tracing::error!(code = e.code.as_str(), "{e}");
+                        self.record_error(&e, None);
+                        return true;
+                    }
+                    tracing::error!(
+                        code = e.code.as_str(),
+                        "{e}; provisioning a new identity with a new key"
+                    );
+                    let e = AgentError::new(
+                        ErrorCode::KeyLost,
+                        Retry::NewIdentity,
+                        format!("{}; provisioning a new identity with a new key", e.message),
+                    );
+                    self.record_error(&e, Some(std::time::Duration::ZERO));
+                    if let Some(id) = self.current_certificate() {
+                        self.state.abandoned_certificates.push(id);
+                    }
+                    *claim = None;
+                    self.key_location = None;
+                    // Keep the error visible through the new provisioning, until a step succeeds.
+                    let last = self.state.last_error.clone();
+                    if let Err(e) = self.transition(Step::Unprovisioned) {
+                        self.record_error(&e, None);
+                        return true;
+                    }
+                    self.state.last_error = last;
+                    self.publish(false);
+                }
+                Retry::RestartFromCsr => {
+                    tracing::warn!(step = self.state.step.name(), "{e}");
+                    self.record_error(&e, Some(std::time::Duration::ZERO));
+                    if let Err(e) = self.restart_from_csr() {
+                        self.record_error(&e, None);
+                        return true;
+                    }
+                }
+                Retry::SameConnection | Retry::Reconnect => {
+                    if e.retry == Retry::Reconnect {
+                        *claim = None;
+                    }
                     let delay = backoff.next_delay();
                     self.record_error(&e, Some(delay));
-                    tracing::warn!(delay_ms = delay.as_millis() as u64, "{e}; reconnecting");
+                    tracing::warn!(
+                        step = self.state.step.name(),
+                        code = e.code.as_str(),
+                        delay_ms = delay.as_millis() as u64,
+                        "{e}; retrying"
+                    );
                     tokio::time::sleep(delay).await;
                 }
-                Err(e) => match e.retry {
-                    Retry::Permanent => {
-                        tracing::error!(
-                            step = self.state.step.name(),
-                            code = e.code.as_str(),
-                            "{e}"
-                        );
-                        self.record_error(&e, None);
-                        if let Some(c) = claim.take() {
-                            c.disconnect().await;
-                        }
-                        // Stay up with the cause visible; a restart (or, later, Reprovision over
-                        // D-Bus) tries again.
-                        std::future::pending::<()>().await;
-                    }
-                    Retry::RestartFromCsr => {
-                        tracing::warn!(step = self.state.step.name(), "{e}");
-                        self.record_error(&e, Some(std::time::Duration::ZERO));
-                        if let Err(e) = self.restart_from_csr() {
-                            self.record_error(&e, None);
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                    Retry::SameConnection | Retry::Reconnect => {
-                        if e.retry == Retry::Reconnect {
-                            claim = None;
-                        }
-                        let delay = backoff.next_delay();
-                        self.record_error(&e, Some(delay));
-                        tracing::warn!(
-                            step = self.state.step.name(),
-                            code = e.code.as_str(),
-                            delay_ms = delay.as_millis() as u64,
-                            "{e}; retrying"
-                        );
-                        tokio::time::sleep(delay).await;
-                    }
-                },
+            },
+        }
+        false
+    }
+
+    /// Answers a command; returns true when the agent should start working again.
+    async fn handle(&mut self, command: Command, claim: &mut Option<Session>) -> bool {
+        match command {
+            Command::Reprovision(reply) => {
+                let result = self.reprovision(claim).await;
+                let restart = result
+                    .as_ref()
+                    .is_ok_and(|o| matches!(o, Outcome::Changed(_)));
+                let _ = reply.send(result);
+                restart
+            }
+            Command::Rotate(reply) => {
+                let result = match &self.state.step {
+                    Step::Provisioned { .. } => Err(AgentError::permanent(
+                        ErrorCode::NotSupported,
+                        "certificate rotation is not available in this version of iotd; use reprovision to get a new key and certificate",
+                    )),
+                    _ => Err(AgentError::permanent(
+                        ErrorCode::NotProvisioned,
+                        format!(
+                            "this gateway is not provisioned yet ({}); there is no certificate to rotate",
+                            self.state.step.name()
+                        ),
+                    )),
+                };
+                let _ = reply.send(result);
+                false
             }
         }
+    }
+
+    /// The certificate of the current step, if it has one.
+    fn current_certificate(&self) -> Option<String> {
+        match &self.state.step {
+            Step::CertificateIssued { certificate_id, .. }
+            | Step::ThingRegistered { certificate_id, .. }
+            | Step::Provisioned { certificate_id, .. } => Some(certificate_id.clone()),
+            _ => None,
+        }
+    }
+
+    /// Abandons the current identity and starts over with a new key. Idempotent: asking while
+    /// the agent is already at the start changes nothing.
+    async fn reprovision(&mut self, claim: &mut Option<Session>) -> Result<Outcome, AgentError> {
+        if self.state.step == Step::Unprovisioned && self.state.last_error.is_none() {
+            return Ok(Outcome::Unchanged(
+                "already provisioning from the start; no action taken".to_owned(),
+            ));
+        }
+        if self.settings.provisioning.claim.is_none() {
+            return Err(AgentError::permanent(
+                ErrorCode::ClaimMissing,
+                "no claim certificate is configured, so a new identity cannot be provisioned",
+            ));
+        }
+        if let Some(c) = claim.take() {
+            c.disconnect().await;
+        }
+        let previous = match &self.state.step {
+            Step::Provisioned {
+                thing_name,
+                certificate_id,
+                ..
+            }
+            | Step::ThingRegistered {
+                thing_name,
+                certificate_id,
+                ..
+            } => {
+                format!("thing {thing_name}, certificate {certificate_id}")
+            }
+            other => format!("step {}", other.name()),
+        };
+        if let Some(id) = self.current_certificate() {
+            self.state.abandoned_certificates.push(id);
+        }
+        self.key_location = None;
+        self.transition(Step::Unprovisioned)?;
+        tracing::info!("re-provisioning on request (was {previous})");
+        Ok(Outcome::Changed(format!(
+            "re-provisioning with a new key (was {previous})"
+        )))
     }
 
     /// The ownership token is lost or too old: request a new certificate (same key with a CSR,
@@ -583,7 +855,12 @@ impl Agent {
                     provisioned_at: now(),
                     not_after,
                 })?;
-                tracing::info!(thing = %thing_name, certificate_id = %certificate_id, "provisioned: connected with the issued certificate");
+                tracing::info!(
+                    thing = %thing_name,
+                    certificate_id = %certificate_id,
+                    hardware_commands = self.backend.commands_issued(),
+                    "provisioned: connected with the issued certificate"
+                );
                 Ok(Advance::Connected(session))
             }
             Step::Provisioned {
@@ -595,7 +872,12 @@ impl Agent {
                 let (session, _) = self
                     .connect_device(generation, &certificate_id, &thing_name)
                     .await?;
-                tracing::info!(thing = %thing_name, certificate_id = %certificate_id, "connected");
+                tracing::info!(
+                    thing = %thing_name,
+                    certificate_id = %certificate_id,
+                    hardware_commands = self.backend.commands_issued(),
+                    "connected"
+                );
                 Ok(Advance::Connected(session))
             }
         }

@@ -348,7 +348,12 @@ impl Session {
         // AWS IoT allows 128 KB messages; job documents and device configuration can be large.
         options.set_max_packet_size(132 * 1024, 132 * 1024);
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-        let (client, eventloop) = AsyncClient::new(options, 16);
+        let (client, mut eventloop) = AsyncClient::new(options, 16);
+        // Request/response over MQTT is a string of small writes each waiting for an answer:
+        // with Nagle's algorithm every one of them waits out the peer's delayed ACK (~40 ms).
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let (tx, mut events) = mpsc::unbounded_channel();
         let task = tokio::spawn(forward(
             eventloop,

@@ -24,6 +24,9 @@ pub enum ErrorCode {
     CertificateMismatch,
     Key,
     Store,
+    NotProvisioned,
+    NotSupported,
+    KeyLost,
 }
 
 impl ErrorCode {
@@ -45,6 +48,9 @@ impl ErrorCode {
             ErrorCode::CertificateMismatch => "certificate-mismatch",
             ErrorCode::Key => "key",
             ErrorCode::Store => "store",
+            ErrorCode::NotProvisioned => "not-provisioned",
+            ErrorCode::NotSupported => "not-supported",
+            ErrorCode::KeyLost => "key-lost",
         }
     }
 }
@@ -58,6 +64,8 @@ pub enum Retry {
     SameConnection,
     /// The ownership token is gone: go back to the CSR (same key) at once.
     RestartFromCsr,
+    /// The device key is gone for good: provision a new identity with a new key.
+    NewIdentity,
     /// Retrying cannot help: stop, keep the state, show the cause.
     Permanent,
 }

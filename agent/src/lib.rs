@@ -14,6 +14,7 @@ pub mod agent;
 pub mod cloud;
 pub mod config;
 pub mod csr;
+pub mod dbus;
 pub mod error;
 pub mod fleet;
 pub mod keys;

@@ -49,11 +49,18 @@ fn main() -> ExitCode {
     };
     let backend: Arc<dyn iotd::keys::KeyBackend> = match &settings.key {
         KeySettings::File => Arc::new(iotd::keys::file::FileBackend::new(&settings.state_dir)),
-        KeySettings::Tpm { .. } => {
-            eprintln!(
-                "iotd: key.backend = \"tpm\" is not available in this build yet; use \"file\""
-            );
-            return ExitCode::from(2);
+        KeySettings::Tpm {
+            tcti,
+            persistent_handle,
+        } => {
+            // Opening talks to the TPM (blocking); done once, before the runtime starts.
+            match iotd::keys::tpm::TpmBackend::open(tcti, &settings.state_dir, *persistent_handle) {
+                Ok(b) => Arc::new(b),
+                Err(e) => {
+                    eprintln!("iotd: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -68,13 +75,30 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let (agent, _snapshot) = match iotd::agent::Agent::new(settings, backend) {
+        let (agent, handle) = match iotd::agent::Agent::new(settings, backend) {
             Ok(a) => a,
             Err(e) => {
                 eprintln!("iotd: {e}");
                 return ExitCode::FAILURE;
             }
         };
+        // READY=1 only once the bus name is owned: systemd then knows that iotctl can talk to
+        // us. Without a bus the identity still matters more than the API: keep going, say so.
+        let _bus = match iotd::dbus::serve(handle, None).await {
+            Ok(connection) => Some(connection),
+            // Another iotd owns the name: two agents on one state directory would fight.
+            Err(e @ iotd::dbus::ServeError::NameTaken { .. }) => {
+                eprintln!("iotd: {e}");
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                tracing::error!(
+                    "{e}; running without the D-Bus API (iotctl cannot reach this agent)"
+                );
+                None
+            }
+        };
+        iotd::notify::ready(&agent.status());
         use tokio::signal::unix::{SignalKind, signal};
         let (mut term, mut int) = match (
             signal(SignalKind::terminate()),

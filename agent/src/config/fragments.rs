@@ -71,6 +71,7 @@ pub(super) struct ProvisioningFragment {
     pub claim_key: Option<Spanned<String>>,
     pub claim_client_id: Option<Spanned<String>>,
     pub delete_claim: Option<Spanned<bool>>,
+    pub reprovision_when_key_lost: Option<Spanned<bool>>,
     pub format: Option<Spanned<String>>,
     pub parameters: Option<BTreeMap<Spanned<String>, Spanned<ParameterFragment>>>,
 }

@@ -45,6 +45,7 @@ pub(super) struct Layer {
     pub claim_key: Option<Located<PathBuf>>,
     pub claim_client_id: Option<Located<String>>,
     pub delete_claim: Option<Located<bool>>,
+    pub reprovision_when_key_lost: Option<Located<bool>>,
     pub format: Option<Located<PayloadFormat>>,
     pub parameters: BTreeMap<String, Located<ParameterSource>>,
     pub backend: Option<Located<Backend>>,
@@ -70,6 +71,7 @@ impl Layer {
             claim_key,
             claim_client_id,
             delete_claim,
+            reprovision_when_key_lost,
             format,
             parameters,
             backend,
@@ -89,6 +91,10 @@ impl Layer {
         over(&mut self.claim_key, claim_key);
         over(&mut self.claim_client_id, claim_client_id);
         over(&mut self.delete_claim, delete_claim);
+        over(
+            &mut self.reprovision_when_key_lost,
+            reprovision_when_key_lost,
+        );
         over(&mut self.format, format);
         self.parameters.extend(parameters);
         over(&mut self.backend, backend);
@@ -157,6 +163,7 @@ impl Layer {
             claim_key,
             claim_client_id,
             delete_claim,
+            reprovision_when_key_lost,
             format,
             parameters,
         } = provisioning;
@@ -179,6 +186,11 @@ impl Layer {
         self.claim_client_id =
             check.opt("provisioning.claim_client_id", claim_client_id, client_id)?;
         self.delete_claim = check.opt("provisioning.delete_claim", delete_claim, Ok)?;
+        self.reprovision_when_key_lost = check.opt(
+            "provisioning.reprovision_when_key_lost",
+            reprovision_when_key_lost,
+            Ok,
+        )?;
         self.format = check.opt("provisioning.format", format, |s| match s.as_str() {
             "json" => Ok(PayloadFormat::Json),
             "cbor" => Ok(PayloadFormat::Cbor),

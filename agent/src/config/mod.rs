@@ -133,6 +133,9 @@ pub struct ProvisioningSettings {
     pub claim_client_id: Option<String>,
     /// Delete the claim files once provisioning succeeded.
     pub delete_claim: bool,
+    /// When the device key is lost for good (a cleared TPM), provision a new identity with a new
+    /// key from the claim, instead of stopping.
+    pub reprovision_when_key_lost: bool,
     pub format: PayloadFormat,
     /// Template parameters by name, resolved by [`ProvisioningSettings::resolve_parameters`].
     pub parameters: BTreeMap<String, ParameterSource>,
@@ -324,6 +327,7 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
         claim_key,
         claim_client_id,
         delete_claim,
+        reprovision_when_key_lost,
         format,
         parameters,
         backend,
@@ -400,6 +404,7 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
             claim,
             claim_client_id: claim_client_id.map(|c| c.value),
             delete_claim: delete_claim.is_some_and(|d| d.value),
+            reprovision_when_key_lost: reprovision_when_key_lost.is_none_or(|r| r.value),
             format: format.map_or(PayloadFormat::Json, |f| f.value),
             parameters: parameters.into_iter().map(|(k, v)| (k, v.value)).collect(),
         },

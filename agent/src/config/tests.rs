@@ -325,7 +325,7 @@ fn unknown_nested_key_is_refused() {
         error_of("[provisioning]\ntemplate = \"t\"\n\ntempalte = \"x\"\n"),
         "/d/20-site.toml:4:1: key provisioning.tempalte: unknown key (expected one of: \
          template, certificate_source, claim_certificate, claim_key, claim_client_id, \
-         delete_claim, format, parameters); did you mean template?"
+         delete_claim, reprovision_when_key_lost, format, parameters); did you mean template?"
     );
     assert_eq!(
         error_of("cloud.keepalive = 30\n"),
@@ -992,6 +992,10 @@ fn the_shipped_file_documents_the_real_defaults() {
         b.provisioning.certificate_source
     );
     assert_eq!(d.provisioning.delete_claim, b.provisioning.delete_claim);
+    assert_eq!(
+        d.provisioning.reprovision_when_key_lost,
+        b.provisioning.reprovision_when_key_lost
+    );
     assert_eq!(d.provisioning.format, b.provisioning.format);
     assert_eq!(d.key, b.key);
     assert_eq!(d.state_dir, b.state_dir);

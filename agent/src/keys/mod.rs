@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub mod file;
+pub mod tpm;
 
 /// An error of a key operation, naming the action and the key.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,15 @@ pub enum KeyError {
     Unsupported {
         action: &'static str,
         message: String,
+    },
+    /// The key exists on disk but its keeper can no longer use it, and never will again: the
+    /// TPM was cleared or its owner changed, so the parent the key was made under is gone. The
+    /// identity is lost; the agent must provision a new key.
+    #[error("{action} {key}: {reason}")]
+    Lost {
+        action: &'static str,
+        key: String,
+        reason: String,
     },
 }
 
@@ -65,4 +75,9 @@ pub trait KeyBackend: Send + Sync + fmt::Debug {
 
     /// Removes the key of `generation` (after a newer one took over).
     fn remove(&self, generation: u32) -> Result<(), KeyError>;
+
+    /// How many commands the backend sent to hardware so far (the TPM's), for benchmarks.
+    fn commands_issued(&self) -> Option<u64> {
+        None
+    }
 }

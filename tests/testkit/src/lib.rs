@@ -6,6 +6,9 @@
 // clearest way to say so.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod dbus_daemon;
+pub mod swtpm;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -174,13 +177,23 @@ impl Drop for Iotd {
 impl Iotd {
     /// Writes `config` to a file in `dir` and starts the iotd binary `exe` with it.
     pub async fn start(exe: &Path, dir: &Path, config: &str) -> Iotd {
+        Self::start_env(exe, dir, config, &[]).await
+    }
+
+    /// Like `start`, with extra environment variables for iotd (e.g. WATCHDOG_USEC).
+    pub async fn start_env(exe: &Path, dir: &Path, config: &str, env: &[(&str, &str)]) -> Iotd {
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).unwrap();
         let state_dir = dir.join("state");
-        Self::start_with_config(exe, &config_path, &state_dir).await
+        Self::start_with_config(exe, &config_path, &state_dir, env).await
     }
 
-    pub async fn start_with_config(exe: &Path, config_path: &Path, state_dir: &Path) -> Iotd {
+    pub async fn start_with_config(
+        exe: &Path,
+        config_path: &Path,
+        state_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Iotd {
         let socket_dir = tempfile::tempdir().unwrap();
         let socket_path = socket_dir.path().join("notify");
         let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
@@ -200,6 +213,7 @@ impl Iotd {
             .arg(config_path)
             .env("NOTIFY_SOCKET", &socket_path)
             .env("IOTD_LOG", "info,iotd=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -238,6 +252,21 @@ impl Iotd {
                 ),
             }
         }
+    }
+
+    /// The next notification line and when it arrived (None when none comes within `within`).
+    pub async fn next_line(&mut self, within: Duration) -> Option<(tokio::time::Instant, String)> {
+        let line = tokio::time::timeout(within, self.notify.recv())
+            .await
+            .ok()
+            .flatten()?;
+        self.seen.push(line.clone());
+        Some((tokio::time::Instant::now(), line))
+    }
+
+    /// The process id, while iotd runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// SIGKILL: the power-loss case.

@@ -1,0 +1,734 @@
+//! The agent on the system bus: `io.iotd.Agent1` at `/io/iotd/Agent1`, owned under the name
+//! `io.iotd.Agent1` (names and the client proxy live in the `iotd-api` crate, which `iotctl`
+//! shares).
+//!
+//! This module is a thin adapter. Properties are read from the agent's `watch` snapshot, so a
+//! reader never waits for the task that owns the state; methods become `Command`s on the agent's
+//! channel and answer what the agent answered. One task follows the snapshot and turns each
+//! change into one `PropertiesChanged` (naming exactly the properties whose value changed) and
+//! into the `Provisioned` and `Failed` signals.
+//!
+//! Signals are edges detected between snapshots, and a `watch` keeps only the latest one: if
+//! the agent published two snapshots before the follower ran, the follower sees the second
+//! only, and PropertiesChanged carries the net change. For the signals this would only matter
+//! if the agent passed through "provisioned and connected" and out again within microseconds.
+//! `CredentialsRotated` is declared but not emitted yet: a snapshot can't tell a rotation from
+//! a re-provisioning that kept the thing name, so it waits for rotation to say so.
+//!
+//! Who may do what is decided by dbus-daemon, from the policy shipped as
+//! `/usr/share/dbus-1/system.d/io.iotd.Agent1.conf` (packaging/dbus/): anyone may read
+//! properties and receive signals, only root and group `iotd-admin` may call methods, only
+//! user `iotd` may own the name. The daemon does not repeat the group check itself: dbus-daemon
+//! 1.14 (Debian bookworm) reports no supplementary groups in GetConnectionCredentials, and
+//! reading them from `/proc/<pid>` would race with PID reuse, whereas the bus takes them from
+//! the socket (SO_PEERGROUPS) when the client connects.
+
+use std::collections::HashMap;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use zbus::fdo::RequestNameFlags;
+use zbus::message::Header;
+use zbus::names::InterfaceName;
+use zbus::object_server::SignalEmitter;
+use zbus::{Connection, Variant};
+
+use crate::agent::{Command, Handle, Outcome, Snapshot};
+use crate::error::{AgentError, ErrorCode};
+
+/// Where `Builder::system()` connects when `DBUS_SYSTEM_BUS_ADDRESS` is unset (D-Bus spec).
+const DEFAULT_SYSTEM_BUS: &str = "unix:path=/var/run/dbus/system_bus_socket";
+
+/// The errors a caller sees, named `io.iotd.Error.<Variant>` (the names are part of the
+/// contract: `iotd_api::errors`). The text is the agent's message, written for people.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "io.iotd.Error")]
+pub enum Error {
+    /// The operation needs an identity and the gateway has none yet.
+    NotProvisioned(String),
+    /// Try again later: another request is waiting for the agent, or the cloud is throttling
+    /// this device.
+    Busy(String),
+    /// The operation does not exist in this build (onboarding).
+    NotSupported(String),
+    /// The caller's arguments are wrong. Not used for configuration errors: those are the
+    /// administrator's to fix, not the caller's.
+    InvalidArgument(String),
+    /// The operation failed; the message says why and what to do.
+    Failed(String),
+    /// The caller may not do this. dbus-daemon's own `org.freedesktop.DBus.Error.AccessDenied`
+    /// is what callers meet today (the bus policy refuses before iotd sees the call); the name
+    /// is reserved for checks iotd makes itself.
+    AccessDenied(String),
+}
+
+/// The one mapping from the agent's error codes to D-Bus error names. No `_` arm: a new
+/// `ErrorCode` does not compile until someone decides what callers see for it.
+///
+/// | ErrorCode | D-Bus error |
+/// |---|---|
+/// | NotProvisioned | NotProvisioned (rotation needs an identity first) |
+/// | NotSupported | NotSupported |
+/// | Throttled | Busy (the cloud asked the device to slow down: try again later) |
+/// | every other code | Failed (the message names the cause and the remedy) |
+///
+/// `Config` is Failed, not InvalidArgument: a bad configuration is the administrator's to fix,
+/// and InvalidArgument would tell the caller its call was malformed.
+pub fn to_dbus_error(e: AgentError) -> Error {
+    let AgentError { code, message, .. } = e;
+    match code {
+        ErrorCode::NotProvisioned => Error::NotProvisioned(message),
+        ErrorCode::NotSupported => Error::NotSupported(message),
+        ErrorCode::Throttled => Error::Busy(message),
+        ErrorCode::Config
+        | ErrorCode::ClaimMissing
+        | ErrorCode::ClaimExpired
+        | ErrorCode::ClaimRejected
+        | ErrorCode::PolicyDenied
+        | ErrorCode::TemplateRejected
+        | ErrorCode::HookDenied
+        | ErrorCode::NoReply
+        | ErrorCode::Rejected
+        | ErrorCode::ServerUntrusted
+        | ErrorCode::Network
+        | ErrorCode::ConnectRefused
+        | ErrorCode::CertificateMismatch
+        | ErrorCode::Key
+        | ErrorCode::KeyLost
+        | ErrorCode::Store => Error::Failed(message),
+    }
+}
+
+/// The `LastError` property as it travels: (code, message, unix time).
+type LastErrorWire = (String, String, i64);
+
+/// The properties as they go on the wire, from one snapshot: `None` becomes "" or 0. Getters and
+/// the change follower both use this, so a `PropertiesChanged` says what a `Get` would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Wire {
+    state: String,
+    step: String,
+    thing_name: String,
+    certificate_id: String,
+    certificate_not_after: i64,
+    next_rotation: i64,
+    key_backend: String,
+    key_reference: String,
+    certificate_path: String,
+    connected: bool,
+    endpoint: String,
+    last_error: LastErrorWire,
+    onboarding_open: bool,
+    onboarding_closes_at: i64,
+}
+
+impl Wire {
+    fn from_snapshot(s: &Snapshot) -> Wire {
+        Wire {
+            state: s.state.to_owned(),
+            step: s.step.to_owned(),
+            thing_name: s.thing_name.clone().unwrap_or_default(),
+            certificate_id: s.certificate_id.clone().unwrap_or_default(),
+            certificate_not_after: s.certificate_not_after.unwrap_or(0),
+            next_rotation: s.next_rotation.unwrap_or(0),
+            key_backend: s.key_backend.to_owned(),
+            key_reference: s.key_reference.clone().unwrap_or_default(),
+            certificate_path: s
+                .certificate_path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            connected: s.connected,
+            endpoint: s.endpoint.clone(),
+            last_error: s.last_error.as_ref().map_or_else(
+                || (String::new(), String::new(), 0),
+                |e| (e.code.clone(), e.message.clone(), e.at),
+            ),
+            onboarding_open: s.onboarding_open,
+            onboarding_closes_at: s.onboarding_closes_at.unwrap_or(0),
+        }
+    }
+
+    /// The properties whose value differs in `new`, by D-Bus name, with their new values.
+    /// `Version` never changes while the process runs, so it is not compared.
+    fn changed(&self, new: &Wire) -> HashMap<&'static str, Variant<'static>> {
+        let mut out = HashMap::new();
+        macro_rules! compare {
+            ($($field:ident => $name:literal),+ $(,)?) => {
+                $(
+                    if self.$field != new.$field {
+                        out.insert($name, Variant::from(new.$field.clone()));
+                    }
+                )+
+            };
+        }
+        compare!(
+            state => "State",
+            step => "Step",
+            thing_name => "ThingName",
+            certificate_id => "CertificateId",
+            certificate_not_after => "CertificateNotAfter",
+            next_rotation => "NextRotation",
+            key_backend => "KeyBackend",
+            key_reference => "KeyReference",
+            certificate_path => "CertificatePath",
+            connected => "Connected",
+            endpoint => "Endpoint",
+            onboarding_open => "OnboardingOpen",
+            onboarding_closes_at => "OnboardingClosesAt",
+        );
+        if self.last_error != new.last_error {
+            let value = zbus::Structure::from(new.last_error.clone());
+            out.insert("LastError", Variant::from(value));
+        }
+        out
+    }
+}
+
+/// The object served at `/io/iotd/Agent1`.
+struct Agent1 {
+    commands: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<Snapshot>,
+}
+
+impl Agent1 {
+    fn wire(&self) -> Wire {
+        Wire::from_snapshot(&self.snapshot.borrow())
+    }
+
+    /// Sends one command to the agent and waits for its answer. `try_send`, not `send`: a full
+    /// channel means requests are already queued behind a running operation, and the caller is
+    /// better told so than left waiting into its D-Bus timeout.
+    async fn request(
+        &self,
+        what: &str,
+        caller: Option<String>,
+        command: impl FnOnce(oneshot::Sender<Result<Outcome, AgentError>>) -> Command,
+    ) -> Result<String, Error> {
+        let caller = caller.as_deref().unwrap_or("unknown sender");
+        tracing::info!(caller, "{what} requested over D-Bus");
+        let (tx, rx) = oneshot::channel();
+        match self.commands.try_send(command(tx)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(Error::Busy(format!(
+                    "{what}: another request is waiting for the agent; try again when it is done"
+                )));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(Error::Failed(format!(
+                    "{what}: the agent is stopping; nothing was done"
+                )));
+            }
+        }
+        match rx.await {
+            Ok(Ok(outcome)) => Ok(outcome.message().to_owned()),
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    caller,
+                    code = e.code.as_str(),
+                    retry = ?e.retry,
+                    "{what} requested over D-Bus failed: {}",
+                    e.message
+                );
+                Err(to_dbus_error(e))
+            }
+            Err(_) => Err(Error::Failed(format!(
+                "{what}: the agent stopped before answering; see the journal (journalctl -u iotd)"
+            ))),
+        }
+    }
+}
+
+fn sender(header: &Header<'_>) -> Option<String> {
+    header.sender().map(ToString::to_string)
+}
+
+/// Onboarding (the local endpoint that accepts a claim) is not in this build.
+fn onboarding_unsupported() -> Error {
+    Error::NotSupported(
+        "onboarding is not available in this version of iotd; provision with a claim \
+         certificate in the configuration"
+            .to_owned(),
+    )
+}
+
+#[zbus::interface(name = "io.iotd.Agent1")]
+impl Agent1 {
+    /// Replaces the certificate now; answers what it did.
+    #[zbus(out_args("message"))]
+    async fn rotate(&self, #[zbus(header)] header: Header<'_>) -> Result<String, Error> {
+        self.request("certificate rotation", sender(&header), Command::Rotate)
+            .await
+    }
+
+    /// Abandons the identity and provisions a new one with a new key; answers what it did.
+    #[zbus(out_args("message"))]
+    async fn reprovision(&self, #[zbus(header)] header: Header<'_>) -> Result<String, Error> {
+        self.request("reprovisioning", sender(&header), Command::Reprovision)
+            .await
+    }
+
+    /// Opens the local onboarding endpoint for `seconds`; answers when it closes (Unix
+    /// seconds).
+    // Not in this build: fails with io.iotd.Error.NotSupported. (A `//` comment, so that it
+    // stays out of the introspection, which describes the interface, not this version.)
+    #[zbus(out_args("closes_at"))]
+    async fn open_onboarding(&self, seconds: u32) -> Result<i64, Error> {
+        let _ = seconds;
+        Err(onboarding_unsupported())
+    }
+
+    /// Closes the onboarding endpoint; answers whether it was open.
+    // Not in this build: fails with io.iotd.Error.NotSupported.
+    #[zbus(out_args("was_open"))]
+    async fn close_onboarding(&self) -> Result<bool, Error> {
+        Err(onboarding_unsupported())
+    }
+
+    /// unprovisioned, provisioning, provisioned or failed.
+    #[zbus(property)]
+    fn state(&self) -> String {
+        self.wire().state
+    }
+
+    /// The provisioning step (key-ready, certificate-issued, …).
+    #[zbus(property)]
+    fn step(&self) -> String {
+        self.wire().step
+    }
+
+    /// The AWS IoT thing name; "" before registration.
+    #[zbus(property)]
+    fn thing_name(&self) -> String {
+        self.wire().thing_name
+    }
+
+    /// The AWS IoT certificate id; "" before one is issued.
+    #[zbus(property)]
+    fn certificate_id(&self) -> String {
+        self.wire().certificate_id
+    }
+
+    /// The certificate's notAfter (Unix seconds); 0 when unknown.
+    #[zbus(property)]
+    fn certificate_not_after(&self) -> i64 {
+        self.wire().certificate_not_after
+    }
+
+    /// When the next rotation is due (Unix seconds); 0 when none is planned.
+    #[zbus(property)]
+    fn next_rotation(&self) -> i64 {
+        self.wire().next_rotation
+    }
+
+    /// Where the device key lives: "file" or "tpm".
+    #[zbus(property)]
+    fn key_backend(&self) -> String {
+        self.wire().key_backend
+    }
+
+    /// The key's location within its backend; "" before there is a key.
+    #[zbus(property)]
+    fn key_reference(&self) -> String {
+        self.wire().key_reference
+    }
+
+    /// The device certificate's file; "" before there is one.
+    #[zbus(property)]
+    fn certificate_path(&self) -> String {
+        self.wire().certificate_path
+    }
+
+    /// Whether the MQTT session with the device's own identity is up.
+    #[zbus(property)]
+    fn connected(&self) -> bool {
+        self.wire().connected
+    }
+
+    /// The AWS IoT endpoint, host:port.
+    #[zbus(property)]
+    fn endpoint(&self) -> String {
+        self.wire().endpoint
+    }
+
+    /// (code, message, Unix time) of the last error; ("", "", 0) when there is none.
+    #[zbus(property)]
+    fn last_error(&self) -> LastErrorWire {
+        self.wire().last_error
+    }
+
+    /// Whether the local onboarding endpoint is open.
+    #[zbus(property)]
+    fn onboarding_open(&self) -> bool {
+        self.wire().onboarding_open
+    }
+
+    /// When the onboarding endpoint closes (Unix seconds); 0 when it is closed.
+    #[zbus(property)]
+    fn onboarding_closes_at(&self) -> i64 {
+        self.wire().onboarding_closes_at
+    }
+
+    /// The version of iotd serving this object.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_owned()
+    }
+
+    /// The gateway connected with a new identity for the first time.
+    #[zbus(signal)]
+    async fn provisioned(
+        emitter: &SignalEmitter<'_>,
+        thing_name: &str,
+        certificate_id: &str,
+    ) -> zbus::Result<()>;
+
+    /// The certificate was replaced.
+    #[zbus(signal)]
+    async fn credentials_rotated(
+        emitter: &SignalEmitter<'_>,
+        certificate_id: &str,
+        not_after: i64,
+    ) -> zbus::Result<()>;
+
+    /// Provisioning stopped on a permanent error.
+    #[zbus(signal)]
+    async fn failed(emitter: &SignalEmitter<'_>, code: &str, message: &str) -> zbus::Result<()>;
+}
+
+/// What the follower remembers between snapshots to decide which signals a change means.
+#[derive(Debug)]
+struct Announcer {
+    shown: Wire,
+    /// The certificate `Provisioned` was last emitted for (or that was already provisioned
+    /// when the service started: it connected in an earlier run and was announced then).
+    announced: Option<String>,
+    failed: bool,
+}
+
+/// A signal the follower emits.
+#[derive(Debug, PartialEq, Eq)]
+enum Event {
+    Provisioned {
+        thing_name: String,
+        certificate_id: String,
+    },
+    Failed {
+        code: String,
+        message: String,
+    },
+}
+
+impl Announcer {
+    fn new(s: &Snapshot) -> Announcer {
+        Announcer {
+            shown: Wire::from_snapshot(s),
+            announced: (s.state == iotd_api::state::PROVISIONED)
+                .then(|| s.certificate_id.clone())
+                .flatten(),
+            failed: s.state == iotd_api::state::FAILED,
+        }
+    }
+
+    /// The properties that changed and the signals due, for the next snapshot.
+    fn next(&mut self, s: &Snapshot) -> (HashMap<&'static str, Variant<'static>>, Vec<Event>) {
+        let wire = Wire::from_snapshot(s);
+        let changed = self.shown.changed(&wire);
+        self.shown = wire;
+        let mut events = Vec::new();
+        if s.state == iotd_api::state::PROVISIONED
+            && s.connected
+            && let Some(cert) = &s.certificate_id
+            && self.announced.as_ref() != Some(cert)
+        {
+            self.announced = Some(cert.clone());
+            events.push(Event::Provisioned {
+                thing_name: s.thing_name.clone().unwrap_or_default(),
+                certificate_id: cert.clone(),
+            });
+        }
+        let failed = s.state == iotd_api::state::FAILED;
+        if failed && !self.failed {
+            let (code, message) = match &s.last_error {
+                Some(e) => (e.code.clone(), e.message.clone()),
+                None => (String::new(), s.status_line.clone()),
+            };
+            events.push(Event::Failed { code, message });
+        }
+        self.failed = failed;
+        (changed, events)
+    }
+}
+
+/// Follows the snapshot until the agent drops its sender, emitting what each change means.
+/// Emission failures are logged and do not stop the follower: a reader that missed a signal can
+/// still read the properties.
+async fn follow(emitter: SignalEmitter<'static>, mut snapshot: watch::Receiver<Snapshot>) {
+    let mut announcer = Announcer::new(&snapshot.borrow_and_update());
+    let interface = InterfaceName::from_static_str_unchecked(iotd_api::INTERFACE);
+    while snapshot.changed().await.is_ok() {
+        let current = snapshot.borrow_and_update().clone();
+        let (changed, events) = announcer.next(&current);
+        if !changed.is_empty() {
+            let names: Vec<&str> = changed.keys().copied().collect();
+            tracing::debug!(?names, "emitting PropertiesChanged");
+            if let Err(e) = zbus::fdo::Properties::properties_changed(
+                &emitter,
+                interface.clone(),
+                changed,
+                std::borrow::Cow::Borrowed(&[]),
+            )
+            .await
+            {
+                tracing::warn!("emitting PropertiesChanged on D-Bus: {e}");
+            }
+        }
+        for event in events {
+            let sent = match &event {
+                Event::Provisioned {
+                    thing_name,
+                    certificate_id,
+                } => Agent1::provisioned(&emitter, thing_name, certificate_id).await,
+                Event::Failed { code, message } => Agent1::failed(&emitter, code, message).await,
+            };
+            if let Err(e) = sent {
+                tracing::warn!("emitting {event:?} on D-Bus: {e}");
+            }
+        }
+    }
+    tracing::debug!("the agent's snapshot ended; D-Bus change follower stops");
+}
+
+/// Whether the bus refused a request (its policy), however zbus carries the error.
+fn is_access_denied(e: &zbus::Error) -> bool {
+    match e {
+        zbus::Error::FDO(f) => matches!(**f, zbus::fdo::Error::AccessDenied(_)),
+        zbus::Error::MethodError(name, ..) => {
+            name.as_str() == "org.freedesktop.DBus.Error.AccessDenied"
+        }
+        _ => false,
+    }
+}
+
+/// Why `serve` failed. The messages carry their cause (as the agent's errors do), ready for
+/// the journal; the variants let the caller tell "no bus" from "another agent is running".
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("connecting to the D-Bus {bus}: {cause}")]
+    Connect { bus: String, cause: zbus::Error },
+    #[error(
+        "owning D-Bus name {name} on the {bus}: another process owns it (is iotd already \
+         running?)",
+        name = iotd_api::BUS_NAME
+    )]
+    NameTaken { bus: String },
+    #[error(
+        "owning D-Bus name {name} on the {bus}: the bus policy refuses it ({cause}); only the \
+         user named in /usr/share/dbus-1/system.d/{name}.conf (iotd) may own it",
+        name = iotd_api::BUS_NAME
+    )]
+    NameRefused { bus: String, cause: zbus::Error },
+    #[error("owning D-Bus name {name} on the {bus}: {cause}", name = iotd_api::BUS_NAME)]
+    Name { bus: String, cause: zbus::Error },
+    #[error("serving D-Bus object {path}: {cause}", path = iotd_api::OBJECT_PATH)]
+    Object { cause: zbus::Error },
+}
+
+/// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS`, else the standard socket; `address`
+/// overrides both), serves `io.iotd.Agent1` at `/io/iotd/Agent1`, owns the name
+/// `io.iotd.Agent1`, and starts following `handle.snapshot` for PropertiesChanged and signals.
+///
+/// Returns once the name is owned, so the caller may then report readiness (READY=1). Fails
+/// when the bus can't be reached, or the name is owned by someone else or refused by the bus
+/// policy. Keep the returned connection for the life of the service; the follower stops when
+/// the agent drops its snapshot sender.
+pub async fn serve(handle: Handle, address: Option<&str>) -> Result<Connection, ServeError> {
+    let Handle {
+        commands,
+        mut snapshot,
+    } = handle;
+    // Mark the current snapshot as seen now, so that a change made while connecting is
+    // announced once the follower starts.
+    let follower_snapshot = {
+        snapshot.borrow_and_update();
+        snapshot.clone()
+    };
+    // For messages: which bus, and where (what `Builder::system()` will use).
+    let bus = match address {
+        Some(a) => format!("bus at {a}"),
+        None => format!(
+            "system bus at {}",
+            std::env::var("DBUS_SYSTEM_BUS_ADDRESS").unwrap_or_else(|_| DEFAULT_SYSTEM_BUS.into())
+        ),
+    };
+    let builder = match address {
+        Some(a) => zbus::connection::Builder::address(a),
+        None => zbus::connection::Builder::system(),
+    };
+    let connection = match builder
+        .serve_at(iotd_api::OBJECT_PATH, Agent1 { commands, snapshot })
+        .build()
+        .await
+    {
+        Ok(c) => c,
+        Err(cause) => return Err(ServeError::Connect { bus, cause }),
+    };
+    let emitter = SignalEmitter::new(&connection, iotd_api::OBJECT_PATH)
+        .map_err(|cause| ServeError::Object { cause })?
+        .into_owned();
+
+    // Neither queue behind nor replace an owner, and don't let one replace us: two agents for
+    // one identity would fight over it, so the second must fail at start.
+    match connection
+        .request_name_with_flags(iotd_api::BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)
+        .await
+    {
+        Ok(_) => {}
+        Err(zbus::Error::NameTaken) => return Err(ServeError::NameTaken { bus }),
+        Err(cause) if is_access_denied(&cause) => {
+            return Err(ServeError::NameRefused { bus, cause });
+        }
+        Err(cause) => return Err(ServeError::Name { bus, cause }),
+    }
+    tracing::info!(name = iotd_api::BUS_NAME, "serving on the D-Bus {bus}");
+    tokio::spawn(follow(emitter, follower_snapshot));
+    Ok(connection)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LastError;
+    use zbus::DBusError as _;
+
+    fn provisioned(cert: &str, connected: bool) -> Snapshot {
+        Snapshot {
+            state: iotd_api::state::PROVISIONED,
+            step: "provisioned",
+            thing_name: Some("gw-1".into()),
+            certificate_id: Some(cert.into()),
+            connected,
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn error_names_are_the_contract() {
+        let m = String::new;
+        let pairs = [
+            (
+                Error::NotProvisioned(m()),
+                iotd_api::errors::NOT_PROVISIONED,
+            ),
+            (Error::Busy(m()), iotd_api::errors::BUSY),
+            (Error::NotSupported(m()), iotd_api::errors::NOT_SUPPORTED),
+            (
+                Error::InvalidArgument(m()),
+                iotd_api::errors::INVALID_ARGUMENT,
+            ),
+            (Error::Failed(m()), iotd_api::errors::FAILED),
+            (Error::AccessDenied(m()), iotd_api::errors::ACCESS_DENIED),
+        ];
+        for (e, name) in pairs {
+            assert_eq!(e.name().as_str(), name);
+            assert!(name.starts_with(iotd_api::ERROR_PREFIX));
+        }
+    }
+
+    #[test]
+    fn agent_errors_keep_their_message() {
+        let e = to_dbus_error(AgentError::permanent(ErrorCode::Key, "reading key k: gone"));
+        assert_eq!(e.name().as_str(), iotd_api::errors::FAILED);
+        assert_eq!(e.description(), Some("reading key k: gone"));
+        let e = to_dbus_error(AgentError::permanent(ErrorCode::Throttled, "slow down"));
+        assert_eq!(e.name().as_str(), iotd_api::errors::BUSY);
+        let e = to_dbus_error(AgentError::permanent(
+            ErrorCode::NotProvisioned,
+            "no identity",
+        ));
+        assert_eq!(e.name().as_str(), iotd_api::errors::NOT_PROVISIONED);
+    }
+
+    #[test]
+    fn none_is_empty_or_zero() {
+        let w = Wire::from_snapshot(&Snapshot::default());
+        assert_eq!(w.thing_name, "");
+        assert_eq!(w.certificate_not_after, 0);
+        assert_eq!(w.last_error, (String::new(), String::new(), 0));
+        assert_eq!(w.certificate_path, "");
+    }
+
+    #[test]
+    fn only_changed_properties_are_named() {
+        let a = Wire::from_snapshot(&provisioned("c1", false));
+        assert!(a.changed(&a.clone()).is_empty());
+        let b = Wire::from_snapshot(&provisioned("c1", true));
+        let changed = a.changed(&b);
+        assert_eq!(changed.keys().copied().collect::<Vec<_>>(), ["Connected"]);
+        assert_eq!(changed["Connected"], Variant::from(true));
+
+        let mut s = provisioned("c1", true);
+        s.last_error = Some(LastError {
+            code: "network".into(),
+            message: "no route".into(),
+            at: 7,
+            permanent: false,
+            retry_at: None,
+        });
+        let changed = b.changed(&Wire::from_snapshot(&s));
+        assert_eq!(changed.keys().copied().collect::<Vec<_>>(), ["LastError"]);
+    }
+
+    #[test]
+    fn provisioned_once_per_certificate_and_failed_on_entry() {
+        let mut a = Announcer::new(&Snapshot {
+            state: iotd_api::state::PROVISIONING,
+            ..Snapshot::default()
+        });
+        // Provisioned but not yet connected: nothing to announce.
+        assert!(a.next(&provisioned("c1", false)).1.is_empty());
+        let (_, events) = a.next(&provisioned("c1", true));
+        assert_eq!(
+            events,
+            [Event::Provisioned {
+                thing_name: "gw-1".into(),
+                certificate_id: "c1".into()
+            }]
+        );
+        // A reconnection with the same certificate is not news.
+        assert!(a.next(&provisioned("c1", false)).1.is_empty());
+        assert!(a.next(&provisioned("c1", true)).1.is_empty());
+        // A new certificate is.
+        assert_eq!(a.next(&provisioned("c2", true)).1.len(), 1);
+
+        let failed = Snapshot {
+            state: iotd_api::state::FAILED,
+            last_error: Some(LastError {
+                code: "claim-rejected".into(),
+                message: "the claim was refused".into(),
+                at: 1,
+                permanent: true,
+                retry_at: None,
+            }),
+            ..Snapshot::default()
+        };
+        let (_, events) = a.next(&failed);
+        assert_eq!(
+            events,
+            [Event::Failed {
+                code: "claim-rejected".into(),
+                message: "the claim was refused".into()
+            }]
+        );
+        // Still failed: no second signal.
+        let mut still = failed.clone();
+        still.status_line = "still failed".into();
+        assert!(a.next(&still).1.is_empty());
+    }
+
+    #[test]
+    fn already_provisioned_at_start_is_not_announced_again() {
+        let mut a = Announcer::new(&provisioned("c1", false));
+        assert!(a.next(&provisioned("c1", true)).1.is_empty());
+    }
+}

@@ -1,0 +1,689 @@
+//! The `tpm` key backend: the device key is made inside the TPM and never leaves it.
+//!
+//! # The key and its parent
+//!
+//! Each generation's key is an ECC NIST P-256 key, ECDSA with SHA-256 only, created by
+//! TPM2_Create as a child of the storage root key (SRK) at the persistent handle `0x81000001`.
+//! Its attributes are fixedTPM and fixedParent (it cannot be duplicated out of this TPM),
+//! sensitiveDataOrigin (the TPM generated the private key), userWithAuth with an empty
+//! password, and noDA (see below).
+//!
+//! The parent is the SRK at 0x81000001, the conventional SRK handle (TCG provisioning
+//! guidance), and the choice is deliberate:
+//! - when an object is there, iotd uses it, whatever made it (`tpm2_createprimary`, the OS
+//!   image, another agent), as long as it is a storage key (a restricted decryption key);
+//! - when nothing is there, iotd creates one from the TCG SRK template (ECC P-256, AES-128-CFB,
+//!   SHA-256, fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, noDA, restricted,
+//!   decrypt, zero unique) and persists it at 0x81000001 with TPM2_EvictControl.
+//!
+//! A persisted SRK rather than a primary re-derived from the template at every start: other
+//! programs on the gateway find the same parent at the same handle (`tpm2_load -C 0x81000001`)
+//! without having to reproduce iotd's exact template, and start-up skips a TPM2_CreatePrimary,
+//! which takes tens to hundreds of milliseconds on a discrete TPM. The cost is one NV slot
+//! and owner authorization (empty here) the first time.
+//!
+//! The SRK and the key are noDA: both have empty passwords, so dictionary-attack protection
+//! buys nothing and would only let another program's failed guesses lock the gateway's
+//! identity out. An SRK made by `tpm2_createprimary` with its defaults is DA-protected; then a
+//! lockout does stop iotd, and it says for how long (see errors).
+//!
+//! # Files
+//!
+//! `<state>/gen/<n>/key.pub` (TPM2B_PUBLIC) and `<state>/gen/<n>/key.priv` (TPM2B_PRIVATE),
+//! byte for byte what `tpm2_create -u key.pub -r key.priv` writes (a 2-byte big-endian size,
+//! then the structure), mode 0644: the private blob is encrypted and integrity-protected by the
+//! SRK and is useless outside this TPM. No private key material is ever on disk.
+//!
+//! With `key.persistent_handle` set, the key is made persistent at that handle instead
+//! (TPM2_EvictControl) and the directory holds `key.pub` (to recognise the key) and
+//! `key.handle` ("0x81010001"). The handle holds one key: creating a new generation's key
+//! replaces the previous generation's there (only ever a key iotd made; any other object at
+//! the handle is refused), and loading the older generation then reports it lost.
+//!
+//! # Using the identity from other programs
+//!
+//! With the kernel resource manager (the default TCTI, `device:/dev/tpmrm0`), other programs can
+//! use the TPM while iotd runs. With swtpm or `/dev/tpm0` (one client at a time, no resource
+//! manager) stop iotd first. The key signs with tpm2-tools like this (generation 1):
+//!
+//! ```text
+//! export TPM2TOOLS_TCTI=device:/dev/tpmrm0        # or swtpm:host=127.0.0.1,port=2321
+//! tpm2_load -C 0x81000001 -u /var/lib/iotd/gen/1/key.pub -r /var/lib/iotd/gen/1/key.priv -c key.ctx
+//! tpm2_sign -c key.ctx -g sha256 -f plain -o sig.der message.bin   # DER ECDSA-Sig-Value
+//! tpm2_readpublic -c key.ctx -f pem -o key.pem                      # the public key
+//! openssl dgst -sha256 -verify key.pem -signature sig.der message.bin
+//! tpm2_flushcontext -t       # only without a resource manager (swtpm, /dev/tpm0): each
+//!                            # command above leaves the key it loads in a TPM slot
+//! ```
+//!
+//! In persistent-handle mode there is nothing to load: `tpm2_sign -c 0x81010001 -g sha256 -f
+//! plain -o sig.der message.bin`.
+//!
+//! # Threading
+//!
+//! One TPM context, owned by one thread (`worker`); keys and the backend send it jobs and
+//! wait. Inside a multi-thread tokio runtime the wait goes through `block_in_place`; the
+//! rustls signer is synchronous, so it cannot await. At start the thread flushes stale
+//! transient objects (without a resource manager they outlive a crashed process, and swtpm
+//! has three object slots).
+//!
+//! A key is loaded for each signature and flushed right after (TPM2_Load, TPM2_Sign,
+//! TPM2_FlushContext): it never holds a TPM object slot between signatures, so a TPM without
+//! resource manager keeps its few slots for other programs, and there is no loaded object to
+//! go stale. The cost is a TPM2_Load and a TPM2_FlushContext per signature (3 commands instead
+//! of 1; on swtpm the whole signature takes about 1 ms, on a discrete TPM the load adds tens of
+//! ms), paid once per TLS connection and once per CSR, which is noise next to the network
+//! round trips. Keeping the key loaded would save that, at the price of a slot held for the
+//! whole life of the agent.
+//!
+//! # Errors
+//!
+//! TPM response codes are said in words with their name and value. A dictionary-attack
+//! lockout says how long it lasts ("the TPM is in dictionary-attack lockout; it will accept
+//! commands again in N s", from TPM_PT_LOCKOUT_COUNTER, TPM_PT_MAX_AUTH_FAIL and
+//! TPM_PT_LOCKOUT_INTERVAL). A key the TPM can no longer load because its parent is gone (the
+//! TPM was cleared, its owner changed) or its persistent object is gone is `KeyError::Lost`:
+//! the identity cannot be used again, and the agent must provision a new key.
+//!
+//! Every TPM command the thread sends is counted (`commands_issued`).
+//!
+//! # TCTI
+//!
+//! `device:/dev/tpmrm0` (the default), `device:/dev/tpm0`, `tabrmd:…`, or a simulator as
+//! `swtpm:host=…,port=…` / `mssim:host=…,port=…`. tss-esapi 7.7 re-encodes simulator TCTI
+//! strings from host and port alone, so `swtpm:path=<unix socket>` would silently connect to
+//! localhost:2321 instead: such options are refused rather than risk talking to another TPM.
+//! Run swtpm with `--server type=tcp,port=N --ctrl type=tcp,port=N+1`.
+
+mod blobs;
+mod rc;
+mod worker;
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::SignatureScheme;
+use rustls::pki_types::SubjectPublicKeyInfoDer;
+use rustls::sign::{Signer, SigningKey};
+use sha2::{Digest as _, Sha256};
+use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::structures::{Private, Public};
+
+use self::blobs::{HANDLE_FILE, PRIVATE_FILE, PUBLIC_FILE};
+use self::worker::{TpmError, TpmThread};
+use super::file::p256_spki;
+use super::{DeviceKey, KeyBackend, KeyError};
+
+/// The persistent handle of the storage root key every device key is made under.
+pub const SRK_HANDLE: u32 = 0x8100_0001;
+
+/// The first platform persistent handle: those need platform authorization, which the OS has
+/// not got (TPM2_EvictControl with owner authorization refuses them).
+const PLATFORM_PERSISTENT_FIRST: u32 = 0x8180_0000;
+
+/// Device keys inside the TPM (see the module documentation).
+pub struct TpmBackend {
+    tpm: Arc<TpmThread>,
+    tcti: String,
+    /// The state directory; keys go to `gen/<n>/` below it.
+    dir: PathBuf,
+    persistent_handle: Option<u32>,
+    /// Whether `open` found no SRK and made (and persisted) one.
+    created_srk: bool,
+    /// The stale transient objects `open` flushed.
+    flushed: Vec<u32>,
+}
+
+impl fmt::Debug for TpmBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TpmBackend")
+            .field("tcti", &self.tcti)
+            .field("dir", &self.dir)
+            .field("persistent_handle", &self.persistent_handle)
+            .field("commands_issued", &self.commands_issued())
+            .finish()
+    }
+}
+
+impl TpmBackend {
+    /// Opens the TPM through `tcti` ("device:/dev/tpmrm0", "swtpm:host=127.0.0.1,port=2321"),
+    /// flushes stale transient objects, and makes sure the SRK exists at 0x81000001 (creating
+    /// and persisting it from the TCG template if not). With `persistent_handle`, new keys are
+    /// put at that handle instead of being kept as blobs.
+    pub fn open(
+        tcti: &str,
+        state_dir: &Path,
+        persistent_handle: Option<u32>,
+    ) -> Result<Self, KeyError> {
+        const ACTION: &str = "opening the TPM";
+        check_tcti(tcti).map_err(|message| KeyError::Unsupported {
+            action: ACTION,
+            message,
+        })?;
+        if let Some(handle) = persistent_handle {
+            let problem = if handle == SRK_HANDLE {
+                Some("it is the storage root key's handle, the parent of every iotd key")
+            } else if !(0x8100_0000..PLATFORM_PERSISTENT_FIRST).contains(&handle) {
+                Some("it is not an owner persistent handle (0x81000000 to 0x817fffff)")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(KeyError::Unsupported {
+                    action: ACTION,
+                    message: format!(
+                        "key.persistent_handle {handle:#010x} cannot be used: {problem}"
+                    ),
+                });
+            }
+        }
+        let tpm_error = |e: TpmError| KeyError::Crypto {
+            action: ACTION,
+            key: tcti.to_string(),
+            message: e.to_string(),
+        };
+        let tpm = TpmThread::start(tcti).map_err(tpm_error)?;
+        let (flushed, created_srk) = tpm
+            .call(|t| {
+                let flushed = t.flush_stale_transients()?;
+                let created = t.ensure_srk()?;
+                Ok((flushed, created))
+            })
+            .map_err(tpm_error)?;
+        if !flushed.is_empty() {
+            let handles: Vec<String> = flushed.iter().map(|h| format!("{h:#x}")).collect();
+            tracing::warn!(
+                tcti,
+                "flushed {} stale transient TPM object(s) left by an earlier process: {}",
+                flushed.len(),
+                handles.join(", ")
+            );
+        }
+        Ok(Self {
+            tpm: Arc::new(tpm),
+            tcti: tcti.to_string(),
+            dir: state_dir.to_path_buf(),
+            persistent_handle,
+            created_srk,
+            flushed,
+        })
+    }
+
+    /// TPM commands sent so far, by the backend and every key from it.
+    pub fn commands_issued(&self) -> u64 {
+        self.tpm.commands()
+    }
+
+    /// Whether `open` found no SRK at 0x81000001 and made one.
+    pub fn created_srk(&self) -> bool {
+        self.created_srk
+    }
+
+    /// The stale transient objects `open` flushed.
+    pub fn flushed_at_open(&self) -> &[u32] {
+        &self.flushed
+    }
+
+    /// `<state_dir>/gen/<generation>`.
+    pub fn generation_dir(&self, generation: u32) -> PathBuf {
+        self.dir.join("gen").join(generation.to_string())
+    }
+
+    fn blob_location(&self, gen_dir: &Path) -> String {
+        format!(
+            "tpm {} parent {SRK_HANDLE:#010x}, blobs {}/{PUBLIC_FILE}+{PRIVATE_FILE}",
+            self.tcti,
+            gen_dir.display()
+        )
+    }
+
+    fn persistent_location(&self, handle: u32) -> String {
+        format!("tpm {} persistent {handle:#010x}", self.tcti)
+    }
+
+    /// Removes every file this backend may have written for a generation, commit markers
+    /// first (`key.handle`, then `key.pub`), so that no crash leaves an old and a new file
+    /// paired; then makes the removals durable.
+    fn remove_files(&self, gen_dir: &Path, action: &'static str) -> Result<(), KeyError> {
+        for name in blobs::ALL_FILES {
+            let path = gen_dir.join(name);
+            blobs::remove_if_exists(&path).map_err(|source| KeyError::Io {
+                action,
+                path,
+                source,
+            })?;
+        }
+        match blobs::sync_dir(gen_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(KeyError::Io {
+                action,
+                path: gen_dir.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    fn key(&self, material: Material, spki: Vec<u8>, location: String) -> Arc<dyn DeviceKey> {
+        Arc::new(TpmKey::new(KeyInner {
+            tpm: self.tpm.clone(),
+            material,
+            spki,
+            location,
+        }))
+    }
+}
+
+impl KeyBackend for TpmBackend {
+    fn kind(&self) -> &'static str {
+        "tpm"
+    }
+
+    fn commands_issued(&self) -> Option<u64> {
+        Some(TpmBackend::commands_issued(self))
+    }
+
+    fn load(&self, generation: u32) -> Result<Option<Arc<dyn DeviceKey>>, KeyError> {
+        const ACTION: &str = "loading TPM key";
+        const BLOB_ACTION: &str = "loading TPM key blob";
+        let gen_dir = self.generation_dir(generation);
+        let read = |name: &str| {
+            let path = gen_dir.join(name);
+            blobs::read_optional(&path).map_err(|source| KeyError::Io {
+                action: BLOB_ACTION,
+                path,
+                source,
+            })
+        };
+        let blob_error = |name: &str, message: String| KeyError::Crypto {
+            action: BLOB_ACTION,
+            key: gen_dir.join(name).display().to_string(),
+            message,
+        };
+
+        if let Some(handle) = read(HANDLE_FILE)? {
+            let handle = blobs::decode_handle(&handle).map_err(|m| blob_error(HANDLE_FILE, m))?;
+            let location = self.persistent_location(handle);
+            let Some(public) = read(PUBLIC_FILE)? else {
+                return Err(blob_error(
+                    PUBLIC_FILE,
+                    format!(
+                        "missing: {HANDLE_FILE} names {handle:#x} but the key's public part is gone, so the key there cannot be recognised"
+                    ),
+                ));
+            };
+            let public = blobs::decode_public(&public).map_err(|m| blob_error(PUBLIC_FILE, m))?;
+            let spki = spki_of(&public).map_err(|m| blob_error(PUBLIC_FILE, m))?;
+            let name = blobs::name_of(&public).map_err(|m| blob_error(PUBLIC_FILE, m))?;
+            let check = name.clone();
+            self.tpm
+                .call(move |t| t.check_persistent(handle, check))
+                .map_err(|e| key_error(ACTION, &location, e))?;
+            return Ok(Some(self.key(
+                Material::Persistent { handle, name },
+                spki,
+                location,
+            )));
+        }
+
+        // key.pub is written last: without it the generation has no (complete) key.
+        let (Some(public), Some(private)) = (read(PUBLIC_FILE)?, read(PRIVATE_FILE)?) else {
+            return Ok(None);
+        };
+        let public = blobs::decode_public(&public).map_err(|m| blob_error(PUBLIC_FILE, m))?;
+        let private = blobs::decode_private(&private).map_err(|m| blob_error(PRIVATE_FILE, m))?;
+        let spki = spki_of(&public).map_err(|m| blob_error(PUBLIC_FILE, m))?;
+        let location = self.blob_location(&gen_dir);
+        // Load once now, so that a key the TPM cannot use any more is found at start-up and
+        // not at the first TLS handshake.
+        let (p, q) = (public.clone(), private.clone());
+        self.tpm
+            .call(move |t| t.check_blobs(p, q))
+            .map_err(|e| key_error(ACTION, &location, e))?;
+        Ok(Some(self.key(
+            Material::Blobs { public, private },
+            spki,
+            location,
+        )))
+    }
+
+    fn create(&self, generation: u32) -> Result<Arc<dyn DeviceKey>, KeyError> {
+        const ACTION: &str = "creating TPM key";
+        let gen_dir = self.generation_dir(generation);
+        let io_error = |(path, source): (PathBuf, io::Error)| KeyError::Io {
+            action: ACTION,
+            path,
+            source,
+        };
+        let encode_error = |name: &str, message: String| KeyError::Crypto {
+            action: ACTION,
+            key: gen_dir.join(name).display().to_string(),
+            message,
+        };
+        blobs::ensure_generation_dir(&self.dir, &gen_dir).map_err(io_error)?;
+        self.remove_files(&gen_dir, ACTION)?;
+
+        let location = match self.persistent_handle {
+            Some(handle) => self.persistent_location(handle),
+            None => self.blob_location(&gen_dir),
+        };
+        let (public, private) = self
+            .tpm
+            .call(|t| t.create_key())
+            .map_err(|e| key_error(ACTION, &location, e))?;
+        let spki = spki_of(&public).map_err(|m| encode_error(PUBLIC_FILE, m))?;
+        let public_file =
+            blobs::encode_public(&public).map_err(|m| encode_error(PUBLIC_FILE, m))?;
+
+        let material = match self.persistent_handle {
+            None => {
+                let private_file =
+                    blobs::encode_private(&private).map_err(|m| encode_error(PRIVATE_FILE, m))?;
+                // key.pub last: it completes the pair.
+                blobs::write_atomic(&gen_dir, PRIVATE_FILE, &private_file).map_err(io_error)?;
+                blobs::write_atomic(&gen_dir, PUBLIC_FILE, &public_file).map_err(io_error)?;
+                Material::Blobs { public, private }
+            }
+            Some(handle) => {
+                let name = blobs::name_of(&public).map_err(|m| encode_error(PUBLIC_FILE, m))?;
+                let p = public.clone();
+                self.tpm
+                    .call(move |t| t.persist_key(p, private, handle))
+                    .map_err(|e| key_error(ACTION, &location, e))?;
+                // key.handle last: it says the key is at the handle.
+                blobs::write_atomic(&gen_dir, PUBLIC_FILE, &public_file).map_err(io_error)?;
+                blobs::write_atomic(&gen_dir, HANDLE_FILE, &blobs::encode_handle(handle))
+                    .map_err(io_error)?;
+                Material::Persistent { handle, name }
+            }
+        };
+        blobs::sync_dir(&gen_dir).map_err(|e| io_error((gen_dir.clone(), e)))?;
+        tracing::info!(key = %location, "created ECDSA P-256 device key in the TPM");
+        Ok(self.key(material, spki, location))
+    }
+
+    fn import_pem(&self, _generation: u32, _pem: &str) -> Result<Arc<dyn DeviceKey>, KeyError> {
+        Err(KeyError::Unsupported {
+            action: "importing device key",
+            message: "a key that came over the network cannot be put into the TPM: use \
+                      certificate_source = \"csr\""
+                .into(),
+        })
+    }
+
+    fn remove(&self, generation: u32) -> Result<(), KeyError> {
+        const ACTION: &str = "removing TPM key";
+        let gen_dir = self.generation_dir(generation);
+        let read = |name: &str| {
+            let path = gen_dir.join(name);
+            blobs::read_optional(&path).map_err(|source| KeyError::Io {
+                action: ACTION,
+                path,
+                source,
+            })
+        };
+        if let Some(handle) = read(HANDLE_FILE)? {
+            let blob_error = |name: &str, message: String| KeyError::Crypto {
+                action: ACTION,
+                key: gen_dir.join(name).display().to_string(),
+                message,
+            };
+            let handle = blobs::decode_handle(&handle).map_err(|m| blob_error(HANDLE_FILE, m))?;
+            let location = self.persistent_location(handle);
+            match read(PUBLIC_FILE)? {
+                Some(public) => {
+                    let public =
+                        blobs::decode_public(&public).map_err(|m| blob_error(PUBLIC_FILE, m))?;
+                    let name = blobs::name_of(&public).map_err(|m| blob_error(PUBLIC_FILE, m))?;
+                    let evicted = self
+                        .tpm
+                        .call(move |t| t.evict_persistent(handle, name))
+                        .map_err(|e| key_error(ACTION, &location, e))?;
+                    if !evicted {
+                        tracing::info!(
+                            key = %location,
+                            generation,
+                            "the key of this generation is no longer at its handle; nothing to evict"
+                        );
+                    }
+                }
+                // Without the public part the key at the handle cannot be told from another:
+                // leave the TPM alone.
+                None => tracing::warn!(
+                    key = %location,
+                    "not evicting: {PUBLIC_FILE} of generation {generation} is missing"
+                ),
+            }
+        }
+
+        self.remove_files(&gen_dir, ACTION)?;
+        // The directory goes too when nothing else (cert.pem) is left in it.
+        match fs::remove_dir(&gen_dir) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+                ) => {}
+            Err(source) => {
+                return Err(KeyError::Io {
+                    action: ACTION,
+                    path: gen_dir,
+                    source,
+                });
+            }
+        }
+        let gen_root = self.dir.join("gen");
+        match blobs::sync_dir(&gen_root) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(KeyError::Io {
+                action: ACTION,
+                path: gen_root,
+                source,
+            }),
+        }
+    }
+}
+
+/// Refuses TCTI strings tss-esapi 7.7 would not pass on as written: it rebuilds `swtpm:` and
+/// `mssim:` configurations from `host=` and `port=` alone, so anything else (`path=` for a unix
+/// socket) would be dropped and the connection go to localhost:2321, possibly another TPM.
+fn check_tcti(tcti: &str) -> Result<(), String> {
+    let (name, conf) = tcti.split_once(':').unwrap_or((tcti, ""));
+    match name {
+        "device" | "tabrmd" => Ok(()),
+        "swtpm" | "mssim" => {
+            for option in conf.split(',').filter(|o| !o.is_empty()) {
+                let key = option.split_once('=').map_or(option, |(key, _)| key);
+                if key != "host" && key != "port" {
+                    return Err(format!(
+                        "the TCTI {tcti:?} cannot be used: tss-esapi passes only host= and port= \
+                         to the {name} TCTI, so {key}= would be ignored and the connection go to \
+                         localhost:2321; run swtpm with --server type=tcp,port=N --ctrl \
+                         type=tcp,port=N+1 and use {name}:host=127.0.0.1,port=N"
+                    ));
+                }
+            }
+            Ok(())
+        }
+        _ => Err(format!(
+            "the TCTI {tcti:?} is not one of device:…, tabrmd:…, swtpm:… or mssim:…"
+        )),
+    }
+}
+
+/// A TPM failure as a key error: a key that is gone for good is `Lost`, anything else names
+/// the command and what the TPM said.
+fn key_error(action: &'static str, location: &str, error: TpmError) -> KeyError {
+    match error {
+        TpmError::Lost { reason } => KeyError::Lost {
+            action,
+            key: location.to_string(),
+            reason,
+        },
+        other => KeyError::Crypto {
+            action,
+            key: location.to_string(),
+            message: other.to_string(),
+        },
+    }
+}
+
+/// The SubjectPublicKeyInfo of an ECC P-256 public area (its unique field is the point).
+fn spki_of(public: &Public) -> Result<Vec<u8>, String> {
+    let Public::Ecc {
+        parameters, unique, ..
+    } = public
+    else {
+        return Err("not an ECC key".into());
+    };
+    if parameters.ecc_curve() != EccCurve::NistP256 {
+        return Err(format!("not a P-256 key ({:?})", parameters.ecc_curve()));
+    }
+    let mut point = vec![0x04];
+    for coordinate in [unique.x().value(), unique.y().value()] {
+        // The TPM may drop leading zero bytes; the uncompressed point has 32-byte coordinates.
+        let padding = 32usize
+            .checked_sub(coordinate.len())
+            .ok_or("a coordinate is longer than 32 bytes")?;
+        point.extend(std::iter::repeat_n(0, padding));
+        point.extend_from_slice(coordinate);
+    }
+    p256_spki(&point).ok_or_else(|| "not a P-256 point".into())
+}
+
+/// Where a key's private part is: blobs loaded for each signature, or a persistent object.
+enum Material {
+    Blobs { public: Public, private: Private },
+    Persistent { handle: u32, name: Vec<u8> },
+}
+
+struct KeyInner {
+    tpm: Arc<TpmThread>,
+    material: Material,
+    spki: Vec<u8>,
+    location: String,
+}
+
+impl KeyInner {
+    /// ECDSA P-256 / SHA-256 over `message`: hashed here, signed by the TPM; DER signature.
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        const ACTION: &str = "signing with TPM key";
+        let digest: [u8; 32] = Sha256::digest(message).into();
+        let result = match &self.material {
+            Material::Blobs { public, private } => {
+                let (public, private) = (public.clone(), private.clone());
+                self.tpm
+                    .call(move |t| t.sign_blobs(public, private, digest))
+            }
+            Material::Persistent { handle, name } => {
+                let (handle, name) = (*handle, name.clone());
+                self.tpm
+                    .call(move |t| t.sign_persistent(handle, name, digest))
+            }
+        };
+        result.map_err(|e| key_error(ACTION, &self.location, e))
+    }
+}
+
+/// A device key in the TPM. Holds the TPM thread: the TPM connection stays open while any key
+/// from the backend is alive.
+pub struct TpmKey {
+    inner: Arc<KeyInner>,
+    tls: Arc<dyn SigningKey>,
+}
+
+impl TpmKey {
+    fn new(inner: KeyInner) -> Self {
+        let inner = Arc::new(inner);
+        Self {
+            tls: Arc::new(TpmSigningKey(inner.clone())),
+            inner,
+        }
+    }
+}
+
+impl fmt::Debug for TpmKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TpmKey")
+            .field("location", &self.inner.location)
+            .finish()
+    }
+}
+
+impl DeviceKey for TpmKey {
+    fn location(&self) -> String {
+        self.inner.location.clone()
+    }
+
+    fn public_key_spki(&self) -> Vec<u8> {
+        self.inner.spki.clone()
+    }
+
+    fn sign_ecdsa_p256_sha256(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.inner.sign(message)
+    }
+
+    fn tls_signing_key(&self) -> Arc<dyn SigningKey> {
+        self.tls.clone()
+    }
+}
+
+/// The key as rustls sees it: ECDSA_NISTP256_SHA256 only (the key's scheme is fixed to
+/// ECDSA/SHA-256 in the TPM), for TLS 1.2 and 1.3 alike.
+struct TpmSigningKey(Arc<KeyInner>);
+
+impl fmt::Debug for TpmSigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("TpmSigningKey")
+            .field(&self.0.location)
+            .finish()
+    }
+}
+
+impl SigningKey for TpmSigningKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        offered
+            .contains(&SignatureScheme::ECDSA_NISTP256_SHA256)
+            .then(|| Box::new(TpmSigner(self.0.clone())) as Box<dyn Signer>)
+    }
+
+    fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
+        Some(SubjectPublicKeyInfoDer::from(self.0.spki.as_slice()))
+    }
+
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        rustls::SignatureAlgorithm::ECDSA
+    }
+}
+
+struct TpmSigner(Arc<KeyInner>);
+
+impl fmt::Debug for TpmSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("TpmSigner").field(&self.0.location).finish()
+    }
+}
+
+impl Signer for TpmSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        self.0.sign(message).map_err(|e| {
+            // rustls reports only "handshake failure" to the peer and a string to the caller;
+            // the log keeps the TPM's own words.
+            tracing::error!("TLS client authentication: {e}");
+            rustls::Error::General(e.to_string())
+        })
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        SignatureScheme::ECDSA_NISTP256_SHA256
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

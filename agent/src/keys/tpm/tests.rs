@@ -1,0 +1,130 @@
+//! In-module tests: the pieces that need private access. The backend end to end (swtpm,
+//! tpm2-tools, TLS, CSR) is in `agent/tests/tpm_backend.rs`.
+
+use iotd_testkit::swtpm::Swtpm;
+use tss_esapi::structures::{EccParameter, EccPoint, PublicBuilder};
+
+use super::worker::key_template;
+use super::*;
+
+#[test]
+fn spki_pads_short_coordinates_and_refuses_other_keys() {
+    // A point whose x has a leading zero byte, as a TPM may send it (31 bytes).
+    let x = vec![0x11; 31];
+    let y = vec![0x22; 32];
+    let template = key_template().unwrap();
+    let public = PublicBuilder::new()
+        .with_public_algorithm(tss_esapi::interface_types::algorithm::PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(template.name_hashing_algorithm())
+        .with_object_attributes(template.object_attributes())
+        .with_ecc_parameters(match &template {
+            Public::Ecc { parameters, .. } => *parameters,
+            _ => unreachable!(),
+        })
+        .with_ecc_unique_identifier(EccPoint::new(
+            EccParameter::try_from(x).unwrap(),
+            EccParameter::try_from(y).unwrap(),
+        ))
+        .build()
+        .unwrap();
+    let spki = spki_of(&public).unwrap();
+    let point = crate::keys::file::p256_point(&spki).unwrap();
+    assert_eq!(point[0], 0x04);
+    assert_eq!(point[1], 0x00, "padded");
+    assert_eq!(&point[2..33], &[0x11; 31]);
+    assert_eq!(&point[33..], &[0x22; 32]);
+
+    // A P-384 key is not what this backend makes or signs with.
+    let p384 = PublicBuilder::new()
+        .with_public_algorithm(tss_esapi::interface_types::algorithm::PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(template.name_hashing_algorithm())
+        .with_object_attributes(template.object_attributes())
+        .with_ecc_parameters(
+            tss_esapi::structures::PublicEccParametersBuilder::new_unrestricted_signing_key(
+                tss_esapi::structures::EccScheme::EcDsa(tss_esapi::structures::HashScheme::new(
+                    tss_esapi::interface_types::algorithm::HashingAlgorithm::Sha384,
+                )),
+                EccCurve::NistP384,
+            )
+            .build()
+            .unwrap(),
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+        .unwrap();
+    assert!(spki_of(&p384).unwrap_err().starts_with("not a P-256 key"));
+}
+
+#[test]
+fn lost_keys_and_other_failures_map_to_their_errors() {
+    let lost = key_error(
+        "loading TPM key",
+        "tpm x parent 0x81000001, blobs /s/gen/1/key.pub+key.priv",
+        TpmError::Lost {
+            reason: "the TPM no longer holds the parent key".into(),
+        },
+    );
+    assert_eq!(
+        lost.to_string(),
+        "loading TPM key tpm x parent 0x81000001, blobs /s/gen/1/key.pub+key.priv: the TPM no \
+         longer holds the parent key"
+    );
+    assert!(matches!(lost, KeyError::Lost { .. }));
+    let other = key_error(
+        "signing with TPM key",
+        "tpm x persistent 0x81010001",
+        TpmError::Command {
+            command: "TPM2_Sign",
+            rc: Some(0x902),
+            message: rc::describe(0x902),
+        },
+    );
+    assert!(matches!(other, KeyError::Crypto { .. }));
+    assert!(
+        other
+            .to_string()
+            .starts_with("signing with TPM key tpm x persistent 0x81010001: TPM2_Sign: the TPM has no free object slot"),
+        "{other}"
+    );
+}
+
+/// What tss-esapi gives for a real TPM failure decodes to the TPM's code (the raw value is only
+/// reachable through the bitfield's Display/Debug).
+#[test]
+fn raw_codes_come_out_of_real_tss_errors() {
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let backend = TpmBackend::open(tpm.tcti(), dir.path(), None).unwrap();
+    // Loading a key under a parent it was not made under: TPM_RC_INTEGRITY from TPM2_Load.
+    let (public, private) = backend.tpm.call(|t| t.create_key()).unwrap();
+    drop(backend);
+    tpm.clear();
+    let backend = TpmBackend::open(tpm.tcti(), dir.path(), None).unwrap();
+    let err = backend
+        .tpm
+        .call(move |t| t.check_blobs(public, private))
+        .unwrap_err();
+    let TpmError::Lost { reason } = err else {
+        panic!("{err:?}");
+    };
+    assert!(
+        reason.contains("(TPM_RC_INTEGRITY, parameter 1, 0x1df)"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn dropping_the_last_handle_closes_the_connection() {
+    let tpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let backend = TpmBackend::open(tpm.tcti(), dir.path(), None).unwrap();
+    let key = backend.create(1).unwrap();
+    drop(backend);
+    // The key keeps the TPM thread: it still signs after the backend is gone.
+    key.sign_ecdsa_p256_sha256(b"still here").unwrap();
+    drop(key);
+    // Connection closed at once (joined on drop): tpm2-tools is served right away.
+    let t = std::time::Instant::now();
+    tpm.tpm2_ok(&["tpm2_getrandom", "4"]);
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+}

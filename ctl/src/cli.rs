@@ -1,0 +1,133 @@
+//! The command line, as clap sees it. This file depends on clap alone because `build.rs`
+//! includes it to render the man pages: whatever `--help` says, `man iotctl` says too.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The exit codes, in `--help` and in the man page. Scripts rely on them: keep the numbers.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success (for `check`: no check failed)
+  1  failure: the operation failed, a check failed (or warned, with --warnings-as-errors),
+     the configuration is invalid, or iotd refused the request
+  2  usage error: unknown command or option, bad argument
+  3  iotd is not reachable: the system bus is not there or nothing owns io.iotd.Agent1 on it
+
+Environment:
+  DBUS_SYSTEM_BUS_ADDRESS  the system bus to talk to iotd on (default: the standard socket)
+  NO_COLOR                 when set, no colour even on a terminal";
+
+/// Field-operations tool for iotd, the gateway's AWS IoT identity agent.
+///
+/// `status`, `rotate` and `reprovision` talk to the running iotd over the system bus;
+/// `check`, `config check` and most of `support-bundle` read the configuration and the state
+/// directory directly and work while iotd is stopped.
+#[derive(Debug, Parser)]
+#[command(name = "iotctl", version, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// Main configuration file, as for `iotd --config`: drop-ins are read from `config.d/`
+    /// beside it. Default: /etc/iotd/config.toml with /usr/lib/iotd/config.d,
+    /// /etc/iotd/config.d and /run/iotd/config.d.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show what iotd is doing: state, thing, certificate, next rotation, key, connection,
+    /// last error and what to do about it.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Status(StatusArgs),
+    /// Diagnose the gateway: configuration, TPM, key and certificate, clock, endpoint (DNS,
+    /// TCP, TLS with the device identity), claim. Works while iotd is stopped.
+    ///
+    /// The checks, by id (for --dont-run): config-valid (the configuration loads, as iotd
+    /// would load it); tpm-reachable (the TPM opens through key.tcti; skipped for the file
+    /// backend); key-certificate-match (the device certificate certifies the device key);
+    /// certificate-validity (warning under 30 days left, failure when expired or not yet
+    /// valid); clock-synchronised; endpoint-resolves; endpoint-tcp; endpoint-tls (a TLS
+    /// handshake with the device identity, once the gateway has one); claim-validity (the
+    /// claim's dates and key, and a TLS handshake with it, while the gateway still needs it).
+    ///
+    /// The clock counts as synchronised when `timedatectl show -p NTPSynchronized --value`
+    /// says yes (the kernel's flag, whatever NTP daemon sets it); when timedatectl cannot tell,
+    /// when /run/systemd/timesync/synchronized exists or `chronyc tracking` reports a leap
+    /// status other than "Not synchronised". If none can tell, it is a warning.
+    ///
+    /// Each check prints √ (ok), ‼ (warning), × (failed) or - (skipped), then what it found.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Check(CheckArgs),
+    /// Ask iotd to replace the device certificate now.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Rotate,
+    /// Ask iotd to abandon the identity and provision a new one, with a new key.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Reprovision,
+    /// Work with the configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Collect what support needs into one text file, with secrets removed: configuration,
+    /// status, checks, state, recent journal lines, versions.
+    #[command(after_help = EXIT_CODES_HELP)]
+    SupportBundle(SupportBundleArgs),
+    /// Print a shell completion script.
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON with stable keys instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep running and print the status again whenever iotd's properties change (one JSON
+    /// object per line with --json). Ends on Ctrl-C or when iotd stops.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Print a JSON array of {id, description, result, message} instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not run the check with this id (repeatable; see --list for the ids).
+    #[arg(long = "dont-run", value_name = "ID")]
+    pub dont_run: Vec<String>,
+    /// Treat warnings as failures for the exit code.
+    #[arg(long)]
+    pub warnings_as_errors: bool,
+    /// List the checks' ids and descriptions and exit.
+    #[arg(long)]
+    pub list: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Read, merge and validate the configuration iotd would use, and list the files it is
+    /// made of. With FILE, check FILE and the `config.d/` beside it, as `iotd --config FILE`
+    /// would read them.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Check {
+        /// The main configuration file to check instead of the system's.
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SupportBundleArgs {
+    /// Where to write the bundle ("-" for standard output). Default:
+    /// ./iotd-support-<UTC time>.txt.
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}

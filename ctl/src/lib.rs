@@ -1,0 +1,162 @@
+//! `iotctl`, the field-operations tool for iotd. `status`, `rotate` and `reprovision` talk to
+//! the running agent over the system bus (`io.iotd.Agent1`, through `iotd_api::Agent1Proxy`);
+//! `check`, `config check` and `support-bundle` read the configuration (with iotd's own parser)
+//! and the state directory, so they also work while iotd is down.
+//!
+//! Exit codes (also in `--help` and the man page): 0 success; 1 failure (including a failed
+//! check); 2 usage error (clap's); 3 iotd not reachable on the system bus.
+
+pub mod bundle;
+pub mod bus;
+pub mod check;
+pub mod cli;
+pub mod clock;
+pub mod redact;
+pub mod status;
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use clap::{CommandFactory as _, Parser as _};
+use iotd::config::ConfigPaths;
+use time::OffsetDateTime;
+
+use crate::cli::{Cli, Command, ConfigCommand};
+
+/// The exit codes; see `cli::EXIT_CODES_HELP`.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    /// clap exits with 2 on its own for usage errors; iotctl uses it for the ones it finds.
+    pub const USAGE: u8 = 2;
+    pub const NOT_REACHABLE: u8 = 3;
+}
+
+fn config_paths(cli_config: Option<&std::path::Path>) -> ConfigPaths {
+    match cli_config {
+        Some(path) => ConfigPaths::for_main(path),
+        None => ConfigPaths::system(),
+    }
+}
+
+/// Parses the command line, runs the command, and turns the outcome into the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Current-thread: iotctl does one thing at a time; the few concurrent waits (property
+    // reads, a watch's streams) are I/O, not work.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("iotctl: starting the async runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    match run(cli, &runtime) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("iotctl: {e:#}");
+            if e.downcast_ref::<bus::NotReachable>().is_some() {
+                ExitCode::from(exit::NOT_REACHABLE)
+            } else {
+                ExitCode::from(exit::FAILURE)
+            }
+        }
+    }
+}
+
+fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> anyhow::Result<u8> {
+    let paths = config_paths(cli.config.as_deref());
+    match cli.command {
+        Command::Status(args) if args.watch => runtime.block_on(bus::watch(args.json))?,
+        Command::Status(args) => runtime.block_on(bus::status(args.json))?,
+        Command::Rotate => runtime.block_on(bus::rotate())?,
+        Command::Reprovision => runtime.block_on(bus::reprovision())?,
+        Command::Check(args) => return run_check(args, paths, runtime),
+        Command::Config(ConfigCommand::Check { file }) => {
+            let paths = match &file {
+                Some(f) => config_paths(Some(f)),
+                None => paths,
+            };
+            return config_check(&paths, file.is_some());
+        }
+        Command::SupportBundle(args) => {
+            if let Some(path) = bundle::write(&paths, args.output.as_deref(), runtime)? {
+                println!(
+                    "wrote {} (secrets removed; read it before sending it on)",
+                    path.display()
+                );
+            }
+        }
+        Command::Completions(args) => {
+            let mut command = Cli::command();
+            let mut out = std::io::stdout().lock();
+            clap_complete::generate(args.shell, &mut command, "iotctl", &mut out);
+            out.flush()?;
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn run_check(
+    args: cli::CheckArgs,
+    paths: ConfigPaths,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<u8> {
+    if args.list {
+        print!("{}", check::render_list());
+        return Ok(exit::OK);
+    }
+    let unknown = check::unknown_ids(&args.dont_run);
+    if !unknown.is_empty() {
+        eprintln!(
+            "iotctl: --dont-run: no check is called {}; see iotctl check --list",
+            unknown.join(", ")
+        );
+        return Ok(exit::USAGE);
+    }
+    let mut ctx = check::Context::new(paths, OffsetDateTime::now_utc(), runtime);
+    let outcomes = check::run_checks(&mut ctx, &args.dont_run);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&check::outcomes_json(&outcomes))?
+        );
+    } else {
+        print!("{}", check::render_outcomes(&outcomes, bus::use_colour()));
+    }
+    Ok(if check::failed(&outcomes, args.warnings_as_errors) {
+        exit::FAILURE
+    } else {
+        exit::OK
+    })
+}
+
+/// `iotctl config check [FILE]`.
+fn config_check(paths: &ConfigPaths, explicit: bool) -> anyhow::Result<u8> {
+    // iotd accepts a missing main file (an image may ship only drop-ins); a FILE named on the
+    // command line that is not there is a typo.
+    if explicit && !paths.main.exists() {
+        eprintln!(
+            "iotctl: reading config file {}: no such file",
+            paths.main.display()
+        );
+        return Ok(exit::FAILURE);
+    }
+    match iotd::config::load(paths) {
+        Ok(settings) => {
+            println!("read, in order:");
+            for source in &settings.sources {
+                println!("  {}", source.display());
+            }
+            println!("config ok");
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("iotctl: {}", check::error_chain(&e));
+            Ok(exit::FAILURE)
+        }
+    }
+}

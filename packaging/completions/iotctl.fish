@@ -1,0 +1,73 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_iotctl_global_optspecs
+    string join \n config= h/help V/version
+end
+
+function __fish_iotctl_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_iotctl_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_iotctl_using_subcommand
+    set -l cmd (__fish_iotctl_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c iotctl -n "__fish_iotctl_needs_command" -l config -d 'Main configuration file, as for `iotd --config`: drop-ins are read from `config.d/` beside it. Default: /etc/iotd/config.toml with /usr/lib/iotd/config.d, /etc/iotd/config.d and /run/iotd/config.d' -r -F
+complete -c iotctl -n "__fish_iotctl_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c iotctl -n "__fish_iotctl_needs_command" -s V -l version -d 'Print version'
+complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "status" -d 'Show what iotd is doing: state, thing, certificate, next rotation, key, connection, last error and what to do about it'
+complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "check" -d 'Diagnose the gateway: configuration, TPM, key and certificate, clock, endpoint (DNS, TCP, TLS with the device identity), claim. Works while iotd is stopped'
+complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "rotate" -d 'Ask iotd to replace the device certificate now'
+complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "reprovision" -d 'Ask iotd to abandon the identity and provision a new one, with a new key'
+complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "config" -d 'Work with the configuration files'
+complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "support-bundle" -d 'Collect what support needs into one text file, with secrets removed: configuration, status, checks, state, recent journal lines, versions'
+complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "completions" -d 'Print a shell completion script'
+complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c iotctl -n "__fish_iotctl_using_subcommand status" -l config -d 'Main configuration file, as for `iotd --config`: drop-ins are read from `config.d/` beside it. Default: /etc/iotd/config.toml with /usr/lib/iotd/config.d, /etc/iotd/config.d and /run/iotd/config.d' -r -F
+complete -c iotctl -n "__fish_iotctl_using_subcommand status" -l json -d 'Print JSON with stable keys instead of text'
+complete -c iotctl -n "__fish_iotctl_using_subcommand status" -l watch -d 'Keep running and print the status again whenever iotd\'s properties change (one JSON object per line with --json). Ends on Ctrl-C or when iotd stops'
+complete -c iotctl -n "__fish_iotctl_using_subcommand status" -s h -l help -d 'Print help'
+complete -c iotctl -n "__fish_iotctl_using_subcommand check" -l dont-run -d 'Do not run the check with this id (repeatable; see --list for the ids)' -r
+complete -c iotctl -n "__fish_iotctl_using_subcommand check" -l config -d 'Main configuration file, as for `iotd --config`: drop-ins are read from `config.d/` beside it. Default: /etc/iotd/config.toml with /usr/lib/iotd/config.d, /etc/iotd/config.d and /run/iotd/config.d' -r -F
+complete -c iotctl -n "__fish_iotctl_using_subcommand check" -l json -d 'Print a JSON array of {id, description, result, message} instead of text'
+complete -c iotctl -n "__fish_iotctl_using_subcommand check" -l warnings-as-errors -d 'Treat warnings as failures for the exit code'
+complete -c iotctl -n "__fish_iotctl_using_subcommand check" -l list -d 'List the checks\' ids and descriptions and exit'
+complete -c iotctl -n "__fish_iotctl_using_subcommand check" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c iotctl -n "__fish_iotctl_using_subcommand rotate" -l config -d 'Main configuration file, as for `iotd --config`: drop-ins are read from `config.d/` beside it. Default: /etc/iotd/config.toml with /usr/lib/iotd/config.d, /etc/iotd/config.d and /run/iotd/config.d' -r -F
+complete -c iotctl -n "__fish_iotctl_using_subcommand rotate" -s h -l help -d 'Print help'
+complete -c iotctl -n "__fish_iotctl_using_subcommand reprovision" -l config -d 'Main configuration file, as for `iotd --config`: drop-ins are read from `config.d/` beside it. Default: /etc/iotd/config.toml with /usr/lib/iotd/config.d, /etc/iotd/config.d and /run/iotd/config.d' -r -F
+complete -c iotctl -n "__fish_iotctl_using_subcommand reprovision" -s h -l help -d 'Print help'
+complete -c iotctl -n "__fish_iotctl_using_subcommand config; and not __fish_seen_subcommand_from check help" -l config -d 'Main configuration file, as for `iotd --config`: drop-ins are read from `config.d/` beside it. Default: /etc/iotd/config.toml with /usr/lib/iotd/config.d, /etc/iotd/config.d and /run/iotd/config.d' -r -F
+complete -c iotctl -n "__fish_iotctl_using_subcommand config; and not __fish_seen_subcommand_from check help" -s h -l help -d 'Print help'
+complete -c iotctl -n "__fish_iotctl_using_subcommand config; and not __fish_seen_subcommand_from check help" -f -a "check" -d 'Read, merge and validate the configuration iotd would use, and list the files it is made of. With FILE, check FILE and the `config.d/` beside it, as `iotd --config FILE` would read them'
+complete -c iotctl -n "__fish_iotctl_using_subcommand config; and not __fish_seen_subcommand_from check help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c iotctl -n "__fish_iotctl_using_subcommand config; and __fish_seen_subcommand_from check" -l config -d 'Main configuration file, as for `iotd --config`: drop-ins are read from `config.d/` beside it. Default: /etc/iotd/config.toml with /usr/lib/iotd/config.d, /etc/iotd/config.d and /run/iotd/config.d' -r -F
+complete -c iotctl -n "__fish_iotctl_using_subcommand config; and __fish_seen_subcommand_from check" -s h -l help -d 'Print help'
+complete -c iotctl -n "__fish_iotctl_using_subcommand config; and __fish_seen_subcommand_from help" -f -a "check" -d 'Read, merge and validate the configuration iotd would use, and list the files it is made of. With FILE, check FILE and the `config.d/` beside it, as `iotd --config FILE` would read them'
+complete -c iotctl -n "__fish_iotctl_using_subcommand config; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c iotctl -n "__fish_iotctl_using_subcommand support-bundle" -s o -l output -d 'Where to write the bundle ("-" for standard output). Default: ./iotd-support-<UTC time>.txt' -r -F
+complete -c iotctl -n "__fish_iotctl_using_subcommand support-bundle" -l config -d 'Main configuration file, as for `iotd --config`: drop-ins are read from `config.d/` beside it. Default: /etc/iotd/config.toml with /usr/lib/iotd/config.d, /etc/iotd/config.d and /run/iotd/config.d' -r -F
+complete -c iotctl -n "__fish_iotctl_using_subcommand support-bundle" -s h -l help -d 'Print help'
+complete -c iotctl -n "__fish_iotctl_using_subcommand completions" -l config -d 'Main configuration file, as for `iotd --config`: drop-ins are read from `config.d/` beside it. Default: /etc/iotd/config.toml with /usr/lib/iotd/config.d, /etc/iotd/config.d and /run/iotd/config.d' -r -F
+complete -c iotctl -n "__fish_iotctl_using_subcommand completions" -s h -l help -d 'Print help'
+complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions help" -f -a "status" -d 'Show what iotd is doing: state, thing, certificate, next rotation, key, connection, last error and what to do about it'
+complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions help" -f -a "check" -d 'Diagnose the gateway: configuration, TPM, key and certificate, clock, endpoint (DNS, TCP, TLS with the device identity), claim. Works while iotd is stopped'
+complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions help" -f -a "rotate" -d 'Ask iotd to replace the device certificate now'
+complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions help" -f -a "reprovision" -d 'Ask iotd to abandon the identity and provision a new one, with a new key'
+complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions help" -f -a "config" -d 'Work with the configuration files'
+complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions help" -f -a "support-bundle" -d 'Collect what support needs into one text file, with secrets removed: configuration, status, checks, state, recent journal lines, versions'
+complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions help" -f -a "completions" -d 'Print a shell completion script'
+complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c iotctl -n "__fish_iotctl_using_subcommand help; and __fish_seen_subcommand_from config" -f -a "check" -d 'Read, merge and validate the configuration iotd would use, and list the files it is made of. With FILE, check FILE and the `config.d/` beside it, as `iotd --config FILE` would read them'

@@ -1,0 +1,2 @@
+# Stand-in for OE-core's pkgconfig.bbclass.
+DEPENDS:prepend = "pkgconfig-native "
