@@ -25,11 +25,12 @@ fn init_logging() {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    // Under systemd the journal stamps every line itself.
+    // Under systemd the journal stamps every line itself; colour only for a person at a terminal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().with_ansi(false).init();
     } else {
-        builder.init();
+        builder.with_ansi(ansi).init();
     }
 }
 

@@ -31,13 +31,16 @@ struct Args {
     /// Number of runs.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
+    /// Key backends to measure: file, tpm (a fresh swtpm per run), or both.
+    #[arg(long, default_value = "both", value_parser = ["file", "tpm", "both"])]
+    key: String,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     // The harness panics when it cannot set something up: a failed benchmark like any other.
-    let cause = match tokio::spawn(bench(args.runs)).await {
+    let cause = match tokio::spawn(bench(args.runs, args.key)).await {
         Ok(Ok(())) => return ExitCode::SUCCESS,
         Ok(Err(e)) => format!("{e:#}"),
         Err(panic) => panic.to_string(),
@@ -46,7 +49,7 @@ async fn main() -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn bench(runs: u32) -> Result<()> {
+async fn bench(runs: u32, key: String) -> Result<()> {
     let exe = std::env::current_exe()?.with_file_name("iotd");
     if !exe.is_file() {
         bail!(
@@ -55,46 +58,73 @@ async fn bench(runs: u32) -> Result<()> {
         );
     }
     let cloud = Cloud::start().await;
-    let mut times = Vec::new();
-    for run in 1..=runs {
-        let serial = format!("bench-{run:03}");
-        match run_once(&cloud, &exe, &serial).await {
-            Ok(t) => {
-                println!("run {run:>3}: gw-{serial} provisioned in {:.1} ms", ms(t));
-                times.push(t);
+    let mut rows = Vec::new();
+    let mut failed = 0;
+    for backend in ["file", "tpm"] {
+        if key != "both" && key != backend {
+            continue;
+        }
+        let mut times = Vec::new();
+        let mut commands = (None, None);
+        for run in 1..=runs {
+            let serial = format!("bench-{backend}-{run:03}");
+            match run_once(&cloud, &exe, &serial, backend == "tpm").await {
+                Ok((t, provisioning, reconnect)) => {
+                    println!(
+                        "{backend} run {run:>3}: gw-{serial} provisioned in {:.1} ms",
+                        ms(t)
+                    );
+                    times.push(t);
+                    commands = (provisioning, reconnect);
+                }
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("{backend} run {run:>3}: gw-{serial} FAILED: {e:#}");
+                }
             }
-            Err(e) => eprintln!("run {run:>3}: gw-{serial} FAILED: {e:#}"),
+        }
+        times.sort();
+        let n = times.len();
+        if let (Some(min), Some(max)) = (times.first(), times.last()) {
+            let median = (times[(n - 1) / 2] + times[n / 2]) / 2;
+            let tpm = match commands {
+                (Some(p), Some(r)) => format!("{p} / {r}"),
+                _ => "-".to_owned(),
+            };
+            rows.push(format!(
+                "| {backend} | {n} | {:.1} ms | {:.1} ms | {:.1} ms | {tpm} |",
+                ms(median),
+                ms(*min),
+                ms(*max)
+            ));
         }
     }
     cloud.stop().await;
-
-    let failed = runs as usize - times.len();
-    times.sort();
-    let n = times.len();
-    if let (Some(min), Some(max)) = (times.first(), times.last()) {
-        let median = (times[(n - 1) / 2] + times[n / 2]) / 2;
-        let (median, min, max) = (ms(median), ms(*min), ms(*max));
-        let runs = if failed == 0 {
-            n.to_string()
-        } else {
-            format!("{n} ({failed} failed)")
-        };
-        println!();
-        println!(
-            "iotd: start with the factory claim -> provisioned (connected with the issued certificate)"
-        );
-        println!();
-        println!("| runs | median | min | max | machine |");
-        println!("|---:|---:|---:|---:|---|");
-        println!(
-            "| {runs} | {median:.1} ms | {min:.1} ms | {max:.1} ms | {} |",
-            machine()
-        );
+    println!();
+    println!(
+        "iotd: start with the factory claim -> provisioned (connected with the issued certificate), {}",
+        machine()
+    );
+    println!();
+    println!("| key | runs | median | min | max | TPM commands: provisioning / reconnect |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for row in rows {
+        println!("{row}");
     }
     if failed > 0 {
-        bail!("{failed} of {runs} runs failed");
+        bail!("{failed} runs failed");
     }
     Ok(())
+}
+
+/// The `hardware_commands=N` of the last log line containing `marker` (iotd logs it with the TPM
+/// backend).
+fn hardware_commands(log: &Path, marker: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().rev().find(|l| l.contains(marker))?;
+    let after = &line[line.find("hardware_commands=")? + "hardware_commands=".len()..];
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 fn ms(d: Duration) -> f64 {
@@ -116,41 +146,70 @@ fn machine() -> String {
     format!("{cpus} × {model}")
 }
 
-/// One gateway provisioned from scratch; its time, or why it failed.
-async fn run_once(cloud: &Cloud, exe: &Path, serial: &str) -> Result<Duration> {
+/// One gateway provisioned from scratch: its time, and with a TPM the TPM commands iotd sent
+/// to provision and then to reconnect after a restart; or why it failed.
+async fn run_once(
+    cloud: &Cloud,
+    exe: &Path,
+    serial: &str,
+    tpm: bool,
+) -> Result<(Duration, Option<u64>, Option<u64>)> {
     let dir = tempfile::tempdir()?;
     let (script, log) = quiet_iotd(exe, dir.path())?;
-    let conf = config(cloud, &dir.path().join("state"), serial);
+    let swtpm = tpm.then(iotd_testkit::swtpm::Swtpm::start);
+    let mut conf = config(cloud, &dir.path().join("state"), serial);
+    if let Some(t) = &swtpm {
+        conf.push_str(&format!(
+            "\n[key]\nbackend = \"tpm\"\ntcti = \"{}\"\n",
+            t.tcti()
+        ));
+    }
     let done = format!("STATUS=Provisioned as gw-{serial}; certificate valid until");
     let started = Instant::now();
     let mut iotd = Iotd::start(&script, dir.path(), &conf).await;
+    let elapsed = wait_provisioned(&mut iotd, &done, &log, started).await?;
+    let exit = iotd.terminate().await;
+    if exit.code() != Some(0) {
+        bail!("iotd exited with {exit} on SIGTERM, not 0");
+    }
+    if swtpm.is_none() {
+        return Ok((elapsed, None, None));
+    }
+    let provisioning = hardware_commands(&log, "provisioned: connected");
+    // A restart: straight to the session, through the TPM once more.
+    let mut again = Iotd::start(&script, dir.path(), &conf).await;
+    wait_provisioned(&mut again, &done, &log, Instant::now()).await?;
+    let reconnect = hardware_commands(&log, "connected");
+    let exit = again.terminate().await;
+    if exit.code() != Some(0) {
+        bail!("iotd exited with {exit} on SIGTERM after the restart, not 0");
+    }
+    Ok((elapsed, provisioning, reconnect))
+}
+
+/// Waits for `done`; on failure says why, with the last STATUS lines and the end of the log.
+async fn wait_provisioned(
+    iotd: &mut Iotd,
+    done: &str,
+    log: &Path,
+    started: Instant,
+) -> Result<Duration> {
     let mut statuses = Vec::new();
-    let outcome = loop {
+    let why = loop {
         // `wait_status` answers from the lines already read (`seen`) first: emptied, the next.
         iotd.seen.clear();
         let next = tokio::time::timeout_at((started + LIMIT).into(), iotd.wait_status("")).await;
         let Ok(line) = next else {
-            break Err(format!("not provisioned within {} s", LIMIT.as_secs()));
+            break format!("not provisioned within {} s", LIMIT.as_secs());
         };
-        if line.starts_with(&done) {
-            break Ok(started.elapsed());
+        if line.starts_with(done) {
+            return Ok(started.elapsed());
         } else if line.starts_with("STATUS=Failed at ") {
-            break Err(format!("iotd gave up: {line}"));
+            break format!("iotd gave up: {line}");
         } else if line.starts_with("STATUS=") {
             statuses.push(line);
         }
     };
-    let why = match outcome {
-        Ok(t) => {
-            let exit = iotd.terminate().await;
-            if exit.code() == Some(0) {
-                return Ok(t);
-            }
-            format!("iotd exited with {exit} on SIGTERM, not 0")
-        }
-        Err(why) => why,
-    };
-    drop(iotd); // kills it if it still runs
     let indent = |lines: Vec<&str>| lines.iter().fold(String::new(), |s, l| s + "\n    " + l);
     let statuses = indent(
         statuses
@@ -161,7 +220,7 @@ async fn run_once(cloud: &Cloud, exe: &Path, serial: &str) -> Result<Duration> {
             .map(String::as_str)
             .collect(),
     );
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let text = std::fs::read_to_string(log).unwrap_or_default();
     let tail = indent(
         text.lines()
             .rev()
