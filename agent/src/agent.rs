@@ -642,6 +642,29 @@ impl Agent {
         self.transition(step)
     }
 
+    /// The TLS configuration for an identity, and its certificate's notAfter; errors carry `code`
+    /// (whose identity it is decides what went wrong: the claim's files, or the state's).
+    fn client_tls(
+        &self,
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        key: Arc<dyn DeviceKey>,
+        code: ErrorCode,
+    ) -> Result<(Arc<rustls::ClientConfig>, i64), AgentError> {
+        let not_after = chain
+            .first()
+            .map(tls::certificate_not_after)
+            .transpose()
+            .map_err(|e| tls_error(code, e))?
+            .unwrap_or(i64::MAX);
+        let config = tls::client_config(
+            &self.trust,
+            TlsIdentity { chain, key },
+            self.settings.cloud.alpn,
+        )
+        .map_err(|e| tls_error(code, e))?;
+        Ok((config, not_after))
+    }
+
     /// Connects with the claim unless a claim connection is open.
     async fn claim_session<'a>(
         &self,
@@ -658,18 +681,7 @@ impl Agent {
                 .map_err(|e| tls_error(ErrorCode::ClaimMissing, e))?;
             let key = crate::keys::file::load_pem_file(&claim.key)
                 .map_err(|e| AgentError::permanent(ErrorCode::ClaimMissing, e.to_string()))?;
-            let not_after = chain
-                .first()
-                .map(tls::certificate_not_after)
-                .transpose()
-                .map_err(|e| tls_error(ErrorCode::ClaimMissing, e))?
-                .unwrap_or(i64::MAX);
-            let config = tls::client_config(
-                &self.trust,
-                TlsIdentity { chain, key },
-                self.settings.cloud.alpn,
-            )
-            .map_err(|e| tls_error(ErrorCode::ClaimMissing, e))?;
+            let (config, not_after) = self.client_tls(chain, key, ErrorCode::ClaimMissing)?;
             let identity = Identity::Claim {
                 not_after,
                 path: claim.certificate.display().to_string(),
@@ -902,18 +914,7 @@ impl Agent {
             .map_err(store_error)?;
         let chain = tls::parse_chain_pem(&pem, "the device certificate")
             .map_err(|e| tls_error(ErrorCode::Store, e))?;
-        let not_after = chain
-            .first()
-            .map(tls::certificate_not_after)
-            .transpose()
-            .map_err(|e| tls_error(ErrorCode::Store, e))?
-            .unwrap_or(i64::MAX);
-        let config = tls::client_config(
-            &self.trust,
-            TlsIdentity { chain, key },
-            self.settings.cloud.alpn,
-        )
-        .map_err(|e| tls_error(ErrorCode::Key, e))?;
+        let (config, not_after) = self.client_tls(chain, key, ErrorCode::Store)?;
         let identity = Identity::Device {
             certificate_id: certificate_id.to_owned(),
         };
