@@ -53,9 +53,16 @@ async fn demo() -> Result<()> {
     );
     let dir = tempfile::tempdir()?;
     let (script, log) = quiet_iotd(&exe, dir.path())?;
-    let conf = config(&cloud, &dir.path().join("state"), SERIAL);
+    // The embedded default: the device key lives in a TPM (a private swtpm here).
+    let tpm = iotd_testkit::swtpm::Swtpm::start();
+    let mut conf = config(&cloud, &dir.path().join("state"), SERIAL);
+    conf.push_str(&format!(
+        "\n[key]\nbackend = \"tpm\"\ntcti = \"{}\"\n",
+        tpm.tcti()
+    ));
+    println!("swtpm: a software TPM 2.0 at {}", tpm.tcti());
     println!(
-        "iotd: provisioning with the factory claim (CreateCertificateFromCsr + RegisterThing)..."
+        "iotd: provisioning with the factory claim (key in the TPM, CreateCertificateFromCsr + RegisterThing)..."
     );
     let started = Instant::now();
     let iotd = Iotd::start(&script, dir.path(), &conf).await;
@@ -145,14 +152,20 @@ async fn provision(cloud: &Cloud, watch: &mut Watch) -> Result<()> {
     if status != "ACTIVE" || principals != [cert] {
         bail!("the cloud has certificate {cert} {status} and {thing} attached to {principals:?}");
     }
-    let key = state_dir.join(format!("gen/{}/key.pem", state["generation"]));
-    let mode = std::fs::metadata(&key).with_context(|| format!("reading {}", key.display()))?;
-    let mode = mode.permissions().mode() & 0o777;
+    let generation = &state["generation"];
+    let blobs = state_dir.join(format!("gen/{generation}"));
+    for blob in ["key.pub", "key.priv"] {
+        let path = blobs.join(blob);
+        let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        if String::from_utf8_lossy(&text).contains("PRIVATE KEY") {
+            bail!("{} holds private key material", path.display());
+        }
+    }
     println!("thing name:      {thing}");
     println!("certificate id:  {cert}  (ACTIVE, the only one attached to {thing})");
     println!(
-        "device key:      {} ({mode:04o}, never left this machine)",
-        key.display()
+        "device key:      inside the TPM; {}/key.pub + key.priv are TPM-wrapped blobs (tpm2-tools framing)",
+        blobs.display()
     );
     println!(
         "time taken:      {taken:.2} s from iotd start to connected with the issued certificate"
