@@ -7,7 +7,7 @@
 //! TLS; only P-256 keys can sign a CSR.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
 use rustls::pki_types::PrivateKeyDer;
 use rustls::sign::SigningKey;
 
-use super::{DeviceKey, KeyBackend, KeyError};
+use super::{DeviceKey, KeyBackend, KeyError, remove_generation_dir, sync_dir};
 
 /// The DER of a P-256 SubjectPublicKeyInfo up to the uncompressed point: SEQUENCE {
 /// SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING (0 unused bits) }. DER is canonical, so
@@ -206,32 +206,7 @@ impl KeyBackend for FileBackend {
                 source,
             })?;
         }
-        // The directory goes too when nothing else (cert.pem) is left in it.
-        match fs::remove_dir(&gen_dir) {
-            Ok(()) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
-                ) => {}
-            Err(source) => {
-                return Err(KeyError::Io {
-                    action: ACTION,
-                    path: gen_dir,
-                    source,
-                });
-            }
-        }
-        let gen_root = self.dir.join("gen");
-        match sync_dir(&gen_root) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(KeyError::Io {
-                action: ACTION,
-                path: gen_root,
-                source,
-            }),
-        }
+        remove_generation_dir(&self.dir, &gen_dir, ACTION)
     }
 }
 
@@ -468,11 +443,6 @@ fn remove_if_exists(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
-}
-
-/// fsync of a directory: makes a rename or a new entry in it durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// Throwaway test keys (generated once with openssl for these tests; they protect nothing).

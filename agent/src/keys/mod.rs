@@ -81,3 +81,37 @@ pub trait KeyBackend: Send + Sync + fmt::Debug {
         None
     }
 }
+
+/// fsync of a directory: makes a rename or a new entry in it durable.
+pub(crate) fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Removes a key generation's directory once the backend removed its key files: only when
+/// nothing else (the certificate) is left in it, then makes that durable in `<state>/gen`.
+pub(crate) fn remove_generation_dir(
+    state_dir: &std::path::Path,
+    gen_dir: &std::path::Path,
+    action: &'static str,
+) -> Result<(), KeyError> {
+    use std::io::ErrorKind;
+    match std::fs::remove_dir(gen_dir) {
+        Err(e) if !matches!(e.kind(), ErrorKind::NotFound | ErrorKind::DirectoryNotEmpty) => {
+            return Err(KeyError::Io {
+                action,
+                path: gen_dir.to_owned(),
+                source: e,
+            });
+        }
+        _ => {}
+    }
+    let gen_root = state_dir.join("gen");
+    match sync_dir(&gen_root) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(KeyError::Io {
+            action,
+            path: gen_root,
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}

@@ -6,7 +6,7 @@
 //! size prefix is added and checked here, so that the files are byte for byte what tpm2-tools
 //! reads and writes.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -199,10 +199,7 @@ pub(crate) fn remove_if_exists(path: &Path) -> io::Result<()> {
     }
 }
 
-/// fsync of a directory: makes renames and removals in it durable.
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+pub(crate) use crate::keys::sync_dir;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -100,7 +100,6 @@ mod rc;
 mod worker;
 
 use std::fmt;
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -115,7 +114,7 @@ use tss_esapi::structures::{Private, Public};
 use self::blobs::{HANDLE_FILE, PRIVATE_FILE, PUBLIC_FILE};
 use self::worker::{TpmError, TpmThread};
 use super::file::p256_spki;
-use super::{DeviceKey, KeyBackend, KeyError};
+use super::{DeviceKey, KeyBackend, KeyError, remove_generation_dir};
 
 /// The persistent handle of the storage root key every device key is made under.
 pub const SRK_HANDLE: u32 = 0x8100_0001;
@@ -460,32 +459,7 @@ impl KeyBackend for TpmBackend {
         }
 
         self.remove_files(&gen_dir, ACTION)?;
-        // The directory goes too when nothing else (cert.pem) is left in it.
-        match fs::remove_dir(&gen_dir) {
-            Ok(()) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
-                ) => {}
-            Err(source) => {
-                return Err(KeyError::Io {
-                    action: ACTION,
-                    path: gen_dir,
-                    source,
-                });
-            }
-        }
-        let gen_root = self.dir.join("gen");
-        match blobs::sync_dir(&gen_root) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(KeyError::Io {
-                action: ACTION,
-                path: gen_root,
-                source,
-            }),
-        }
+        remove_generation_dir(&self.dir, &gen_dir, ACTION)
     }
 }
 
