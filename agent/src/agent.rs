@@ -498,7 +498,11 @@ impl Agent {
                     if e.retry == Retry::Reconnect {
                         *claim = None;
                     }
-                    let delay = backoff.next_delay();
+                    let delay = if e.code == ErrorCode::Throttled {
+                        backoff.next_delay_within(self.settings.cloud.throttle_retry_max)
+                    } else {
+                        backoff.next_delay()
+                    };
                     self.record_error(&e, Some(delay));
                     tracing::warn!(
                         step = self.state.step.name(),

@@ -95,9 +95,10 @@ impl AgentError {
     }
 }
 
-/// Full-jitter exponential backoff (AWS architecture blog's "full jitter"): each delay is
-/// uniform in [floor, min(cap, base * 2^attempt)], so that a fleet that failed together does
-/// not retry together. The floor keeps CONNECTs of one client id at most one per second.
+/// Full-jitter exponential backoff (AWS architecture blog's "full jitter") above a floor: each
+/// delay is `floor` plus a uniform share of `min(cap, base * 2^attempt)`, so that a fleet that
+/// failed together does not retry together, not even the first time (a broker restart drops
+/// every gateway at once). The floor keeps CONNECTs of one client id at most one per second.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     attempt: u32,
@@ -120,13 +121,20 @@ impl Default for Backoff {
 impl Backoff {
     /// The next delay; grows with each call until `reset`.
     pub fn next_delay(&mut self) -> Duration {
+        self.next_delay_within(self.cap)
+    }
+
+    /// The next delay with its random part at most `cap` (and the backoff's own cap): for
+    /// throttling, where the service is busy rather than broken, a short cap keeps a fleet's
+    /// last gateways from sleeping through the capacity that frees up as the others finish.
+    pub fn next_delay_within(&mut self, cap: Duration) -> Duration {
         let ceiling = self
             .base
             .saturating_mul(1u32 << self.attempt.min(20))
             .min(self.cap)
-            .max(self.floor);
+            .min(cap);
         self.attempt = self.attempt.saturating_add(1);
-        let span = ceiling.saturating_sub(self.floor).as_millis();
+        let span = ceiling.as_millis();
         let jitter = if span == 0 {
             0
         } else {
@@ -151,18 +159,43 @@ mod tests {
     #[test]
     fn backoff_grows_within_bounds_and_resets() {
         let mut b = Backoff::default();
+        let mut longest = Duration::ZERO;
         for attempt in 0..30u32 {
             let d = b.next_delay();
-            let ceiling =
-                Duration::from_secs(1u64 << attempt.min(20)).min(Duration::from_secs(300));
+            let span = Duration::from_secs(1u64 << attempt.min(20)).min(Duration::from_secs(300));
             assert!(
-                d >= Duration::from_secs(1) && d <= ceiling.max(Duration::from_secs(1)),
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(1) + span,
                 "{attempt}: {d:?}"
             );
+            longest = longest.max(d);
         }
+        assert!(longest > Duration::from_secs(30), "it grows: {longest:?}");
         b.reset();
         assert_eq!(b.attempts(), 0);
-        assert!(b.next_delay() <= Duration::from_secs(1));
+        assert!(b.next_delay() <= Duration::from_secs(2));
+    }
+
+    #[test]
+    fn first_retries_are_spread_over_a_second() {
+        let firsts: std::collections::BTreeSet<u128> = (0..50)
+            .map(|_| Backoff::default().next_delay().as_millis())
+            .collect();
+        assert!(firsts.iter().all(|ms| (1000..=2000).contains(ms)));
+        assert!(firsts.len() > 10, "first delays should differ: {firsts:?}");
+    }
+
+    #[test]
+    fn throttle_cap_bounds_the_random_part() {
+        let mut b = Backoff::default();
+        for _ in 0..30 {
+            let d = b.next_delay_within(Duration::from_secs(10));
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(11),
+                "{d:?}"
+            );
+        }
+        // The attempts still count, so a later non-throttle error backs off from there.
+        assert_eq!(b.attempts(), 30);
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub(super) struct CloudFragment {
     pub ca_bundle: Option<Spanned<String>>,
     pub keep_alive_secs: Option<Spanned<i64>>,
     pub reply_timeout_secs: Option<Spanned<i64>>,
+    pub throttle_retry_max_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

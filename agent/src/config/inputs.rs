@@ -39,6 +39,7 @@ pub(super) struct Layer {
     pub ca_bundle: Option<Located<PathBuf>>,
     pub keep_alive: Option<Located<Duration>>,
     pub reply_timeout: Option<Located<Duration>>,
+    pub throttle_retry_max: Option<Located<Duration>>,
     pub template: Option<Located<String>>,
     pub certificate_source: Option<Located<CertificateSource>>,
     pub claim_certificate: Option<Located<PathBuf>>,
@@ -65,6 +66,7 @@ impl Layer {
             ca_bundle,
             keep_alive,
             reply_timeout,
+            throttle_retry_max,
             template,
             certificate_source,
             claim_certificate,
@@ -85,6 +87,7 @@ impl Layer {
         over(&mut self.ca_bundle, ca_bundle);
         over(&mut self.keep_alive, keep_alive);
         over(&mut self.reply_timeout, reply_timeout);
+        over(&mut self.throttle_retry_max, throttle_retry_max);
         over(&mut self.template, template);
         over(&mut self.certificate_source, certificate_source);
         over(&mut self.claim_certificate, claim_certificate);
@@ -130,6 +133,7 @@ impl Layer {
             ca_bundle,
             keep_alive_secs,
             reply_timeout_secs,
+            throttle_retry_max_secs,
         } = cloud;
         self.endpoint = check.opt("cloud.endpoint", endpoint, host_name)?;
         self.port = check.opt("cloud.port", port, |p| {
@@ -148,6 +152,11 @@ impl Layer {
         self.reply_timeout = check.opt("cloud.reply_timeout_secs", reply_timeout_secs, |s| {
             seconds(s, 5, 300)
         })?;
+        self.throttle_retry_max = check.opt(
+            "cloud.throttle_retry_max_secs",
+            throttle_retry_max_secs,
+            |s| seconds(s, 1, 300),
+        )?;
         Ok(())
     }
 

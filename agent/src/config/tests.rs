@@ -55,6 +55,7 @@ fn defaults_apply_when_only_required_keys_are_set() {
     assert_eq!(s.cloud.ca_bundle, None);
     assert_eq!(s.cloud.keep_alive, Duration::from_secs(300));
     assert_eq!(s.cloud.reply_timeout, Duration::from_secs(30));
+    assert_eq!(s.cloud.throttle_retry_max, Duration::from_secs(10));
     assert_eq!(s.provisioning.template, "gw-template");
     assert_eq!(s.provisioning.certificate_source, CertificateSource::Csr);
     assert!(s.provisioning.claim.is_none());
@@ -77,6 +78,7 @@ fn every_key_is_read() {
         ca_bundle = "/etc/iotd/ca.pem"
         keep_alive_secs = 60
         reply_timeout_secs = 10
+        throttle_retry_max_secs = 60
         [provisioning]
         certificate_source = "cloud-generated"
         claim_certificate = "/c/claim.pem"
@@ -95,6 +97,7 @@ fn every_key_is_read() {
     assert_eq!(s.cloud.ca_bundle, Some(PathBuf::from("/etc/iotd/ca.pem")));
     assert_eq!(s.cloud.keep_alive, Duration::from_secs(60));
     assert_eq!(s.cloud.reply_timeout, Duration::from_secs(10));
+    assert_eq!(s.cloud.throttle_retry_max, Duration::from_secs(60));
     assert_eq!(
         s.provisioning.certificate_source,
         CertificateSource::CloudGenerated
@@ -330,7 +333,8 @@ fn unknown_nested_key_is_refused() {
     assert_eq!(
         error_of("cloud.keepalive = 30\n"),
         "/d/20-site.toml:1:7: key cloud.keepalive: unknown key (expected one of: \
-         endpoint, port, alpn, ca_bundle, keep_alive_secs, reply_timeout_secs)"
+         endpoint, port, alpn, ca_bundle, keep_alive_secs, reply_timeout_secs, \
+         throttle_retry_max_secs)"
     );
     assert_eq!(
         error_of("[provisioning.parameters]\nSerial = { fil = \"/x\" }\n"),
@@ -449,6 +453,10 @@ fn invalid_values_are_refused_with_file_line_column_and_key() {
         (
             "[cloud]\nreply_timeout_secs = 301\n",
             "/d/20-site.toml:2:22: key cloud.reply_timeout_secs: 301 is out of range (5 to 300 seconds)",
+        ),
+        (
+            "[cloud]\nthrottle_retry_max_secs = 0\n",
+            "/d/20-site.toml:2:27: key cloud.throttle_retry_max_secs: 0 is out of range (1 to 300 seconds)",
         ),
         (
             "[cloud]\nreply_timeout_secs = -1\n",
@@ -987,6 +995,7 @@ fn the_shipped_file_documents_the_real_defaults() {
     assert_eq!(d.cloud.alpn, b.cloud.alpn);
     assert_eq!(d.cloud.keep_alive, b.cloud.keep_alive);
     assert_eq!(d.cloud.reply_timeout, b.cloud.reply_timeout);
+    assert_eq!(d.cloud.throttle_retry_max, b.cloud.throttle_retry_max);
     assert_eq!(
         d.provisioning.certificate_source,
         b.provisioning.certificate_source

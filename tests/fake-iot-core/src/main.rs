@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use fake_iot_core::faults::Api;
 use fake_iot_core::run::{self, Options};
 use fake_iot_core::template::Override;
 
@@ -41,6 +42,12 @@ struct Args {
     /// Allow CONNECTs of one client id more often than once per second (AWS does not).
     #[arg(long)]
     no_connect_throttle: bool,
+    /// Answers 429 above N requests per second of API (RegisterThing, CreateCertificateFromCsr,
+    /// CreateKeysAndCertificate, Jobs) or refuses CONNECTs above N per second account-wide
+    /// (Connect). `--throttle aws` sets AWS's published defaults: RegisterThing=10,
+    /// CreateCertificateFromCsr=15, Connect=500.
+    #[arg(long = "throttle", value_name = "API=N|aws", value_parser = parse_throttle)]
+    throttles: Vec<Vec<(Api, u32)>>,
     /// Let an ownership token be used for more than one RegisterThing.
     #[arg(long)]
     reusable_tokens: bool,
@@ -66,6 +73,26 @@ fn name_value(s: &str) -> Result<(String, String), String> {
         return Err(format!("expected NAME=VALUE, got {s:?}"));
     }
     Ok((name.to_owned(), value.to_owned()))
+}
+
+fn parse_throttle(s: &str) -> Result<Vec<(Api, u32)>, String> {
+    if s == "aws" {
+        return Ok(fake_iot_core::server::AWS_QUOTAS.to_vec());
+    }
+    let (api, n) = name_value(s)?;
+    let api: Api =
+        serde_json::from_value(serde_json::Value::String(api.clone())).map_err(|_| {
+            format!(
+                "unknown API {api:?} (expected Connect, CreateKeysAndCertificate, \
+             CreateCertificateFromCsr, RegisterThing or Jobs)"
+            )
+        })?;
+    let n = n
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{n:?} is not a positive number of requests per second"))?;
+    Ok(vec![(api, n)])
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -105,13 +132,21 @@ fn main() -> ExitCode {
     if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
         let _ = rlimit::Resource::NOFILE.set(hard, hard);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FAKE_IOT_CORE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rustls=error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::filter::Targets;
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let filter = std::env::var("FAKE_IOT_CORE_LOG")
+            .ok()
+            .and_then(|text| text.parse::<Targets>().ok())
+            .or_else(|| "warn,rustls=error".parse().ok())
+            .unwrap_or_default();
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .finish()
+            .with(filter)
+            .init();
+    }
     let mut settings = fake_iot_core::Settings::new(args.state_dir.clone());
     settings.region = args.region;
     settings.account = args.account;
@@ -121,6 +156,7 @@ fn main() -> ExitCode {
     settings.single_use_tokens = !args.reusable_tokens;
     settings.disconnect_on_denied_publish = !args.keep_connection_on_denied_publish;
     settings.default_override = args.default_override;
+    settings.throttles = args.throttles.into_iter().flatten().collect();
     let options = Options {
         settings,
         mqtt: args.mqtt,

@@ -42,7 +42,19 @@ pub struct Settings {
     /// What RegisterThing does for a thing property that OverrideSettings does not mention.
     pub default_override: Override,
     pub hook_timeout: Duration,
+    /// Requests per second above which an API answers 429 (for `Connect`: the account-wide
+    /// CONNECT rate, refused in the CONNACK). None by default; AWS's are in `AWS_QUOTAS`.
+    pub throttles: Vec<(Api, u32)>,
 }
+
+/// AWS's published defaults (archived quota table): RegisterThing 10/s,
+/// CreateCertificateFromCsr 15/s, CONNECT 500/s per account. The current MQTT fleet
+/// provisioning rates are not published where we could read them: configurable, not asserted.
+pub const AWS_QUOTAS: [(Api, u32); 3] = [
+    (Api::RegisterThing, 10),
+    (Api::CreateCertificateFromCsr, 15),
+    (Api::Connect, 500),
+];
 
 impl Settings {
     pub fn new(state_dir: PathBuf) -> Self {
@@ -58,6 +70,7 @@ impl Settings {
             connect_gap: Some(Duration::from_secs(1)),
             default_override: Override::Replace,
             hook_timeout: Duration::from_secs(5),
+            throttles: Vec::new(),
         }
     }
 
@@ -172,7 +185,10 @@ fn payload_text(payload: &[u8]) -> String {
 
 impl Shared {
     pub fn new(settings: Settings, clock: Arc<Clock>, ca: Authority, registry: Registry) -> Self {
-        let faults = Faults::new(settings.connect_gap);
+        let mut faults = Faults::new(settings.connect_gap);
+        for (api, per_second) in &settings.throttles {
+            faults.set_throttle(*api, Some(*per_second));
+        }
         Self {
             settings,
             clock,
@@ -750,6 +766,13 @@ fn check_connect(
         return Some((
             ConnAckCode::RateExceeded,
             format!("more than one CONNECT per second for client id {client_id}"),
+        ));
+    }
+    // The account-wide CONNECT rate (AWS: 500/s, adjustable), set like the APIs' throttles.
+    if !lock(&shared.faults).admit(Api::Connect) {
+        return Some((
+            ConnAckCode::RateExceeded,
+            "over the account's CONNECT rate".to_owned(),
         ));
     }
     let status = shared.read(|reg| reg.certificates.get(cert_id).map(|c| c.status));

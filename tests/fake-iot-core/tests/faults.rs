@@ -197,3 +197,69 @@ async fn connect_fault_and_token_expiry_now() {
         .await;
     assert_eq!(status, 400, "a bad rule is refused with a reason");
 }
+
+#[tokio::test]
+async fn throttle_flags_set_quotas_at_start_including_the_account_connect_rate() {
+    let fake = Fake::start(
+        &[("gw", device_template())],
+        &[
+            "--claim",
+            "factory=gw",
+            "--throttle",
+            "Connect=1",
+            "--throttle",
+            "RegisterThing=3",
+        ],
+    )
+    .await;
+    let claim = fake.claim("factory");
+    let (_, _, faults) = fake.http("GET", "/_fake/faults", None).await;
+    assert_eq!(
+        faults["throttles"],
+        json!({"Connect": 1, "RegisterThing": 3})
+    );
+    // Two client ids within a second: the account rate refuses the second, whoever it is.
+    let started = Instant::now();
+    let _first = Mqtt::connect(&fake, &claim, "first").await.unwrap();
+    let refused = Mqtt::connect(&fake, &claim, "second").await.refusal();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "both CONNECTs must fall in one second for this test to mean anything"
+    );
+    // MQTT 3.1.1 has no reason code for it: the connection is closed, as AWS does.
+    assert!(!refused.is_empty());
+    let log = fake.messages("kind=refused&clientId=second").await;
+    assert_eq!(
+        log[0]["detail"], "over the account's CONNECT rate",
+        "{log:?}"
+    );
+    let (_, _, faults) = fake.http("GET", "/_fake/faults", None).await;
+    assert_eq!(faults["stats"]["throttled"]["Connect"], 1);
+}
+
+#[tokio::test]
+async fn throttle_flag_aws_and_bad_values() {
+    let fake = Fake::start(
+        &[("gw", device_template())],
+        &["--claim", "factory=gw", "--throttle", "aws"],
+    )
+    .await;
+    let (_, _, faults) = fake.http("GET", "/_fake/faults", None).await;
+    assert_eq!(
+        faults["throttles"],
+        json!({"Connect": 500, "CreateCertificateFromCsr": 15, "RegisterThing": 10})
+    );
+    for (bad, says) in [
+        ("RegisterThng=3", "unknown API \"RegisterThng\""),
+        ("RegisterThing=0", "not a positive number"),
+        ("RegisterThing", "expected NAME=VALUE"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fake-iot-core"))
+            .args(["--state-dir", "/nonexistent", "--throttle", bad])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains(says), "{bad}: {stderr}");
+    }
+}
