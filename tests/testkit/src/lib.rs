@@ -27,6 +27,21 @@ pub fn gateway_template() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fake-iot-core/templates/gateway.json")
 }
 
+/// `nproc` × the CPU's model name, for benchmark reports.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, m)| m.trim())
+        })
+        .unwrap_or("unknown CPU");
+    format!("{cpus} × {model}")
+}
+
 /// The cloud side: fake-iot-core running in this test's runtime.
 pub struct Cloud {
     running: Option<Running>,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use iotd_testkit::{Cloud, Iotd, WAIT, config};
+use iotd_testkit::{Cloud, Iotd, WAIT, config, machine};
 
 /// How long one run may take; shorter than the harness's own limit, so that a slow run is
 /// reported here (with its STATUS lines) rather than by a panic in the harness.
@@ -129,21 +129,6 @@ fn hardware_commands(log: &Path, marker: &str) -> Option<u64> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// `nproc` × the CPU's model name.
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")?
-                .split_once(':')
-                .map(|(_, m)| m.trim())
-        })
-        .unwrap_or("unknown CPU");
-    format!("{cpus} × {model}")
 }
 
 /// One gateway provisioned from scratch: its time, and with a TPM the TPM commands iotd sent
