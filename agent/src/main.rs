@@ -6,17 +6,54 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
 use iotd::config::{self, ConfigPaths, KeySettings};
 
-/// Owns this gateway's AWS IoT identity: device key, fleet provisioning, MQTT session.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    /// Main configuration file; drop-ins are read from `config.d/` beside it. Default:
-    /// /etc/iotd/config.toml with /usr/lib/iotd/config.d, /etc/iotd/config.d, /run/iotd/config.d.
-    #[arg(long)]
-    config: Option<PathBuf>,
+const USAGE: &str = "\
+Owns this gateway's AWS IoT identity: device key, fleet provisioning, MQTT session.
+
+Usage: iotd [--config FILE]
+
+Options:
+  --config FILE  Main configuration file; drop-ins are read from config.d/ beside it.
+                 Default: /etc/iotd/config.toml with /usr/lib/iotd/config.d,
+                 /etc/iotd/config.d, /run/iotd/config.d.
+  -h, --help     Print this help.
+  -V, --version  Print the version.
+";
+
+/// What the command line asks for. One option does not justify an argument-parsing library
+/// in a daemon that must fit in a gateway's flash (clap was 0.3 MB of the binary).
+#[derive(Debug, PartialEq, Eq)]
+enum Invocation {
+    Run { config: Option<PathBuf> },
+    Help,
+    Version,
+}
+
+fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Invocation, String> {
+    let mut config = None;
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy();
+        let value = match text.as_ref() {
+            "-h" | "--help" => return Ok(Invocation::Help),
+            "-V" | "--version" => return Ok(Invocation::Version),
+            "--config" => args
+                .next()
+                .ok_or("--config needs a FILE: iotd --config /etc/iotd/config.toml")?,
+            other if other.starts_with("--config=") => {
+                std::ffi::OsString::from(&other["--config=".len()..])
+            }
+            other => return Err(format!("unexpected argument {other:?}; see iotd --help")),
+        };
+        if value.is_empty() {
+            return Err("--config needs a FILE, not an empty string".to_owned());
+        }
+        if config.replace(PathBuf::from(value)).is_some() {
+            return Err("--config is given twice".to_owned());
+        }
+    }
+    Ok(Invocation::Run { config })
 }
 
 /// What iotd logs when IOTD_LOG does not say: its own info, the libraries' warnings.
@@ -57,9 +94,23 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let config = match parse_args(std::env::args_os().skip(1)) {
+        Ok(Invocation::Run { config }) => config,
+        Ok(Invocation::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Invocation::Version) => {
+            println!("iotd {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("iotd: {e}");
+            return ExitCode::from(2);
+        }
+    };
     init_logging();
-    let paths = match &args.config {
+    let paths = match &config {
         Some(path) => ConfigPaths::for_main(path),
         None => ConfigPaths::system(),
     };
@@ -142,4 +193,40 @@ fn main() -> ExitCode {
         tracing::info!("stopping");
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Invocation, String> {
+        parse_args(args.iter().map(std::ffi::OsString::from))
+    }
+
+    #[test]
+    fn arguments() {
+        assert_eq!(parse(&[]), Ok(Invocation::Run { config: None }));
+        let at = Some(PathBuf::from("/x/c.toml"));
+        assert_eq!(
+            parse(&["--config", "/x/c.toml"]),
+            Ok(Invocation::Run { config: at.clone() })
+        );
+        assert_eq!(
+            parse(&["--config=/x/c.toml"]),
+            Ok(Invocation::Run { config: at })
+        );
+        assert_eq!(parse(&["--config", "/x", "--help"]), Ok(Invocation::Help));
+        assert_eq!(parse(&["-V"]), Ok(Invocation::Version));
+        for (args, says) in [
+            (&["--config"][..], "--config needs a FILE"),
+            (&["--config="][..], "not an empty string"),
+            (&["--config", "a", "--config", "b"][..], "given twice"),
+            (&["--confg", "a"][..], "unexpected argument \"--confg\""),
+            (&["run"][..], "unexpected argument \"run\""),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+    }
 }

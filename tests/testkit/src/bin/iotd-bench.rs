@@ -1,46 +1,59 @@
-//! `make bench`: how long iotd takes to provision. Each run is a new gateway (fresh state
-//! directory, new serial, so a new thing and its own claim client id) against one fake-iot-core
-//! in this process; the time is from just before iotd is spawned to its STATUS line
-//! "Provisioned as …; certificate valid until …" (connected with the issued certificate).
+//! `make bench`: iotd side by side with a client written with AWS's own device SDK, and what
+//! iotd costs a gateway. One fake-iot-core in this process serves every run; iotd and the SDK
+//! client are child processes. Prints one table.
+//!
+//! Provisioning: each run is a new gateway (fresh state directory, new serial, so a new thing
+//! and its own claim client id); the time is from just before the process is spawned to the
+//! moment it is connected with the certificate it was issued (iotd's STATUS "Provisioned as …;
+//! certificate valid until …", the SDK client's "connected" line).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use iotd_testkit::dbus_daemon::DbusDaemon;
 use iotd_testkit::{Cloud, Iotd, WAIT, config, machine};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// How long one run may take; shorter than the harness's own limit, so that a slow run is
 /// reported here (with its STATUS lines) rather than by a panic in the harness.
 const LIMIT: Duration = Duration::from_secs(20);
 const _: () = assert!(LIMIT.as_secs() < WAIT.as_secs());
 
-/// Reports the median/min/max time from iotd's start with a factory claim to "provisioned".
+/// The shipped unit's WatchdogSec=30s: iotd pings every 15 s, as it would in production.
+const WATCHDOG_USEC: &str = "30000000";
+
+/// tokio's idle blocking threads (DNS lookups, file I/O) exit after 10 s; the idle window starts
+/// after that, so that it measures the steady state and no thread's wake-ups vanish with it.
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// Measures iotd against AWS's Python device SDK on the same local fake AWS IoT Core, and
+/// iotd's footprint: memory, binary size, start-up, idle CPU and wake-ups, reconnects.
 ///
-/// "Provisioned" is iotd connected with the certificate it was issued, against a local fake AWS
-/// IoT Core in this process. Each run is a new gateway: fresh state directory, new serial.
-///
-/// The figures mean something only for a release build of iotd, which is looked for next to
-/// this binary: run it as `make bench`, which builds both in release. iotd is started through a
-/// two-line /bin/sh script that execs it with its log in a file (about 0.5 ms of each run).
+/// The figures mean something only for release builds, which are looked for next to this
+/// binary: run it as `make bench`, which builds them.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Number of runs.
+    /// Runs of each provisioning client, and of start-up to READY=1.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
-    /// Key backends to measure: file, tpm (a fresh swtpm per run), or both.
-    #[arg(long, default_value = "both", value_parser = ["file", "tpm", "both"])]
-    key: String,
+    /// Seconds of idle (connected, nothing to do) over which CPU time and wake-ups are counted.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_secs: u64,
+    /// Disconnects forced by the fake on a provisioned iotd, to show that nothing grows.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    reconnects: u32,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     // The harness panics when it cannot set something up: a failed benchmark like any other.
-    let cause = match tokio::spawn(bench(args.runs, args.key)).await {
+    let cause = match tokio::spawn(bench(args)).await {
         Ok(Ok(())) => return ExitCode::SUCCESS,
         Ok(Err(e)) => format!("{e:#}"),
         Err(panic) => panic.to_string(),
@@ -49,72 +62,758 @@ async fn main() -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn bench(runs: u32, key: String) -> Result<()> {
-    let exe = std::env::current_exe()?.with_file_name("iotd");
-    if !exe.is_file() {
-        bail!(
-            "{} is missing: run `make bench`, which builds it (release)",
-            exe.display()
-        );
+/// One line of the table: a measure with its runs, or a single figure.
+struct Row {
+    measure: String,
+    median: String,
+    min: String,
+    max: String,
+    runs: String,
+    target: String,
+}
+
+impl Row {
+    fn one(measure: impl Into<String>, value: String, target: &str) -> Row {
+        Row {
+            measure: measure.into(),
+            median: value,
+            min: "".into(),
+            max: "".into(),
+            runs: "1".into(),
+            target: target.into(),
+        }
     }
+
+    fn spread(
+        measure: impl Into<String>,
+        values: &[f64],
+        show: impl Fn(f64) -> String,
+        target: &str,
+    ) -> Row {
+        let s = Spread::of(values);
+        Row {
+            measure: measure.into(),
+            median: show(s.median),
+            min: show(s.min),
+            max: show(s.max),
+            runs: values.len().to_string(),
+            target: target.into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: &[f64]) -> Spread {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n == 0 {
+            return Spread::default();
+        }
+        Spread {
+            median: (v[(n - 1) / 2] + v[n / 2]) / 2.0,
+            min: v[0],
+            max: v[n - 1],
+        }
+    }
+}
+
+fn ms(v: f64) -> String {
+    format!("{v:.1} ms")
+}
+
+fn mib(kib: f64) -> String {
+    format!("{:.1} MiB", kib / 1024.0)
+}
+
+fn verdict(met: bool, text: &str) -> String {
+    format!("{text}: {}", if met { "met" } else { "MISSED" })
+}
+
+async fn bench(args: Args) -> Result<()> {
+    let dir = std::env::current_exe()?;
+    let exe = dir.with_file_name("iotd");
+    let iotctl = dir.with_file_name("iotctl");
+    for binary in [&exe, &iotctl] {
+        if !binary.is_file() {
+            bail!(
+                "{} is missing: run `make bench`, which builds it (release)",
+                binary.display()
+            );
+        }
+    }
+    let python = python()?;
     let cloud = Cloud::start().await;
     let mut rows = Vec::new();
+
+    // 1. Claim -> connected with the issued certificate, three clients in turn.
+    let mut file = Vec::new();
+    let mut file_peak = Vec::new();
+    let mut file_pss = Vec::new();
+    let mut tpm = Vec::new();
+    let mut tpm_peak = Vec::new();
+    let mut commands = None;
+    let mut sdk = Vec::new();
+    let mut sdk_own = Vec::new();
     let mut failed = 0;
-    for backend in ["file", "tpm"] {
-        if key != "both" && key != backend {
-            continue;
-        }
-        let mut times = Vec::new();
-        let mut commands = (None, None);
-        for run in 1..=runs {
-            let serial = format!("bench-{backend}-{run:03}");
-            match run_once(&cloud, &exe, &serial, backend == "tpm").await {
-                Ok((t, provisioning, reconnect)) => {
-                    println!(
-                        "{backend} run {run:>3}: gw-{serial} provisioned in {:.1} ms",
-                        ms(t)
-                    );
-                    times.push(t);
-                    commands = (provisioning, reconnect);
-                }
-                Err(e) => {
-                    failed += 1;
-                    eprintln!("{backend} run {run:>3}: gw-{serial} FAILED: {e:#}");
-                }
+    for run in 1..=args.runs {
+        // Interleaved, so that a slow spell of the machine hits every client alike.
+        let serial = format!("bench-file-{run:03}");
+        match provision_iotd(&cloud, &exe, &serial, None).await {
+            Ok(r) => {
+                file.push(r.elapsed);
+                file_peak.push(r.peak_rss_kib);
+                file_pss.push(r.pss_kib);
             }
+            Err(e) => fail(&mut failed, &serial, &e),
         }
-        times.sort();
-        let n = times.len();
-        if let (Some(min), Some(max)) = (times.first(), times.last()) {
-            let median = (times[(n - 1) / 2] + times[n / 2]) / 2;
-            let tpm = match commands {
-                (Some(p), Some(r)) => format!("{p} / {r}"),
-                _ => "-".to_owned(),
-            };
-            rows.push(format!(
-                "| {backend} | {n} | {:.1} ms | {:.1} ms | {:.1} ms | {tpm} |",
-                ms(median),
-                ms(*min),
-                ms(*max)
-            ));
+        let serial = format!("bench-tpm-{run:03}");
+        let swtpm = iotd_testkit::swtpm::Swtpm::start();
+        match provision_iotd(&cloud, &exe, &serial, Some(&swtpm)).await {
+            Ok(r) => {
+                tpm.push(r.elapsed);
+                tpm_peak.push(r.peak_rss_kib);
+                commands = r.tpm_commands;
+            }
+            Err(e) => fail(&mut failed, &serial, &e),
         }
+        let serial = format!("bench-sdk-{run:03}");
+        match provision_sdk(&cloud, &python, &serial).await {
+            Ok((elapsed, own)) => {
+                sdk.push(elapsed);
+                sdk_own.push(own);
+            }
+            Err(e) => fail(&mut failed, &serial, &e),
+        }
+        eprintln!(
+            "provisioning run {run:>3}/{}: iotd file {}, iotd swtpm {}, SDK {}",
+            args.runs,
+            last_ms(&file),
+            last_ms(&tpm),
+            last_ms(&sdk)
+        );
     }
+    let to_ms = |v: &[Duration]| v.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>();
+    let (file_ms, tpm_ms, sdk_ms) = (to_ms(&file), to_ms(&tpm), to_ms(&sdk));
+    let sdk_median = Spread::of(&sdk_ms).median;
+    let ratio_of = |v: &[f64]| Spread::of(v).median / sdk_median;
+    rows.push(Row::spread(
+        "claim → connected with the issued certificate, process start included: iotd, file key",
+        &file_ms,
+        ms,
+        &verdict(ratio_of(&file_ms) <= 0.5, "≤ 0.5× SDK"),
+    ));
+    rows.push(Row::spread(
+        "… iotd, key in swtpm (a fresh swtpm per run)",
+        &tpm_ms,
+        ms,
+        &verdict(ratio_of(&tpm_ms) <= 0.5, "≤ 0.5× SDK"),
+    ));
+    rows.push(Row::spread(
+        format!(
+            "… AWS IoT Device SDK for Python (awsiotsdk {}, iotidentity, CSR, MQTT 3.1.1)",
+            sdk_version(&python)
+        ),
+        &sdk_ms,
+        ms,
+        "",
+    ));
+    rows.push(Row::spread(
+        "… the same SDK client by its own clock (after Python's start and imports)",
+        &sdk_own,
+        ms,
+        "",
+    ));
+    rows.push(Row::one(
+        "ratio iotd file key / SDK (medians)",
+        format!("{:.3}×", ratio_of(&file_ms)),
+        "",
+    ));
+    rows.push(Row::one(
+        "ratio iotd swtpm / SDK (medians)",
+        format!("{:.3}×", ratio_of(&tpm_ms)),
+        "",
+    ));
+    if let Some((p, r)) = commands {
+        rows.push(Row::one(
+            "TPM commands: provisioning on a fresh TPM / a restart until connected",
+            format!("{p} / {r}"),
+            "",
+        ));
+    }
+    rows.push(Row::spread(
+        "RSS peak (VmHWM) of a provisioning iotd, file key",
+        &file_peak,
+        mib,
+        "",
+    ));
+    rows.push(Row::spread(
+        "RSS peak (VmHWM) of a provisioning iotd, key in swtpm",
+        &tpm_peak,
+        mib,
+        "",
+    ));
+    rows.push(Row::spread(
+        "PSS of iotd just provisioned, file key",
+        &file_pss,
+        mib,
+        "",
+    ));
+
+    // 2. One resident gateway: start-up, idle, reconnects.
+    let resident = Resident::provision(&cloud, &exe).await?;
+    let bus = DbusDaemon::start(
+        &[&repo().join("packaging/dbus/io.iotd.Agent1.conf")],
+        Some(r#"<policy user="root"><allow own="io.iotd.Agent1"/></policy>"#),
+    );
+    let mut ready = Vec::new();
+    for _ in 0..args.runs {
+        ready.push(resident.time_to_ready(bus.address()).await?);
+    }
+    rows.push(Row::spread(
+        "start → READY=1 (provisioned, file key, bus name owned)",
+        &ready,
+        ms,
+        "",
+    ));
+    let idle = resident.idle(&cloud, bus.address(), &args).await?;
+    rows.push(Row::one(
+        format!(
+            "RSS idle, connected, after {} s + {} s idle",
+            SETTLE.as_secs(),
+            args.idle_secs
+        ),
+        mib(idle.rss_kib),
+        &verdict(idle.rss_kib <= 8.0 * 1024.0, "≤ 8 MB"),
+    ));
+    rows.push(Row::one("PSS idle, same moment", mib(idle.pss_kib), ""));
+    rows.push(Row::one(
+        format!("CPU time over {} s idle", args.idle_secs),
+        if idle.cpu_ms == 0.0 {
+            format!("< {:.0} ms", idle.tick_ms)
+        } else {
+            format!("{:.0} ms", idle.cpu_ms)
+        },
+        "",
+    ));
+    rows.push(Row::one(
+        format!(
+            "wake-ups over {} s idle (voluntary context switches, all threads; watchdog on)",
+            args.idle_secs
+        ),
+        format!(
+            "{:.2}/s ({} in {} s)",
+            idle.wakeups as f64 / args.idle_secs as f64,
+            idle.wakeups,
+            args.idle_secs
+        ),
+        &verdict(idle.wakeups <= args.idle_secs, "≤ 1/s"),
+    ));
+    let growth = idle.reconnects;
+    rows.push(Row::one(
+        format!(
+            "{} forced reconnects: RSS after the 1st → after the last (highest)",
+            args.reconnects
+        ),
+        format!(
+            "{} → {} ({})",
+            mib(growth.rss_first),
+            mib(growth.rss_last),
+            mib(growth.rss_max)
+        ),
+        "",
+    ));
+    rows.push(Row::one(
+        format!(
+            "{} forced reconnects: open fds after the 1st → after the last (highest)",
+            args.reconnects
+        ),
+        format!(
+            "{} → {} ({})",
+            growth.fds_first, growth.fds_last, growth.fds_max
+        ),
+        &verdict(growth.fds_last <= growth.fds_first, "no growth"),
+    ));
+    rows.push(Row::one(
+        format!(
+            "{} forced reconnects: disconnect → connected again",
+            args.reconnects
+        ),
+        format!(
+            "median {}, max {}",
+            ms(Spread::of(&growth.gaps_ms).median),
+            ms(Spread::of(&growth.gaps_ms).max)
+        ),
+        "",
+    ));
     cloud.stop().await;
+
+    // 3. Binary sizes.
+    for (name, binary, target) in [("iotd", &exe, Some(5.0)), ("iotctl", &iotctl, None)] {
+        let size = stripped_size(binary)? as f64 / 1e6;
+        rows.push(Row::one(
+            format!("stripped {name} (x86_64, release profile: opt-level z, fat LTO)"),
+            format!("{size:.2} MB"),
+            &target.map_or_else(String::new, |t| verdict(size <= t, "≤ 5 MB")),
+        ));
+    }
+
     println!();
     println!(
-        "iotd: start with the factory claim -> provisioned (connected with the issued certificate), {}",
+        "iotd-bench: {} (fake-iot-core in the harness, iotd and the SDK client as processes)",
         machine()
     );
     println!();
-    println!("| key | runs | median | min | max | TPM commands: provisioning / reconnect |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    for row in rows {
-        println!("{row}");
+    println!("| measure | median | min | max | runs | target |");
+    println!("|---|---:|---:|---:|---:|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.measure, r.median, r.min, r.max, r.runs, r.target
+        );
     }
     if failed > 0 {
-        bail!("{failed} runs failed");
+        bail!("{failed} provisioning runs failed");
     }
     Ok(())
+}
+
+fn fail(failed: &mut u32, serial: &str, e: &anyhow::Error) {
+    *failed += 1;
+    eprintln!("{serial} FAILED: {e:#}");
+}
+
+fn last_ms(v: &[Duration]) -> String {
+    v.last()
+        .map_or_else(|| "-".to_owned(), |d| ms(d.as_secs_f64() * 1e3))
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The venv `make setup` made (IOTD_VENV, as the Makefile exports it, or target/venv).
+fn python() -> Result<PathBuf> {
+    let venv =
+        std::env::var_os("IOTD_VENV").map_or_else(|| repo().join("target/venv"), PathBuf::from);
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        bail!(
+            "{} is missing: run `make bench` (or scripts/python-venv.sh)",
+            python.display()
+        );
+    }
+    Ok(python)
+}
+
+fn sdk_version(python: &Path) -> String {
+    std::process::Command::new(python)
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('awsiotsdk'))",
+        ])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "?".to_owned())
+}
+
+/// A process's memory and descriptors, from /proc.
+mod procfs {
+    use std::path::Path;
+
+    fn field_kib(text: &str, name: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    pub fn status_kib(pid: u32, name: &str) -> Option<f64> {
+        field_kib(
+            &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+            name,
+        )
+    }
+
+    pub fn pss_kib(pid: u32) -> Option<f64> {
+        field_kib(
+            &std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?,
+            "Pss",
+        )
+    }
+
+    pub fn fds(pid: u32) -> usize {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+    }
+
+    /// utime + stime in clock ticks (of every thread, dead ones included).
+    pub fn cpu_ticks(pid: u32) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may hold spaces: fields are counted after its closing parenthesis.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat(5), so 11 and 12 after the name.
+        Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    }
+
+    /// Voluntary context switches of every live thread: each is a thread going to sleep, so
+    /// each wake-up is one (pre-emptions, the involuntary ones, depend on the machine's load).
+    pub fn wakeups(pid: u32) -> u64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return 0;
+        };
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .map(|s| field_kib(&s, "voluntary_ctxt_switches").unwrap_or(0.0) as u64)
+            .sum()
+    }
+
+    pub fn threads(pid: u32) -> usize {
+        std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count)
+    }
+
+    pub fn clock_tick_ms() -> f64 {
+        let hz = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(100.0);
+        1000.0 / hz
+    }
+
+    pub fn exists(pid: u32) -> bool {
+        Path::new(&format!("/proc/{pid}")).exists()
+    }
+}
+
+struct Provisioned {
+    elapsed: Duration,
+    peak_rss_kib: f64,
+    pss_kib: f64,
+    /// With a TPM: commands to provision, and to reconnect after a restart.
+    tpm_commands: Option<(u64, u64)>,
+}
+
+/// One gateway provisioned from scratch by iotd.
+async fn provision_iotd(
+    cloud: &Cloud,
+    exe: &Path,
+    serial: &str,
+    swtpm: Option<&iotd_testkit::swtpm::Swtpm>,
+) -> Result<Provisioned> {
+    let dir = tempfile::tempdir()?;
+    let (script, log) = quiet_iotd(exe, dir.path())?;
+    let mut conf = config(cloud, &dir.path().join("state"), serial);
+    if let Some(t) = swtpm {
+        conf.push_str(&format!(
+            "\n[key]\nbackend = \"tpm\"\ntcti = \"{}\"\n",
+            t.tcti()
+        ));
+    }
+    let done = format!("STATUS=Provisioned as gw-{serial}; certificate valid until");
+    let started = Instant::now();
+    let mut iotd = Iotd::start(&script, dir.path(), &conf).await;
+    let elapsed = wait_for(&mut iotd, &done, &log, started).await?;
+    let pid = iotd.pid().context("iotd's pid")?;
+    let peak_rss_kib = procfs::status_kib(pid, "VmHWM").context("reading VmHWM")?;
+    let pss_kib = procfs::pss_kib(pid).context("reading Pss")?;
+    let exit = iotd.terminate().await;
+    if exit.code() != Some(0) {
+        bail!("iotd exited with {exit} on SIGTERM, not 0");
+    }
+    let mut result = Provisioned {
+        elapsed,
+        peak_rss_kib,
+        pss_kib,
+        tpm_commands: None,
+    };
+    if swtpm.is_some() {
+        let provisioning = hardware_commands(&log, "provisioned: connected");
+        // A restart: straight to the session, through the TPM once more.
+        let mut again = Iotd::start(&script, dir.path(), &conf).await;
+        wait_for(&mut again, &done, &log, Instant::now()).await?;
+        let reconnect = hardware_commands(&log, "connected");
+        let exit = again.terminate().await;
+        if exit.code() != Some(0) {
+            bail!("iotd exited with {exit} on SIGTERM after the restart, not 0");
+        }
+        result.tpm_commands = provisioning.zip(reconnect);
+    }
+    Ok(result)
+}
+
+/// One gateway provisioned from scratch by tests/interop/fleet_provision.py, a client written
+/// with AWS's device SDK the way AWS's samples do (CSR flow, P-256 key, MQTT 3.1.1): its time
+/// from spawn, and by its own clock.
+async fn provision_sdk(cloud: &Cloud, python: &Path, serial: &str) -> Result<(Duration, f64)> {
+    let out = tempfile::tempdir()?;
+    let (cert, key) = cloud.claim();
+    let script = repo().join("tests/interop/fleet_provision.py");
+    let port = cloud.mqtt_port().to_string();
+    let client_id = format!("claim-{serial}");
+    let param = format!("SerialNumber={serial}");
+    let mut command = tokio::process::Command::new(python);
+    command
+        .arg(&script)
+        .args(["--endpoint", "localhost", "--port", &port, "--ca"])
+        .arg(cloud.root_ca())
+        .args(["--cert", &cert, "--key", &key, "--template", "gateway"])
+        .args([
+            "--flow",
+            "csr",
+            "--protocol",
+            "mqtt3",
+            "--client-id",
+            &client_id,
+        ])
+        .args(["--param", &param, "--out-dir"])
+        .arg(out.path())
+        .args(["--quiet", "--mark-connected"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let started = Instant::now();
+    let mut child = command.spawn().context("starting the SDK client")?;
+    let stdout = child.stdout.take().context("the SDK client's stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut connected = None;
+    let mut result = None;
+    let read = async {
+        while let Some(line) = lines.next_line().await? {
+            if line == "connected" && connected.is_none() {
+                connected = Some(started.elapsed());
+            } else if line.starts_with('{') {
+                result = Some(line);
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(LIMIT, read)
+        .await
+        .context("the SDK client took too long")??;
+    let output = child.wait_with_output().await?;
+    if !output.status.success() {
+        bail!(
+            "the SDK client failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let connected = connected.context("the SDK client never said it was connected")?;
+    let json: serde_json::Value = serde_json::from_str(&result.context("no result line")?)?;
+    let own = json["connectedSeconds"]
+        .as_f64()
+        .context("no connectedSeconds in the result")?;
+    if json["thingName"] != format!("gw-{serial}") {
+        bail!("the SDK client registered {}", json["thingName"]);
+    }
+    Ok((connected, own * 1e3))
+}
+
+struct Reconnects {
+    rss_first: f64,
+    rss_last: f64,
+    rss_max: f64,
+    fds_first: usize,
+    fds_last: usize,
+    fds_max: usize,
+    gaps_ms: Vec<f64>,
+}
+
+struct Idle {
+    rss_kib: f64,
+    pss_kib: f64,
+    cpu_ms: f64,
+    tick_ms: f64,
+    wakeups: u64,
+    reconnects: Reconnects,
+}
+
+/// A provisioned gateway kept for the start-up, idle and reconnect measures.
+struct Resident {
+    dir: tempfile::TempDir,
+    script: PathBuf,
+    log: PathBuf,
+    config: String,
+    thing: String,
+}
+
+impl Resident {
+    async fn provision(cloud: &Cloud, exe: &Path) -> Result<Resident> {
+        let dir = tempfile::tempdir()?;
+        let (script, log) = quiet_iotd(exe, dir.path())?;
+        let serial = "bench-resident";
+        let config = config(cloud, &dir.path().join("state"), serial);
+        let resident = Resident {
+            script,
+            log,
+            config,
+            thing: format!("gw-{serial}"),
+            dir,
+        };
+        let mut iotd = resident.start(&[]).await;
+        wait_for(
+            &mut iotd,
+            &resident.connected(),
+            &resident.log,
+            Instant::now(),
+        )
+        .await?;
+        iotd.terminate().await;
+        Ok(resident)
+    }
+
+    fn connected(&self) -> String {
+        format!(
+            "STATUS=Provisioned as {}; certificate valid until",
+            self.thing
+        )
+    }
+
+    async fn start(&self, env: &[(&str, &str)]) -> Iotd {
+        Iotd::start_env(&self.script, self.dir.path(), &self.config, env).await
+    }
+
+    /// Start to READY=1, which iotd sends once its D-Bus name is owned.
+    async fn time_to_ready(&self, bus: &str) -> Result<f64> {
+        let started = Instant::now();
+        let mut iotd = self.start(&[("DBUS_SYSTEM_BUS_ADDRESS", bus)]).await;
+        wait_for(&mut iotd, "READY=1", &self.log, started).await?;
+        let elapsed = started.elapsed();
+        iotd.terminate().await;
+        Ok(elapsed.as_secs_f64() * 1e3)
+    }
+
+    /// Connected and idle as in production (bus, watchdog); then forced reconnects.
+    async fn idle(&self, cloud: &Cloud, bus: &str, args: &Args) -> Result<Idle> {
+        let mut iotd = self
+            .start(&[
+                ("DBUS_SYSTEM_BUS_ADDRESS", bus),
+                ("WATCHDOG_USEC", WATCHDOG_USEC),
+                // What the journal would get: info, not the harness's debug.
+                ("IOTD_LOG", "info"),
+            ])
+            .await;
+        wait_for(&mut iotd, &self.connected(), &self.log, Instant::now()).await?;
+        let pid = iotd.pid().context("iotd's pid")?;
+        eprintln!(
+            "idle: settling {} s, then counting for {} s …",
+            SETTLE.as_secs(),
+            args.idle_secs
+        );
+        tokio::time::sleep(SETTLE).await;
+        let (ticks, switches) = (procfs::cpu_ticks(pid), procfs::wakeups(pid));
+        let threads = procfs::threads(pid);
+        tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+        let tick_ms = procfs::clock_tick_ms();
+        let cpu_ms = (procfs::cpu_ticks(pid).unwrap_or(0) - ticks.unwrap_or(0)) as f64 * tick_ms;
+        let wakeups = procfs::wakeups(pid) - switches;
+        if procfs::threads(pid) != threads {
+            eprintln!(
+                "idle: iotd's thread count changed during the window ({threads} → {}); wake-ups of exited threads are not counted",
+                procfs::threads(pid)
+            );
+        }
+        let rss_kib = procfs::status_kib(pid, "VmRSS").context("reading VmRSS")?;
+        let pss_kib = procfs::pss_kib(pid).context("reading Pss")?;
+        let reconnects = self
+            .reconnect(cloud, &mut iotd, pid, args.reconnects)
+            .await?;
+        let exit = iotd.terminate().await;
+        if exit.code() != Some(0) {
+            bail!("iotd exited with {exit} on SIGTERM, not 0");
+        }
+        Ok(Idle {
+            rss_kib,
+            pss_kib,
+            cpu_ms,
+            tick_ms,
+            wakeups,
+            reconnects,
+        })
+    }
+
+    /// The fake drops the session `count` times; iotd reconnects each time (at least a second
+    /// later: one CONNECT per second per client id).
+    async fn reconnect(
+        &self,
+        cloud: &Cloud,
+        iotd: &mut Iotd,
+        pid: u32,
+        count: u32,
+    ) -> Result<Reconnects> {
+        let mut r = Reconnects {
+            rss_first: 0.0,
+            rss_last: 0.0,
+            rss_max: 0.0,
+            fds_first: 0,
+            fds_last: 0,
+            fds_max: 0,
+            gaps_ms: Vec::new(),
+        };
+        let connected = self.connected();
+        for i in 1..=count {
+            iotd.seen.clear();
+            if !cloud.shared().disconnect(&self.thing) {
+                bail!("reconnect {i}: the fake has no session of {}", self.thing);
+            }
+            let cut = Instant::now();
+            // First the "disconnected, retrying" status, then connected again.
+            wait_for(iotd, "disconnected, retrying", &self.log, cut).await?;
+            iotd.seen.clear();
+            wait_for(iotd, &connected, &self.log, cut).await?;
+            r.gaps_ms.push(cut.elapsed().as_secs_f64() * 1e3);
+            if !procfs::exists(pid) {
+                bail!("iotd is gone after reconnect {i}");
+            }
+            let rss = procfs::status_kib(pid, "VmRSS").unwrap_or(0.0);
+            let fds = procfs::fds(pid);
+            if i == 1 {
+                (r.rss_first, r.fds_first) = (rss, fds);
+            }
+            (r.rss_last, r.fds_last) = (rss, fds);
+            r.rss_max = r.rss_max.max(rss);
+            r.fds_max = r.fds_max.max(fds);
+            if i % 50 == 0 || i == count {
+                eprintln!("reconnect {i:>4}/{count}: RSS {}, {fds} fds", mib(rss));
+            }
+        }
+        Ok(r)
+    }
+}
+
+fn stripped_size(binary: &Path) -> Result<u64> {
+    let out = tempfile::tempdir()?;
+    let copy = out.path().join("stripped");
+    let status = std::process::Command::new("strip")
+        .arg("-o")
+        .arg(&copy)
+        .arg(binary)
+        .status()
+        .context("running strip (binutils)")?;
+    if !status.success() {
+        bail!("strip {} failed: {status}", binary.display());
+    }
+    Ok(std::fs::metadata(&copy)?.len())
 }
 
 /// The `hardware_commands=N` of the last log line containing `marker` (iotd logs it with the TPM
@@ -127,67 +826,18 @@ fn hardware_commands(log: &Path, marker: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// One gateway provisioned from scratch: its time, and with a TPM the TPM commands iotd sent
-/// to provision and then to reconnect after a restart; or why it failed.
-async fn run_once(
-    cloud: &Cloud,
-    exe: &Path,
-    serial: &str,
-    tpm: bool,
-) -> Result<(Duration, Option<u64>, Option<u64>)> {
-    let dir = tempfile::tempdir()?;
-    let (script, log) = quiet_iotd(exe, dir.path())?;
-    let swtpm = tpm.then(iotd_testkit::swtpm::Swtpm::start);
-    let mut conf = config(cloud, &dir.path().join("state"), serial);
-    if let Some(t) = &swtpm {
-        conf.push_str(&format!(
-            "\n[key]\nbackend = \"tpm\"\ntcti = \"{}\"\n",
-            t.tcti()
-        ));
-    }
-    let done = format!("STATUS=Provisioned as gw-{serial}; certificate valid until");
-    let started = Instant::now();
-    let mut iotd = Iotd::start(&script, dir.path(), &conf).await;
-    let elapsed = wait_provisioned(&mut iotd, &done, &log, started).await?;
-    let exit = iotd.terminate().await;
-    if exit.code() != Some(0) {
-        bail!("iotd exited with {exit} on SIGTERM, not 0");
-    }
-    if swtpm.is_none() {
-        return Ok((elapsed, None, None));
-    }
-    let provisioning = hardware_commands(&log, "provisioned: connected");
-    // A restart: straight to the session, through the TPM once more.
-    let mut again = Iotd::start(&script, dir.path(), &conf).await;
-    wait_provisioned(&mut again, &done, &log, Instant::now()).await?;
-    let reconnect = hardware_commands(&log, "connected");
-    let exit = again.terminate().await;
-    if exit.code() != Some(0) {
-        bail!("iotd exited with {exit} on SIGTERM after the restart, not 0");
-    }
-    Ok((elapsed, provisioning, reconnect))
-}
-
-/// Waits for `done`; on failure says why, with the last STATUS lines and the end of the log.
-async fn wait_provisioned(
-    iotd: &mut Iotd,
-    done: &str,
-    log: &Path,
-    started: Instant,
-) -> Result<Duration> {
+/// Waits for a notification starting with `done`; on failure says why, with the last STATUS
+/// lines and the end of the log.
+async fn wait_for(iotd: &mut Iotd, done: &str, log: &Path, started: Instant) -> Result<Duration> {
     let mut statuses = Vec::new();
     let why = loop {
         // `wait_status` answers from the lines already read (`seen`) first: emptied, the next.
         iotd.seen.clear();
         let next = tokio::time::timeout_at((started + LIMIT).into(), iotd.wait_status("")).await;
         let Ok(line) = next else {
-            break format!("not provisioned within {} s", LIMIT.as_secs());
+            break format!("no {done:?} within {} s", LIMIT.as_secs());
         };
-        if line.starts_with(done) {
+        if line.starts_with(done) || (!done.starts_with("STATUS=") && line.contains(done)) {
             return Ok(started.elapsed());
         } else if line.starts_with("STATUS=Failed at ") {
             break format!("iotd gave up: {line}");
@@ -218,12 +868,16 @@ async fn wait_provisioned(
     bail!("{why}\n  last STATUS lines:{statuses}\n  end of iotd's log:{tail}")
 }
 
-/// A script that runs `iotd` with its log (stderr) in a file of `dir`, so that 20 runs of
-/// iotd's log do not bury the figures; `exec` keeps the pid, so SIGTERM reaches iotd.
+/// A script that runs `iotd` with its log (stderr) in a file of `dir`, so that the runs' logs do
+/// not bury the figures; `exec` keeps the pid, so SIGTERM reaches iotd and /proc/PID is iotd's.
 fn quiet_iotd(iotd: &Path, dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let (script, log) = (dir.join("iotd.sh"), dir.join("iotd.log"));
     let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
-    let text = format!("#!/bin/sh\nexec {} \"$@\" 2>{}\n", quote(iotd), quote(&log));
+    let text = format!(
+        "#!/bin/sh\nexec {} \"$@\" 2>>{}\n",
+        quote(iotd),
+        quote(&log)
+    );
     std::fs::write(&script, text).with_context(|| format!("writing {}", script.display()))?;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
     Ok((script, log))
