@@ -137,8 +137,9 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Starts the fake with `quotas` and writes a config for each of `n` gateways.
-    pub async fn new(n: usize, quotas: Quotas) -> Result<Fleet> {
+    /// Starts the fake with `quotas` and writes a config for each of `n` gateways: iotd's
+    /// defaults, plus `extra` TOML in the `[cloud]` table (e.g. another retry setting).
+    pub async fn new(n: usize, quotas: Quotas, extra_cloud: &str) -> Result<Fleet> {
         // Each gateway holds a socket and the fake its other end, in this process.
         if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
             let _ = rlimit::Resource::NOFILE.set(hard, hard);
@@ -167,7 +168,7 @@ impl Fleet {
 endpoint = "localhost"
 port = {port}
 ca_bundle = "{ca}"
-
+{extra_cloud}
 [provisioning]
 template = "gateway"
 claim_certificate = "{cert}"

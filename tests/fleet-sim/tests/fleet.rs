@@ -16,7 +16,7 @@ async fn a_throttled_fleet_is_provisioned_and_reconnects_after_a_power_cut() {
         create_certificate_from_csr: 15,
         connect: 1000,
     };
-    let mut fleet = Fleet::new(n, quotas).await.unwrap();
+    let mut fleet = Fleet::new(n, quotas, "").await.unwrap();
     let limit = Duration::from_secs(90);
 
     let first = fleet
