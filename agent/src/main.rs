@@ -41,10 +41,11 @@ fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Invo
             "--config" => args
                 .next()
                 .ok_or("--config needs a FILE: iotd --config /etc/iotd/config.toml")?,
-            other if other.starts_with("--config=") => {
-                std::ffi::OsString::from(&other["--config=".len()..])
-            }
-            other => return Err(format!("unexpected argument {other:?}; see iotd --help")),
+            other => match arg.to_str().and_then(|a| a.strip_prefix("--config=")) {
+                Some(path) => std::ffi::OsString::from(path),
+                // A path that is not UTF-8 still works as the argument after --config.
+                None => return Err(format!("unexpected argument {other:?}; see iotd --help")),
+            },
         };
         if value.is_empty() {
             return Err("--config needs a FILE, not an empty string".to_owned());
@@ -54,6 +55,16 @@ fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Invo
         }
     }
     Ok(Invocation::Run { config })
+}
+
+/// "info, iotd=debug," as "info,iotd=debug": `Targets` would read an empty piece as "error"
+/// and keep the space in a target's name.
+fn tidy_filter(text: &str) -> String {
+    text.split(',')
+        .map(str::trim)
+        .filter(|piece| !piece.is_empty())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// What iotd logs when IOTD_LOG does not say: its own info, the libraries' warnings.
@@ -67,7 +78,7 @@ fn init_logging() {
     use tracing_subscriber::util::SubscriberInitExt;
     let mut invalid = None;
     let filter = match std::env::var("IOTD_LOG") {
-        Ok(text) => text.parse::<Targets>().unwrap_or_else(|e| {
+        Ok(text) => tidy_filter(&text).parse::<Targets>().unwrap_or_else(|e| {
             invalid = Some(format!(
                 "ignoring IOTD_LOG={text:?} ({e}); logging {DEFAULT_LOG}"
             ));
@@ -75,7 +86,10 @@ fn init_logging() {
         }),
         Err(_) => DEFAULT_LOG.parse().unwrap_or_default(),
     };
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    // The builder's own ceiling is INFO; the filter decides.
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(std::io::stderr);
     // Under systemd the journal stamps every line itself; colour only for a person at a terminal.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     if std::env::var_os("JOURNAL_STREAM").is_some() {
@@ -94,6 +108,14 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    // A panic anywhere, in any task, stops iotd with SIGABRT so that systemd restarts it from its
+    // persisted state: unwinding would leave the panicked task dead inside a process that looks
+    // alive (say, the D-Bus server gone while provisioning carries on).
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     let config = match parse_args(std::env::args_os().skip(1)) {
         Ok(Invocation::Run { config }) => config,
         Ok(Invocation::Help) => {
@@ -205,6 +227,21 @@ mod tests {
     }
 
     #[test]
+    fn log_filters_are_tidied_before_parsing() {
+        use tracing::Level;
+        use tracing_subscriber::filter::Targets;
+        assert_eq!(tidy_filter(" info, iotd=debug ,,"), "info,iotd=debug");
+        let t: Targets = tidy_filter("info, iotd=debug,").parse().unwrap();
+        assert!(t.would_enable("iotd::agent", &Level::DEBUG));
+        assert!(t.would_enable("rumqttc::state", &Level::INFO));
+        assert!(!t.would_enable("rumqttc::state", &Level::DEBUG));
+        let t: Targets = DEFAULT_LOG.parse().unwrap();
+        assert!(t.would_enable("iotd::agent", &Level::INFO));
+        assert!(!t.would_enable("rustls::client", &Level::INFO));
+        assert!(t.would_enable("rustls::client", &Level::WARN));
+    }
+
+    #[test]
     fn arguments() {
         assert_eq!(parse(&[]), Ok(Invocation::Run { config: None }));
         let at = Some(PathBuf::from("/x/c.toml"));
@@ -218,6 +255,18 @@ mod tests {
         );
         assert_eq!(parse(&["--config", "/x", "--help"]), Ok(Invocation::Help));
         assert_eq!(parse(&["-V"]), Ok(Invocation::Version));
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let odd = std::ffi::OsString::from_vec(b"/x/\xff.toml".to_vec());
+            let args = [std::ffi::OsString::from("--config"), odd.clone()];
+            assert_eq!(
+                parse_args(args),
+                Ok(Invocation::Run {
+                    config: Some(PathBuf::from(odd))
+                })
+            );
+        }
         for (args, says) in [
             (&["--config"][..], "--config needs a FILE"),
             (&["--config="][..], "not an empty string"),

@@ -142,6 +142,7 @@ fn main() -> ExitCode {
             .or_else(|| "warn,rustls=error".parse().ok())
             .unwrap_or_default();
         tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
             .with_writer(std::io::stderr)
             .finish()
             .with(filter)

@@ -725,8 +725,12 @@ impl Resident {
         let threads = procfs::threads(pid);
         tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
         let tick_ms = procfs::clock_tick_ms();
-        let cpu_ms = (procfs::cpu_ticks(pid).unwrap_or(0) - ticks.unwrap_or(0)) as f64 * tick_ms;
-        let wakeups = procfs::wakeups(pid) - switches;
+        let cpu_ms = procfs::cpu_ticks(pid)
+            .unwrap_or(0)
+            .saturating_sub(ticks.unwrap_or(0)) as f64
+            * tick_ms;
+        // A thread that exits takes its count along: the sum can only undercount.
+        let wakeups = procfs::wakeups(pid).saturating_sub(switches);
         if procfs::threads(pid) != threads {
             eprintln!(
                 "idle: iotd's thread count changed during the window ({threads} → {}); wake-ups of exited threads are not counted",
