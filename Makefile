@@ -31,16 +31,18 @@ test-packaging: setup
 
 # The main job on the embedded default: iotd provisions itself against fake-iot-core.
 demo: setup
-	$(CARGO) build --release -p iotd -p iotd-testkit
-	target/release/iotd-demo
+	$(CARGO) build --release -p iotd
+	$(CARGO) build --profile tools -p iotd-testkit
+	target/tools/iotd-demo
 
 # Figures, not tests: iotd against AWS's Python SDK client on the same fake (provisioning time),
 # iotd's footprint (memory, size, start-up, idle wake-ups, 500 reconnects), a fleet of 1000
-# gateways under AWS's quotas, and the fake's own capacity. About 25 minutes.
+# gateways under AWS's quotas, and the fake's own capacity. About 20 minutes.
 bench: setup
-	$(CARGO) build --release -p iotd -p iotctl -p iotd-testkit -p fake-iot-core -p fleet-sim
-	target/release/iotd-bench
-	target/release/fleet-sim
+	$(CARGO) build --release -p iotd -p iotctl -p fake-iot-core
+	$(CARGO) build --profile tools -p iotd-testkit -p fleet-sim
+	target/tools/iotd-bench
+	target/tools/fleet-sim
 	target/release/fake-iot-core-bench
 
 clean:

@@ -50,14 +50,12 @@ impl Default for Quotas {
 }
 
 impl Quotas {
-    /// The fastest a fleet of `n` can be provisioned: every gateway goes through each API once,
-    /// so the slowest quota sets the pace.
+    /// The fastest a fleet of `n` can be provisioned: every gateway calls each API once and
+    /// connects twice (with the claim, then as itself), so the slowest quota sets the pace.
     pub fn provisioning_ideal(&self, n: usize) -> Duration {
-        let slowest = self
-            .register_thing
-            .min(self.create_certificate_from_csr)
-            .min(self.connect);
-        per_second(n, slowest)
+        per_second(n, self.register_thing)
+            .max(per_second(n, self.create_certificate_from_csr))
+            .max(per_second(2 * n, self.connect))
     }
 
     /// The fastest `n` gateways can all connect again: one CONNECT each.

@@ -10,10 +10,11 @@ use fleet_sim::{Fleet, Quotas};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_fleet_is_provisioned_and_reconnects_after_a_power_cut() {
     let n = 40;
-    // Every claim CONNECT passes, so that the 40 CSRs arrive together.
+    // Every claim CONNECT passes, so that the 40 CSRs arrive together; quotas low enough that
+    // even a slow machine sends more than 5 CSRs in a second.
     let quotas = Quotas {
-        register_thing: 10,
-        create_certificate_from_csr: 15,
+        register_thing: 4,
+        create_certificate_from_csr: 5,
         connect: 1000,
     };
     let mut fleet = Fleet::new(n, quotas, "").await.unwrap();
@@ -27,7 +28,7 @@ async fn a_throttled_fleet_is_provisioned_and_reconnects_after_a_power_cut() {
     assert_eq!(first.not_done, Vec::<(String, String)>::new());
     assert_eq!(first.times.len(), n);
     fleet.check_registry().unwrap();
-    // 40 CSRs at once against 15/s.
+    // 40 CSRs at once against 5/s.
     assert!(
         first
             .throttled
@@ -42,8 +43,9 @@ async fn a_throttled_fleet_is_provisioned_and_reconnects_after_a_power_cut() {
 
     // The outage outlasts the one-CONNECT-per-second rule; `power_on` waits on events only.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // 40 CONNECTs at once against 10/s.
     let quotas = Quotas {
-        connect: 15,
+        connect: 10,
         ..quotas
     };
     fleet.set_quotas(quotas);

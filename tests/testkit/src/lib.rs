@@ -27,6 +27,29 @@ pub fn gateway_template() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fake-iot-core/templates/gateway.json")
 }
 
+/// A release binary of this workspace (`iotd`, `iotctl`) for the demo and the benchmarks: next
+/// to the running program, or in `target/release/` when the program was built with the `tools`
+/// profile (`target/tools/`).
+pub fn release_binary(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
+    let here = exe.with_file_name(name);
+    let release = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|target| target.join("release").join(name));
+    [Some(here), release]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            format!(
+                "no release {name} next to {} or in its target/release/: build it with \
+                 `cargo build --release -p {name}` (make demo and make bench do)",
+                exe.display()
+            )
+        })
+}
+
 /// `nproc` × the CPU's model name, for benchmark reports.
 pub fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());

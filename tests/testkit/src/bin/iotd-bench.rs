@@ -33,8 +33,8 @@ const SETTLE: Duration = Duration::from_secs(15);
 /// Measures iotd against AWS's Python device SDK on the same local fake AWS IoT Core, and
 /// iotd's footprint: memory, binary size, start-up, idle CPU and wake-ups, reconnects.
 ///
-/// The figures mean something only for release builds, which are looked for next to this
-/// binary: run it as `make bench`, which builds them.
+/// The figures mean something only for release builds of iotd and iotctl, which are looked for
+/// next to this program or in target/release/: run it as `make bench`, which builds them.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -133,22 +133,18 @@ fn mib(kib: f64) -> String {
     format!("{:.1} MiB", kib / 1024.0)
 }
 
+/// MiB, and MB as the targets count them.
+fn mib_mb(kib: f64) -> String {
+    format!("{:.1} MiB ({:.1} MB)", kib / 1024.0, kib * 1024.0 / 1e6)
+}
+
 fn verdict(met: bool, text: &str) -> String {
     format!("{text}: {}", if met { "met" } else { "MISSED" })
 }
 
 async fn bench(args: Args) -> Result<()> {
-    let dir = std::env::current_exe()?;
-    let exe = dir.with_file_name("iotd");
-    let iotctl = dir.with_file_name("iotctl");
-    for binary in [&exe, &iotctl] {
-        if !binary.is_file() {
-            bail!(
-                "{} is missing: run `make bench`, which builds it (release)",
-                binary.display()
-            );
-        }
-    }
+    let exe = iotd_testkit::release_binary("iotd").map_err(anyhow::Error::msg)?;
+    let iotctl = iotd_testkit::release_binary("iotctl").map_err(anyhow::Error::msg)?;
     let python = python()?;
     let cloud = Cloud::start().await;
     let mut rows = Vec::new();
@@ -203,7 +199,14 @@ async fn bench(args: Args) -> Result<()> {
     let to_ms = |v: &[Duration]| v.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>();
     let (file_ms, tpm_ms, sdk_ms) = (to_ms(&file), to_ms(&tpm), to_ms(&sdk));
     let sdk_median = Spread::of(&sdk_ms).median;
-    let ratio_of = |v: &[f64]| Spread::of(v).median / sdk_median;
+    // Without runs on either side there is no ratio (NaN: the verdict says MISSED).
+    let ratio_of = |v: &[f64]| {
+        if v.is_empty() || sdk_ms.is_empty() {
+            f64::NAN
+        } else {
+            Spread::of(v).median / sdk_median
+        }
+    };
     rows.push(Row::spread(
         "claim → connected with the issued certificate, process start included: iotd, file key",
         &file_ms,
@@ -290,8 +293,9 @@ async fn bench(args: Args) -> Result<()> {
             SETTLE.as_secs(),
             args.idle_secs
         ),
-        mib(idle.rss_kib),
-        &verdict(idle.rss_kib <= 8.0 * 1024.0, "≤ 8 MB"),
+        mib_mb(idle.rss_kib),
+        // 8 MB as the target says it: 8,000,000 bytes.
+        &verdict(idle.rss_kib * 1024.0 <= 8e6, "≤ 8 MB"),
     ));
     rows.push(Row::one("PSS idle, same moment", mib(idle.pss_kib), ""));
     rows.push(Row::one(
@@ -308,13 +312,20 @@ async fn bench(args: Args) -> Result<()> {
             "wake-ups over {} s idle (voluntary context switches, all threads; watchdog on)",
             args.idle_secs
         ),
-        format!(
-            "{:.2}/s ({} in {} s)",
-            idle.wakeups as f64 / args.idle_secs as f64,
-            idle.wakeups,
-            args.idle_secs
+        idle.wakeups.map_or_else(
+            || "n/a (threads changed)".to_owned(),
+            |w| {
+                format!(
+                    "{:.2}/s ({w} in {} s)",
+                    w as f64 / args.idle_secs as f64,
+                    args.idle_secs
+                )
+            },
         ),
-        &verdict(idle.wakeups <= args.idle_secs, "≤ 1/s"),
+        &idle.wakeups.map_or_else(
+            || "≤ 1/s: n/a".to_owned(),
+            |w| verdict(w <= args.idle_secs, "≤ 1/s"),
+        ),
     ));
     let growth = idle.reconnects;
     rows.push(Row::one(
@@ -359,7 +370,10 @@ async fn bench(args: Args) -> Result<()> {
     for (name, binary, target) in [("iotd", &exe, Some(5.0)), ("iotctl", &iotctl, None)] {
         let size = stripped_size(binary)? as f64 / 1e6;
         rows.push(Row::one(
-            format!("stripped {name} (x86_64, release profile: opt-level z, fat LTO)"),
+            format!(
+                "stripped {name} ({}, release profile: opt-level z, fat LTO)",
+                std::env::consts::ARCH
+            ),
             format!("{size:.2} MB"),
             &target.map_or_else(String::new, |t| verdict(size <= t, "≤ 5 MB")),
         ));
@@ -469,19 +483,19 @@ mod procfs {
 
     /// Voluntary context switches of every live thread: each is a thread going to sleep, so
     /// each wake-up is one (pre-emptions, the involuntary ones, depend on the machine's load).
-    pub fn wakeups(pid: u32) -> u64 {
+    /// By thread id.
+    pub fn wakeups(pid: u32) -> std::collections::BTreeMap<String, u64> {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            return 0;
+            return Default::default();
         };
         tasks
             .flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-            .map(|s| field_kib(&s, "voluntary_ctxt_switches").unwrap_or(0.0) as u64)
-            .sum()
-    }
-
-    pub fn threads(pid: u32) -> usize {
-        std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count)
+            .filter_map(|t| {
+                let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+                let n = field_kib(&status, "voluntary_ctxt_switches")? as u64;
+                Some((t.file_name().to_string_lossy().into_owned(), n))
+            })
+            .collect()
     }
 
     pub fn clock_tick_ms() -> f64 {
@@ -644,7 +658,8 @@ struct Idle {
     pss_kib: f64,
     cpu_ms: f64,
     tick_ms: f64,
-    wakeups: u64,
+    /// None when a thread came or went during the window.
+    wakeups: Option<u64>,
     reconnects: Reconnects,
 }
 
@@ -709,8 +724,8 @@ impl Resident {
             .start(&[
                 ("DBUS_SYSTEM_BUS_ADDRESS", bus),
                 ("WATCHDOG_USEC", WATCHDOG_USEC),
-                // What the journal would get: info, not the harness's debug.
-                ("IOTD_LOG", "info"),
+                // What the journal gets (iotd's default), not the harness's debug.
+                ("IOTD_LOG", "info,rumqttc=warn,rustls=warn"),
             ])
             .await;
         wait_for(&mut iotd, &self.connected(), &self.log, Instant::now()).await?;
@@ -721,22 +736,32 @@ impl Resident {
             args.idle_secs
         );
         tokio::time::sleep(SETTLE).await;
-        let (ticks, switches) = (procfs::cpu_ticks(pid), procfs::wakeups(pid));
-        let threads = procfs::threads(pid);
+        let ticks = procfs::cpu_ticks(pid).context("reading iotd's CPU time")?;
+        let before = procfs::wakeups(pid);
         tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
         let tick_ms = procfs::clock_tick_ms();
         let cpu_ms = procfs::cpu_ticks(pid)
-            .unwrap_or(0)
-            .saturating_sub(ticks.unwrap_or(0)) as f64
+            .context("reading iotd's CPU time")?
+            .saturating_sub(ticks) as f64
             * tick_ms;
-        // A thread that exits takes its count along: the sum can only undercount.
-        let wakeups = procfs::wakeups(pid).saturating_sub(switches);
-        if procfs::threads(pid) != threads {
+        let after = procfs::wakeups(pid);
+        // A thread that exits takes its count with it: the figure stands only if every thread
+        // was there from start to end.
+        let wakeups = if before.keys().eq(after.keys()) {
+            Some(
+                after
+                    .iter()
+                    .map(|(tid, n)| n.saturating_sub(before[tid]))
+                    .sum(),
+            )
+        } else {
             eprintln!(
-                "idle: iotd's thread count changed during the window ({threads} → {}); wake-ups of exited threads are not counted",
-                procfs::threads(pid)
+                "idle: iotd's threads changed during the window ({:?} → {:?}); no wake-up figure",
+                before.keys().collect::<Vec<_>>(),
+                after.keys().collect::<Vec<_>>()
             );
-        }
+            None
+        };
         let rss_kib = procfs::status_kib(pid, "VmRSS").context("reading VmRSS")?;
         let pss_kib = procfs::pss_kib(pid).context("reading Pss")?;
         let reconnects = self

@@ -1,5 +1,5 @@
 //! `make demo`: fake-iot-core runs in this process with the gateway template and a factory
-//! claim; the release `iotd` next to this binary provisions gateway 0042 against it; this
+//! claim; the release `iotd` (target/release/) provisions gateway 0042 against it; this
 //! prints each step as iotd reports it (STATUS= lines on its notify socket) and what the cloud
 //! now holds, then stops iotd with SIGTERM. iotd's own log goes to a file, shown on failure.
 
@@ -19,7 +19,7 @@ const LIMIT: Duration = Duration::from_secs(20);
 const _: () = assert!(LIMIT.as_secs() < WAIT.as_secs());
 
 /// Provisions gateway 0042 with iotd against a local fake AWS IoT Core and shows what happened.
-/// Run it as `make demo`, which builds iotd and this binary (release) side by side.
+/// Run it as `make demo`, which builds iotd (release) and this program (`tools` profile).
 #[derive(Parser)]
 #[command(version)]
 struct Args {}
@@ -38,13 +38,7 @@ async fn main() -> ExitCode {
 }
 
 async fn demo() -> Result<()> {
-    let exe = std::env::current_exe()?.with_file_name("iotd");
-    if !exe.is_file() {
-        bail!(
-            "{} is missing: run `make demo`, which builds it",
-            exe.display()
-        );
-    }
+    let exe = iotd_testkit::release_binary("iotd").map_err(anyhow::Error::msg)?;
     let cloud = Cloud::start().await;
     println!(
         "fake-iot-core: MQTT on {} (mutual TLS), control plane at {}",
