@@ -22,7 +22,7 @@ DEPENDS += "tpm2-tss"
 SRC_URI = "git://github.com/iotd/iotd.git;protocol=https;branch=main;destsuffix=${BP}"
 # The commit of this release. The crate list below is generated from that commit's
 # Cargo.lock, so the two change together (scripts/yocto-crates.py).
-SRCREV = "5b71ae3f7ddd2d0f3a620a104741bea3be082947"
+SRCREV = "01f32a5949e3a5e6aefcefdc1671ca8aa7cd2ca0"
 
 require ${BPN}-crates.inc
 
