@@ -27,9 +27,9 @@ pub fn gateway_template() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fake-iot-core/templates/gateway.json")
 }
 
-/// A release binary of this workspace (`iotd`, `iotctl`) for the demo and the benchmarks: next
-/// to the running program, or in `target/release/` when the program was built with the `tools`
-/// profile (`target/tools/`).
+/// A release binary of this workspace (`iotd`, `iotctl`) for the demo and the benchmarks: in
+/// `target/release/` (the program itself is in `target/tools/`), else next to the program. The
+/// release one first: a `tools` build of iotd beside the program would be measured as release.
 pub fn release_binary(name: &str) -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
     let here = exe.with_file_name(name);
@@ -37,7 +37,7 @@ pub fn release_binary(name: &str) -> Result<PathBuf, String> {
         .parent()
         .and_then(Path::parent)
         .map(|target| target.join("release").join(name));
-    [Some(here), release]
+    [release, Some(here)]
         .into_iter()
         .flatten()
         .find(|p| p.is_file())
