@@ -50,6 +50,18 @@ impl Default for Quotas {
 }
 
 impl Quotas {
+    /// As the fake's throttles.
+    pub fn throttles(&self) -> [(Api, u32); 3] {
+        [
+            (Api::RegisterThing, self.register_thing),
+            (
+                Api::CreateCertificateFromCsr,
+                self.create_certificate_from_csr,
+            ),
+            (Api::Connect, self.connect),
+        ]
+    }
+
     /// The fastest a fleet of `n` can be provisioned: every gateway calls each API once and
     /// connects twice (with the claim, then as itself), so the slowest quota sets the pace.
     pub fn provisioning_ideal(&self, n: usize) -> Duration {
@@ -142,47 +154,16 @@ impl Fleet {
         if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
             let _ = rlimit::Resource::NOFILE.set(hard, hard);
         }
-        let cloud = Cloud::start_with(|s| {
-            s.throttles = vec![
-                (Api::RegisterThing, quotas.register_thing),
-                (
-                    Api::CreateCertificateFromCsr,
-                    quotas.create_certificate_from_csr,
-                ),
-                (Api::Connect, quotas.connect),
-            ];
-        })
-        .await;
-        let dir = tempfile::tempdir()?;
-        let (cert, key) = cloud.claim();
+        let cloud = Cloud::start_with(|s| s.throttles = quotas.throttles().to_vec()).await;
+        let dir = tempfile::tempdir().context("creating the fleet's temporary directory")?;
         let mut gateways = Vec::with_capacity(n);
         for i in 1..=n {
             let serial = format!("sim-{i:05}");
             let home = dir.path().join(&serial);
-            std::fs::create_dir_all(&home)?;
-            // iotd's defaults for everything but where the cloud and the claim are.
-            let text = format!(
-                r#"[cloud]
-endpoint = "localhost"
-port = {port}
-ca_bundle = "{ca}"
-{extra_cloud}
-[provisioning]
-template = "gateway"
-claim_certificate = "{cert}"
-claim_key = "{key}"
-claim_client_id = "claim-{serial}"
-
-[provisioning.parameters]
-SerialNumber = "{serial}"
-
-[state]
-dir = "{state}"
-"#,
-                port = cloud.mqtt_port(),
-                ca = cloud.root_ca(),
-                state = home.join("state").display(),
-            );
+            std::fs::create_dir_all(&home)
+                .with_context(|| format!("creating {}", home.display()))?;
+            let text =
+                iotd_testkit::config_with_cloud(&cloud, &home.join("state"), &serial, extra_cloud);
             let config = home.join("config.toml");
             std::fs::write(&config, text)
                 .with_context(|| format!("writing {}", config.display()))?;
@@ -199,12 +180,9 @@ dir = "{state}"
     /// Changes the quotas for the next scenario.
     pub fn set_quotas(&mut self, quotas: Quotas) {
         let mut faults = lock(&self.cloud.shared().faults);
-        faults.set_throttle(Api::RegisterThing, Some(quotas.register_thing));
-        faults.set_throttle(
-            Api::CreateCertificateFromCsr,
-            Some(quotas.create_certificate_from_csr),
-        );
-        faults.set_throttle(Api::Connect, Some(quotas.connect));
+        for (api, per_second) in quotas.throttles() {
+            faults.set_throttle(api, Some(per_second));
+        }
         self.quotas = quotas;
     }
 

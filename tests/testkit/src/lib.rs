@@ -166,17 +166,27 @@ impl Cloud {
     }
 }
 
-/// The iotd config for `cloud`, with `extra` TOML appended (later keys override per section
-/// only where the sections differ; keep `extra` to new sections or use `config_with`).
+/// The iotd config for `cloud` and gateway `serial`, with a short reply timeout for tests. Append
+/// new sections to it; keys of `[cloud]` go through `config_with_cloud`.
 pub fn config(cloud: &Cloud, state_dir: &Path, serial: &str) -> String {
+    config_with_cloud(cloud, state_dir, serial, "reply_timeout_secs = 5\n")
+}
+
+/// The iotd config for `cloud` and gateway `serial`: iotd's defaults but for where the cloud, the
+/// claim and the state are, plus `cloud_keys` (TOML lines) in `[cloud]`.
+pub fn config_with_cloud(
+    cloud: &Cloud,
+    state_dir: &Path,
+    serial: &str,
+    cloud_keys: &str,
+) -> String {
     let (cert, key) = cloud.claim();
     format!(
         r#"[cloud]
 endpoint = "localhost"
 port = {port}
 ca_bundle = "{ca}"
-reply_timeout_secs = 5
-
+{cloud_keys}
 [provisioning]
 template = "gateway"
 claim_certificate = "{cert}"

@@ -547,8 +547,10 @@ async fn provision_iotd(
     let mut iotd = Iotd::start(&script, dir.path(), &conf).await;
     let elapsed = wait_for(&mut iotd, &done, &log, started).await?;
     let pid = iotd.pid().context("iotd's pid")?;
-    let peak_rss_kib = procfs::status_kib(pid, "VmHWM").context("reading VmHWM")?;
-    let pss_kib = procfs::pss_kib(pid).context("reading Pss")?;
+    let peak_rss_kib = procfs::status_kib(pid, "VmHWM")
+        .with_context(|| format!("reading VmHWM from /proc/{pid}/status"))?;
+    let pss_kib = procfs::pss_kib(pid)
+        .with_context(|| format!("reading Pss from /proc/{pid}/smaps_rollup"))?;
     let exit = iotd.terminate().await;
     if exit.code() != Some(0) {
         bail!("iotd exited with {exit} on SIGTERM, not 0");
@@ -736,14 +738,15 @@ impl Resident {
             args.idle_secs
         );
         tokio::time::sleep(SETTLE).await;
-        let ticks = procfs::cpu_ticks(pid).context("reading iotd's CPU time")?;
+        let cpu_time = || {
+            procfs::cpu_ticks(pid)
+                .with_context(|| format!("reading iotd's CPU time from /proc/{pid}/stat"))
+        };
+        let ticks = cpu_time()?;
         let before = procfs::wakeups(pid);
         tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
         let tick_ms = procfs::clock_tick_ms();
-        let cpu_ms = procfs::cpu_ticks(pid)
-            .context("reading iotd's CPU time")?
-            .saturating_sub(ticks) as f64
-            * tick_ms;
+        let cpu_ms = cpu_time()?.saturating_sub(ticks) as f64 * tick_ms;
         let after = procfs::wakeups(pid);
         // A thread that exits takes its count with it: the figure stands only if every thread
         // was there from start to end.
@@ -762,8 +765,10 @@ impl Resident {
             );
             None
         };
-        let rss_kib = procfs::status_kib(pid, "VmRSS").context("reading VmRSS")?;
-        let pss_kib = procfs::pss_kib(pid).context("reading Pss")?;
+        let rss_kib = procfs::status_kib(pid, "VmRSS")
+            .with_context(|| format!("reading VmRSS from /proc/{pid}/status"))?;
+        let pss_kib = procfs::pss_kib(pid)
+            .with_context(|| format!("reading Pss from /proc/{pid}/smaps_rollup"))?;
         let reconnects = self
             .reconnect(cloud, &mut iotd, pid, args.reconnects)
             .await?;
