@@ -88,6 +88,13 @@ impl Drop for Session {
     }
 }
 
+/// A message that arrived on a subscribed topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
 /// A reply of a request/response API.
 #[derive(Debug)]
 pub struct Reply {
@@ -565,15 +572,19 @@ impl Session {
         }
     }
 
-    /// Waits until the connection ends and says why (the production session).
-    pub async fn closed_reason(&mut self) -> AgentError {
+    /// The next message on a subscribed topic, or why the connection ended (the production
+    /// session, which routes what arrives).
+    pub async fn next_message(&mut self) -> Result<Message, AgentError> {
         loop {
             match self.events.recv().await {
+                Some(Incoming::Message { topic, payload }) => {
+                    return Ok(Message { topic, payload });
+                }
                 Some(Incoming::Closed(why, classified)) => {
-                    return self.closed(&why, classified, "unexpectedly");
+                    return Err(self.closed(&why, classified, "unexpectedly"));
                 }
                 Some(_) => {}
-                None => return self.closed("event loop ended", None, "unexpectedly"),
+                None => return Err(self.closed("event loop ended", None, "unexpectedly")),
             }
         }
     }

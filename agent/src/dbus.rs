@@ -2,18 +2,16 @@
 //! `io.iotd.Agent1` (names and the client proxy live in the `iotd-api` crate, which `iotctl`
 //! shares).
 //!
-//! This module is a thin adapter. Properties are read from the agent's `watch` snapshot, so a
-//! reader never waits for the task that owns the state; methods become `Command`s on the agent's
-//! channel and answer what the agent answered. One task follows the snapshot and turns each
-//! change into one `PropertiesChanged` (naming exactly the properties whose value changed) and
-//! into the `Provisioned` and `Failed` signals.
-//!
-//! Signals are edges detected between snapshots, and a `watch` keeps only the latest one: if
-//! the agent published two snapshots before the follower ran, the follower sees the second
-//! only, and PropertiesChanged carries the net change. For the signals this would only matter
-//! if the agent passed through "provisioned and connected" and out again within microseconds.
-//! `CredentialsRotated` is declared but not emitted yet: a snapshot can't tell a rotation from
-//! a re-provisioning that kept the thing name, so it waits for rotation to say so.
+//! This module is a thin adapter over the core's `Handle`. Properties are read from the core's
+//! `watch` snapshot, so a reader never waits for the task that owns the state; methods become
+//! `Command`s on the core's channel and answer what the core answered, without disturbing work
+//! in progress. One task follows the core: each snapshot change becomes one
+//! `PropertiesChanged` (naming exactly the properties whose value changed; a `watch` keeps only
+//! the latest snapshot, so it carries the net change), and each of the core's events becomes
+//! its signal (`Provisioned`, `Failed`, `SessionUp`, `SessionDown`). Signals come from the
+//! events the core emits when things happen, never from comparing snapshots, so a quick
+//! in-and-out is still announced. `CredentialsRotated` is declared for rotation, which comes
+//! later.
 //!
 //! Who may do what is decided by dbus-daemon, from the policy shipped as
 //! `/usr/share/dbus-1/system.d/io.iotd.Agent1.conf` (packaging/dbus/): anyone may read
@@ -25,15 +23,17 @@
 
 use std::collections::HashMap;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use zbus::fdo::RequestNameFlags;
 use zbus::message::Header;
 use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, Variant};
 
-use crate::agent::{Command, Handle, Outcome, Snapshot};
+use crate::core::{Command, Handle, Outcome};
 use crate::error::{AgentError, ErrorCode};
+use crate::fsm::Event;
+use crate::snapshot::Snapshot;
 
 /// Where `Builder::system()` connects when `DBUS_SYSTEM_BUS_ADDRESS` is unset (D-Bus spec).
 const DEFAULT_SYSTEM_BUS: &str = "unix:path=/var/run/dbus/system_bus_socket";
@@ -69,6 +69,7 @@ pub enum Error {
 /// | NotProvisioned | NotProvisioned (rotation needs an identity first) |
 /// | NotSupported | NotSupported |
 /// | Throttled | Busy (the cloud asked the device to slow down: try again later) |
+/// | Busy | Busy (work in progress that a command must not disturb: try again later) |
 /// | every other code | Failed (the message names the cause and the remedy) |
 ///
 /// `Config` is Failed, not InvalidArgument: a bad configuration is the administrator's to fix,
@@ -78,7 +79,7 @@ pub fn to_dbus_error(e: AgentError) -> Error {
     match code {
         ErrorCode::NotProvisioned => Error::NotProvisioned(message),
         ErrorCode::NotSupported => Error::NotSupported(message),
-        ErrorCode::Throttled => Error::Busy(message),
+        ErrorCode::Throttled | ErrorCode::Busy => Error::Busy(message),
         ErrorCode::Config
         | ErrorCode::ClaimMissing
         | ErrorCode::ClaimExpired
@@ -107,6 +108,7 @@ type LastErrorWire = (String, String, i64);
 struct Wire {
     state: String,
     step: String,
+    waiting_for: String,
     thing_name: String,
     certificate_id: String,
     certificate_not_after: i64,
@@ -126,6 +128,7 @@ impl Wire {
         Wire {
             state: s.state.to_owned(),
             step: s.step.to_owned(),
+            waiting_for: s.waiting_for.clone().unwrap_or_default(),
             thing_name: s.thing_name.clone().unwrap_or_default(),
             certificate_id: s.certificate_id.clone().unwrap_or_default(),
             certificate_not_after: s.certificate_not_after.unwrap_or(0),
@@ -164,6 +167,7 @@ impl Wire {
         compare!(
             state => "State",
             step => "Step",
+            waiting_for => "WaitingFor",
             thing_name => "ThingName",
             certificate_id => "CertificateId",
             certificate_not_after => "CertificateNotAfter",
@@ -291,10 +295,17 @@ impl Agent1 {
         self.wire().state
     }
 
-    /// The provisioning step (key-ready, certificate-issued, …).
+    /// The step of the operation in progress (key-ready, certificate-issued, …),
+    /// "provisioned", or "waiting-for-claim".
     #[zbus(property)]
     fn step(&self) -> String {
         self.wire().step
+    }
+
+    /// What the agent waits for, in words ("a claim: …"); "" when it is not waiting.
+    #[zbus(property)]
+    fn waiting_for(&self) -> String {
+        self.wire().waiting_for
     }
 
     /// The AWS IoT thing name; "" before registration.
@@ -391,112 +402,90 @@ impl Agent1 {
         not_after: i64,
     ) -> zbus::Result<()>;
 
-    /// Provisioning stopped on a permanent error.
+    /// An operation stopped on a permanent error.
     #[zbus(signal)]
     async fn failed(emitter: &SignalEmitter<'_>, code: &str, message: &str) -> zbus::Result<()>;
+
+    /// The MQTT session with the device's identity is up.
+    #[zbus(signal)]
+    async fn session_up(emitter: &SignalEmitter<'_>, certificate_id: &str) -> zbus::Result<()>;
+
+    /// The MQTT session went down; iotd reconnects by itself.
+    #[zbus(signal)]
+    async fn session_down(
+        emitter: &SignalEmitter<'_>,
+        code: &str,
+        message: &str,
+    ) -> zbus::Result<()>;
 }
 
-/// What the follower remembers between snapshots to decide which signals a change means.
-#[derive(Debug)]
-struct Announcer {
-    shown: Wire,
-    /// The certificate `Provisioned` was last emitted for (or that was already provisioned
-    /// when the service started: it connected in an earlier run and was announced then).
-    announced: Option<String>,
-    failed: bool,
-}
-
-/// A signal the follower emits.
-#[derive(Debug, PartialEq, Eq)]
-enum Event {
-    Provisioned {
-        thing_name: String,
-        certificate_id: String,
-    },
-    Failed {
-        code: String,
-        message: String,
-    },
-}
-
-impl Announcer {
-    fn new(s: &Snapshot) -> Announcer {
-        Announcer {
-            shown: Wire::from_snapshot(s),
-            announced: (s.state == iotd_api::state::PROVISIONED)
-                .then(|| s.certificate_id.clone())
-                .flatten(),
-            failed: s.state == iotd_api::state::FAILED,
-        }
-    }
-
-    /// The properties that changed and the signals due, for the next snapshot.
-    fn next(&mut self, s: &Snapshot) -> (HashMap<&'static str, Variant<'static>>, Vec<Event>) {
-        let wire = Wire::from_snapshot(s);
-        let changed = self.shown.changed(&wire);
-        self.shown = wire;
-        let mut events = Vec::new();
-        if s.state == iotd_api::state::PROVISIONED
-            && s.connected
-            && let Some(cert) = &s.certificate_id
-            && self.announced.as_ref() != Some(cert)
-        {
-            self.announced = Some(cert.clone());
-            events.push(Event::Provisioned {
-                thing_name: s.thing_name.clone().unwrap_or_default(),
-                certificate_id: cert.clone(),
-            });
-        }
-        let failed = s.state == iotd_api::state::FAILED;
-        if failed && !self.failed {
-            let (code, message) = match &s.last_error {
-                Some(e) => (e.code.clone(), e.message.clone()),
-                None => (String::new(), s.status_line.clone()),
-            };
-            events.push(Event::Failed { code, message });
-        }
-        self.failed = failed;
-        (changed, events)
-    }
-}
-
-/// Follows the snapshot until the agent drops its sender, emitting what each change means.
-/// Emission failures are logged and do not stop the follower: a reader that missed a signal can
-/// still read the properties.
-async fn follow(emitter: SignalEmitter<'static>, mut snapshot: watch::Receiver<Snapshot>) {
-    let mut announcer = Announcer::new(&snapshot.borrow_and_update());
+/// Follows the core until it stops: each snapshot change becomes one `PropertiesChanged`
+/// (naming exactly the properties whose value changed), each event its signal. Emission
+/// failures are logged and do not stop the follower: a reader that missed a signal can still
+/// read the properties.
+async fn follow(
+    emitter: SignalEmitter<'static>,
+    mut snapshot: watch::Receiver<Snapshot>,
+    mut events: broadcast::Receiver<Event>,
+) {
+    let mut shown = Wire::from_snapshot(&snapshot.borrow_and_update());
     let interface = InterfaceName::from_static_str_unchecked(iotd_api::INTERFACE);
-    while snapshot.changed().await.is_ok() {
-        let current = snapshot.borrow_and_update().clone();
-        let (changed, events) = announcer.next(&current);
-        if !changed.is_empty() {
-            let names: Vec<&str> = changed.keys().copied().collect();
-            tracing::debug!(?names, "emitting PropertiesChanged");
-            if let Err(e) = zbus::fdo::Properties::properties_changed(
-                &emitter,
-                interface.clone(),
-                changed,
-                std::borrow::Cow::Borrowed(&[]),
-            )
-            .await
-            {
-                tracing::warn!("emitting PropertiesChanged on D-Bus: {e}");
+    loop {
+        tokio::select! {
+            changed = snapshot.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let wire = Wire::from_snapshot(&snapshot.borrow_and_update());
+                let changed = shown.changed(&wire);
+                shown = wire;
+                if changed.is_empty() {
+                    continue;
+                }
+                let names: Vec<&str> = changed.keys().copied().collect();
+                tracing::debug!(?names, "emitting PropertiesChanged");
+                if let Err(e) = zbus::fdo::Properties::properties_changed(
+                    &emitter,
+                    interface.clone(),
+                    changed,
+                    std::borrow::Cow::Borrowed(&[]),
+                )
+                .await
+                {
+                    tracing::warn!("emitting PropertiesChanged on D-Bus: {e}");
+                }
             }
-        }
-        for event in events {
-            let sent = match &event {
-                Event::Provisioned {
-                    thing_name,
-                    certificate_id,
-                } => Agent1::provisioned(&emitter, thing_name, certificate_id).await,
-                Event::Failed { code, message } => Agent1::failed(&emitter, code, message).await,
-            };
-            if let Err(e) = sent {
-                tracing::warn!("emitting {event:?} on D-Bus: {e}");
+            event = events.recv() => {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("the D-Bus adapter missed {n} events of the core");
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if let Err(e) = emit(&emitter, &event).await {
+                    tracing::warn!("emitting {event:?} on D-Bus: {e}");
+                }
             }
         }
     }
-    tracing::debug!("the agent's snapshot ended; D-Bus change follower stops");
+    tracing::debug!("the core stopped; the D-Bus follower stops");
+}
+
+/// The signal of one event of the core.
+async fn emit(emitter: &SignalEmitter<'_>, event: &Event) -> zbus::Result<()> {
+    match event {
+        Event::Provisioned {
+            thing_name,
+            certificate_id,
+        } => Agent1::provisioned(emitter, thing_name, certificate_id).await,
+        Event::Failed { code, message } => Agent1::failed(emitter, code.as_str(), message).await,
+        Event::Connected { certificate_id } => Agent1::session_up(emitter, certificate_id).await,
+        Event::Disconnected { code, message } => {
+            Agent1::session_down(emitter, code.as_str(), message).await
+        }
+    }
 }
 
 /// Whether the bus refused a request (its policy), however zbus carries the error.
@@ -534,18 +523,28 @@ pub enum ServeError {
     Object { cause: zbus::Error },
 }
 
+/// The D-Bus server: the connection that owns the name, and the task that follows the core.
+#[derive(Debug)]
+pub struct Server {
+    pub connection: Connection,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
 /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS`, else the standard socket; `address`
 /// overrides both), serves `io.iotd.Agent1` at `/io/iotd/Agent1`, owns the name
 /// `io.iotd.Agent1`, and starts following `handle.snapshot` for PropertiesChanged and signals.
 ///
 /// Returns once the name is owned, so the caller may then report readiness (READY=1). Fails
 /// when the bus can't be reached, or the name is owned by someone else or refused by the bus
-/// policy. Keep the returned connection for the life of the service; the follower stops when
-/// the agent drops its snapshot sender.
-pub async fn serve(handle: Handle, address: Option<&str>) -> Result<Connection, ServeError> {
+/// policy. Keep the returned connection for the life of the service and supervise its task:
+/// the follower stops only when the core does.
+pub async fn serve(handle: Handle, address: Option<&str>) -> Result<Server, ServeError> {
+    // Subscribed before anything can happen, so that no event is missed.
+    let events = handle.subscribe();
     let Handle {
         commands,
         mut snapshot,
+        ..
     } = handle;
     // Mark the current snapshot as seen now, so that a change made while connecting is
     // announced once the follower starts.
@@ -591,8 +590,8 @@ pub async fn serve(handle: Handle, address: Option<&str>) -> Result<Connection, 
         Err(cause) => return Err(ServeError::Name { bus, cause }),
     }
     tracing::info!(name = iotd_api::BUS_NAME, "serving on the D-Bus {bus}");
-    tokio::spawn(follow(emitter, follower_snapshot));
-    Ok(connection)
+    let task = tokio::spawn(follow(emitter, follower_snapshot, events));
+    Ok(Server { connection, task })
 }
 
 #[cfg(test)]
@@ -677,58 +676,5 @@ mod tests {
         });
         let changed = b.changed(&Wire::from_snapshot(&s));
         assert_eq!(changed.keys().copied().collect::<Vec<_>>(), ["LastError"]);
-    }
-
-    #[test]
-    fn provisioned_once_per_certificate_and_failed_on_entry() {
-        let mut a = Announcer::new(&Snapshot {
-            state: iotd_api::state::PROVISIONING,
-            ..Snapshot::default()
-        });
-        // Provisioned but not yet connected: nothing to announce.
-        assert!(a.next(&provisioned("c1", false)).1.is_empty());
-        let (_, events) = a.next(&provisioned("c1", true));
-        assert_eq!(
-            events,
-            [Event::Provisioned {
-                thing_name: "gw-1".into(),
-                certificate_id: "c1".into()
-            }]
-        );
-        // A reconnection with the same certificate is not news.
-        assert!(a.next(&provisioned("c1", false)).1.is_empty());
-        assert!(a.next(&provisioned("c1", true)).1.is_empty());
-        // A new certificate is.
-        assert_eq!(a.next(&provisioned("c2", true)).1.len(), 1);
-
-        let failed = Snapshot {
-            state: iotd_api::state::FAILED,
-            last_error: Some(LastError {
-                code: "claim-rejected".into(),
-                message: "the claim was refused".into(),
-                at: 1,
-                permanent: true,
-                retry_at: None,
-            }),
-            ..Snapshot::default()
-        };
-        let (_, events) = a.next(&failed);
-        assert_eq!(
-            events,
-            [Event::Failed {
-                code: "claim-rejected".into(),
-                message: "the claim was refused".into()
-            }]
-        );
-        // Still failed: no second signal.
-        let mut still = failed.clone();
-        still.status_line = "still failed".into();
-        assert!(a.next(&still).1.is_empty());
-    }
-
-    #[test]
-    fn already_provisioned_at_start_is_not_announced_again() {
-        let mut a = Announcer::new(&provisioned("c1", false));
-        assert!(a.next(&provisioned("c1", true)).1.is_empty());
     }
 }

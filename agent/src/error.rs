@@ -27,6 +27,8 @@ pub enum ErrorCode {
     NotProvisioned,
     NotSupported,
     KeyLost,
+    /// The request can't run now (work in progress); try again when it has finished.
+    Busy,
 }
 
 impl ErrorCode {
@@ -51,6 +53,7 @@ impl ErrorCode {
             ErrorCode::NotProvisioned => "not-provisioned",
             ErrorCode::NotSupported => "not-supported",
             ErrorCode::KeyLost => "key-lost",
+            ErrorCode::Busy => "busy",
         }
     }
 }

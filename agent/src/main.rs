@@ -1,6 +1,6 @@
 //! `iotd`: the gateway identity daemon. See the library docs for what it does and which files
-//! it uses. Exit codes: 0 after SIGTERM/SIGINT, 1 when it cannot run (state, trust store), 2 for
-//! a configuration error.
+//! it uses. Exit codes: 0 after SIGTERM/SIGINT, 1 when it cannot run (state, trust store) or
+//! one of its tasks died, 2 for a configuration error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -170,51 +170,81 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
-        let (agent, handle) = match iotd::agent::Agent::new(settings, backend) {
-            Ok(a) => a,
-            Err(e) => {
-                eprintln!("iotd: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        // READY=1 only once the bus name is owned: systemd then knows that iotctl can talk to
-        // us. Without a bus the identity still matters more than the API: keep going, say so.
-        let _bus = match iotd::dbus::serve(handle, None).await {
-            Ok(connection) => Some(connection),
-            // Another iotd owns the name: two agents on one state directory would fight.
-            Err(e @ iotd::dbus::ServeError::NameTaken { .. }) => {
-                eprintln!("iotd: {e}");
-                return ExitCode::FAILURE;
-            }
-            Err(e) => {
-                tracing::error!(
-                    "{e}; running without the D-Bus API (iotctl cannot reach this agent)"
-                );
-                None
-            }
-        };
-        iotd::notify::ready(&agent.status());
-        use tokio::signal::unix::{SignalKind, signal};
-        let (mut term, mut int) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(t), Ok(i)) => (t, i),
-            (Err(e), _) | (_, Err(e)) => {
-                eprintln!("iotd: installing signal handlers: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        tokio::select! {
-            () = agent.run() => {}
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+    runtime.block_on(serve(settings, backend))
+}
+
+/// Runs the supervised tasks: the core, and the D-Bus server (next, the onboarding server).
+/// A task that dies is logged and makes iotd exit non-zero, for systemd to restart it from its
+/// persisted state: never a half-alive agent.
+async fn serve(settings: config::Settings, backend: Arc<dyn iotd::keys::KeyBackend>) -> ExitCode {
+    let (core, handle) = match iotd::core::Core::new(settings, backend) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("iotd: {e}");
+            return ExitCode::FAILURE;
         }
-        iotd::notify::stopping();
-        tracing::info!("stopping");
-        ExitCode::SUCCESS
-    })
+    };
+    // READY=1 only once the bus name is owned: systemd then knows that iotctl can talk to us.
+    // Without a bus the identity still matters more than the API: keep going, say so.
+    let dbus = match iotd::dbus::serve(handle, None).await {
+        Ok(server) => Some(server),
+        // Another iotd owns the name: two agents on one state directory would fight.
+        Err(e @ iotd::dbus::ServeError::NameTaken { .. }) => {
+            eprintln!("iotd: {e}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            tracing::error!("{e}; running without the D-Bus API (iotctl cannot reach this agent)");
+            None
+        }
+    };
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("iotd: installing signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    iotd::notify::ready(&core.status());
+    let mut core_task = tokio::spawn(core.run());
+    let (_bus, mut dbus_task) = match dbus {
+        Some(server) => (Some(server.connection), Some(server.task)),
+        None => (None, None),
+    };
+    let dbus_ended = async {
+        match &mut dbus_task {
+            Some(task) => task.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        ended = &mut core_task => {
+            match ended {
+                Ok(Ok(())) => tracing::error!("the core task stopped; exiting for systemd to restart iotd"),
+                Ok(Err(e)) => tracing::error!("the core task stopped: {e}; exiting for systemd to restart iotd"),
+                Err(e) => tracing::error!("the core task failed: {e}; exiting for systemd to restart iotd"),
+            }
+            return ExitCode::FAILURE;
+        }
+        ended = dbus_ended => {
+            let why = match ended {
+                Ok(()) => "it ended".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            tracing::error!("the D-Bus server task stopped ({why}); exiting for systemd to restart iotd");
+            return ExitCode::FAILURE;
+        }
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    core_task.abort();
+    iotd::notify::stopping();
+    tracing::info!("stopping");
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

@@ -1,7 +1,18 @@
-//! The persisted provisioning state: `state.json` and the issued certificates under
-//! `gen/<n>/` in the state directory. Every write is atomic (temp file, fsync, rename, fsync of
-//! the directory) and happens before the step that depends on it begins, so that a gateway
-//! killed at any instant finds on disk either the old step or the new one, never half of one.
+//! The persisted state: `state.json` and the issued certificates under `gen/<n>/` in the state
+//! directory.
+//!
+//! `state.json` (schema 2) holds two things that change independently:
+//! - the **identity**: the generation, certificate and thing the gateway connects as, once one
+//!   has connected; it changes only by one atomic write of this file (a commit);
+//! - the **operation** in progress: provisioning (with its step and where its claim came from)
+//!   or rotation (with its step and the staged generation). A failed operation never touches
+//!   the identity.
+//!
+//! Every write is atomic (temp file, fsync, rename, fsync of the directory) and happens before
+//! the step that depends on it begins, so that a gateway killed at any instant finds on disk
+//! either the old state or the new one, never half of one. Schema 1 (the first release: one
+//! linear `step`) is migrated on load; a schema newer than this iotd knows is refused and left
+//! untouched.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -11,15 +22,59 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped when the layout of `state.json` changes incompatibly.
-pub const SCHEMA: u32 = 1;
+/// The layout of `state.json` this iotd writes. Bumped when it changes incompatibly; every
+/// older schema it can read is migrated in `migrate`.
+pub const SCHEMA: u32 = 2;
 
-/// Where provisioning stands. Each variant carries what the next step needs.
+/// The identity the gateway connects as: made by provisioning, replaced by a rotation's commit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "step", rename_all = "kebab-case")]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    /// The key generation: the key and certificate are in `gen/<generation>/`.
+    pub generation: u32,
+    pub certificate_id: String,
+    /// The certificate (chain); `gen/<generation>/cert.pem` is written from it.
+    pub certificate_pem: String,
+    pub thing_name: String,
+    /// Where the key is (`DeviceKey::location`), as it was when the identity was committed;
+    /// `None` for an identity migrated from schema 1 until its next write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The certificate's validity (Unix seconds).
+    pub not_before: i64,
+    pub not_after: i64,
+    /// What the template's DeviceConfiguration said.
+    #[serde(default)]
+    pub device_configuration: BTreeMap<String, String>,
+    /// When this identity became the current one (Unix seconds).
+    pub committed_at: i64,
+}
+
+/// Where the claim of a provisioning came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClaimOrigin {
+    /// The claim certificate and key files named in the configuration (baked into the image).
+    File,
+    /// Handed over the local network by an installer (trusted-user provisioning); kept in
+    /// memory only, so after a restart the operation waits for a new one.
+    Network,
+}
+
+impl ClaimOrigin {
+    pub fn name(self) -> &'static str {
+        match self {
+            ClaimOrigin::File => "file",
+            ClaimOrigin::Network => "network",
+        }
+    }
+}
+
+/// The steps that take a new key to a registered certificate; provisioning and rotation share
+/// them. Each carries what the next one needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "kebab-case")]
 pub enum Step {
-    /// Nothing yet (or a previous identity was abandoned).
-    Unprovisioned,
     /// The device key of `generation` exists; no certificate yet.
     #[serde(rename_all = "camelCase")]
     KeyReady { generation: u32 },
@@ -28,26 +83,21 @@ pub enum Step {
     CertificateIssued {
         generation: u32,
         certificate_id: String,
+        /// The certificate (chain) as AWS issued it: state.json is its durable copy, and
+        /// `gen/<n>/cert.pem` is written from it (see `Store::write_certificate`).
+        certificate_pem: String,
         ownership_token: String,
         issued_at: i64,
     },
     /// RegisterThing accepted: the thing exists and the certificate is ACTIVE and attached.
+    /// Connecting with it is what verifies it; only then is it committed as the identity.
     #[serde(rename_all = "camelCase")]
     ThingRegistered {
         generation: u32,
         certificate_id: String,
+        certificate_pem: String,
         thing_name: String,
         device_configuration: BTreeMap<String, String>,
-    },
-    /// The device connected with its own identity: only now is it provisioned.
-    #[serde(rename_all = "camelCase")]
-    Provisioned {
-        generation: u32,
-        certificate_id: String,
-        thing_name: String,
-        device_configuration: BTreeMap<String, String>,
-        provisioned_at: i64,
-        not_after: i64,
     },
 }
 
@@ -55,33 +105,103 @@ impl Step {
     /// The step's name as logs, STATUS= and D-Bus show it.
     pub fn name(&self) -> &'static str {
         match self {
-            Step::Unprovisioned => "unprovisioned",
             Step::KeyReady { .. } => "key-ready",
             Step::CertificateIssued { .. } => "certificate-issued",
             Step::ThingRegistered { .. } => "thing-registered",
-            Step::Provisioned { .. } => "provisioned",
         }
     }
 
-    pub fn generation(&self) -> Option<u32> {
+    pub fn generation(&self) -> u32 {
         match self {
-            Step::Unprovisioned => None,
             Step::KeyReady { generation }
             | Step::CertificateIssued { generation, .. }
-            | Step::ThingRegistered { generation, .. }
-            | Step::Provisioned { generation, .. } => Some(*generation),
+            | Step::ThingRegistered { generation, .. } => *generation,
+        }
+    }
+
+    /// The certificate PEM this step holds, if it has one.
+    pub fn certificate_pem(&self) -> Option<&str> {
+        match self {
+            Step::KeyReady { .. } => None,
+            Step::CertificateIssued {
+                certificate_pem, ..
+            }
+            | Step::ThingRegistered {
+                certificate_pem, ..
+            } => Some(certificate_pem),
+        }
+    }
+
+    /// The certificate this step holds, if it has one.
+    pub fn certificate_id(&self) -> Option<&str> {
+        match self {
+            Step::KeyReady { .. } => None,
+            Step::CertificateIssued { certificate_id, .. }
+            | Step::ThingRegistered { certificate_id, .. } => Some(certificate_id),
         }
     }
 }
 
-/// The last error, kept so that a person can see why the agent is stuck.
+/// What started a rotation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Trigger {
+    Schedule,
+    OnDemand,
+    #[serde(rename_all = "camelCase")]
+    Job {
+        job_id: String,
+    },
+}
+
+/// The operation in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Operation {
+    /// Making the first identity (there is none while this runs).
+    Provisioning {
+        claim: ClaimOrigin,
+        /// `None` until the key exists: the operation has started (a claim was at hand) but
+        /// nothing is on disk yet.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<Step>,
+    },
+    /// Replacing the live identity's key and certificate; the live identity stays in use
+    /// until the staged generation is committed.
+    #[serde(rename_all = "camelCase")]
+    Rotation {
+        staged_generation: u32,
+        trigger: Trigger,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<Step>,
+    },
+}
+
+impl Operation {
+    pub fn step(&self) -> Option<&Step> {
+        match self {
+            Operation::Provisioning { step, .. } | Operation::Rotation { step, .. } => {
+                step.as_ref()
+            }
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::Provisioning { .. } => "provisioning",
+            Operation::Rotation { .. } => "rotation",
+        }
+    }
+}
+
+/// The last error, kept so that a person can see why the agent is stuck or what went wrong.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LastError {
     pub code: String,
     pub message: String,
     pub at: i64,
-    /// Permanent errors stop the retries until the service restarts or is told to retry.
+    /// The operation stopped trying until the service restarts or is told to try again.
     pub permanent: bool,
     /// When the next attempt starts (Unix seconds), for transient errors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -93,16 +213,16 @@ pub struct LastError {
 #[serde(rename_all = "camelCase")]
 pub struct State {
     pub schema: u32,
-    #[serde(flatten)]
-    pub step: Step,
+    pub identity: Option<Identity>,
+    pub operation: Option<Operation>,
     /// The highest key generation ever created, so that a new key never reuses a directory.
     #[serde(default)]
     pub last_generation: u32,
     #[serde(default)]
     pub last_error: Option<LastError>,
-    /// Certificates given up on the way (their ownership token was gone). One whose
-    /// RegisterThing succeeded without the reply reaching us stays ACTIVE and attached to the
-    /// thing: kept here so that it can be reported and cleaned up.
+    /// Certificates given up on the way. One whose RegisterThing succeeded without the reply
+    /// reaching us stays ACTIVE and attached to the thing: kept here so that it can be
+    /// reported and cleaned up in AWS IoT.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub abandoned_certificates: Vec<String>,
 }
@@ -111,11 +231,204 @@ impl Default for State {
     fn default() -> Self {
         Self {
             schema: SCHEMA,
-            step: Step::Unprovisioned,
+            identity: None,
+            operation: None,
             last_generation: 0,
             last_error: None,
             abandoned_certificates: Vec::new(),
         }
+    }
+}
+
+impl State {
+    /// Where the gateway stands, in one word for messages: "provisioned" with an identity,
+    /// else the operation's step ("key-ready", …; "starting" before the key), else
+    /// "unprovisioned".
+    pub fn step_name(&self) -> &'static str {
+        match (&self.identity, &self.operation) {
+            (Some(_), _) => "provisioned",
+            (None, Some(op)) => op.step().map_or("starting", Step::name),
+            (None, None) => "unprovisioned",
+        }
+    }
+
+    /// The generation and certificate the gateway connects with, or would next: the identity's,
+    /// else those of a provisioning step that has a certificate.
+    pub fn certificate(&self) -> Option<(u32, &str)> {
+        if let Some(i) = &self.identity {
+            return Some((i.generation, &i.certificate_id));
+        }
+        let step = self.operation.as_ref()?.step()?;
+        Some((step.generation(), step.certificate_id()?))
+    }
+
+    /// Whether a certificate is registered (ACTIVE, attached to a thing) for the gateway: the
+    /// identity, or a provisioning step past RegisterThing.
+    pub fn registered(&self) -> bool {
+        self.identity.is_some()
+            || matches!(
+                self.operation.as_ref().and_then(Operation::step),
+                Some(Step::ThingRegistered { .. })
+            )
+    }
+
+    /// The generations whose files must be kept: the identity's and the operation's.
+    pub fn live_generations(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = self.identity.iter().map(|i| i.generation).collect();
+        match &self.operation {
+            Some(Operation::Rotation {
+                staged_generation, ..
+            }) => out.push(*staged_generation),
+            Some(Operation::Provisioning { step: Some(s), .. }) => out.push(s.generation()),
+            _ => {}
+        }
+        out
+    }
+}
+
+/// Schema 1, as the first release wrote it: one linear step, flattened into the top level.
+mod v1 {
+    use std::collections::BTreeMap;
+
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(tag = "step", rename_all = "kebab-case")]
+    pub enum Step {
+        Unprovisioned,
+        #[serde(rename_all = "camelCase")]
+        KeyReady {
+            generation: u32,
+        },
+        #[serde(rename_all = "camelCase")]
+        CertificateIssued {
+            generation: u32,
+            certificate_id: String,
+            ownership_token: String,
+            issued_at: i64,
+        },
+        #[serde(rename_all = "camelCase")]
+        ThingRegistered {
+            generation: u32,
+            certificate_id: String,
+            thing_name: String,
+            device_configuration: BTreeMap<String, String>,
+        },
+        #[serde(rename_all = "camelCase")]
+        Provisioned {
+            generation: u32,
+            certificate_id: String,
+            thing_name: String,
+            device_configuration: BTreeMap<String, String>,
+            provisioned_at: i64,
+            not_after: i64,
+        },
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct State {
+        #[serde(flatten)]
+        pub step: Step,
+        #[serde(default)]
+        pub last_generation: u32,
+        #[serde(default)]
+        pub last_error: Option<super::LastError>,
+        #[serde(default)]
+        pub abandoned_certificates: Vec<String>,
+    }
+}
+
+/// What migration needs of a generation's certificate file (schema 1 kept the certificate only
+/// there): its PEM and its notBefore.
+#[derive(Debug, Default)]
+struct V1Certificate {
+    pem: String,
+    not_before: Option<i64>,
+}
+
+/// Schema 1 → 2. Schema 1 had claims from files only. A provisioned gateway keeps its identity
+/// (it never provisions again because of an upgrade); the certificate and its notBefore come
+/// from its file, read by the caller (when it can't be read, the PEM stays empty, which makes
+/// iotd read the file again when it connects, and the provisioning time stands in for
+/// notBefore).
+fn migrate_v1(old: v1::State, certificate: impl Fn(u32) -> V1Certificate) -> State {
+    let provisioning = |step| {
+        Some(Operation::Provisioning {
+            claim: ClaimOrigin::File,
+            step: Some(step),
+        })
+    };
+    let (identity, operation) = match old.step {
+        v1::Step::Unprovisioned => (None, None),
+        v1::Step::KeyReady { generation } => (None, provisioning(Step::KeyReady { generation })),
+        v1::Step::CertificateIssued {
+            generation,
+            certificate_id,
+            ownership_token,
+            issued_at,
+        } => (
+            None,
+            provisioning(Step::CertificateIssued {
+                generation,
+                certificate_id,
+                certificate_pem: certificate(generation).pem,
+                ownership_token,
+                issued_at,
+            }),
+        ),
+        v1::Step::ThingRegistered {
+            generation,
+            certificate_id,
+            thing_name,
+            device_configuration,
+        } => (
+            None,
+            provisioning(Step::ThingRegistered {
+                generation,
+                certificate_id,
+                certificate_pem: certificate(generation).pem,
+                thing_name,
+                device_configuration,
+            }),
+        ),
+        v1::Step::Provisioned {
+            generation,
+            certificate_id,
+            thing_name,
+            device_configuration,
+            provisioned_at,
+            not_after,
+        } => {
+            let cert = certificate(generation);
+            (
+                Some(Identity {
+                    generation,
+                    certificate_id,
+                    certificate_pem: cert.pem,
+                    thing_name,
+                    key: None,
+                    not_before: cert.not_before.unwrap_or(provisioned_at),
+                    not_after,
+                    device_configuration,
+                    committed_at: provisioned_at,
+                }),
+                None,
+            )
+        }
+    };
+    // A permanent error of schema 1 parked the whole agent; with an identity it is history now.
+    let last_error = match (&identity, old.last_error) {
+        (Some(_), Some(e)) if e.permanent => None,
+        (_, e) => e,
+    };
+    State {
+        schema: SCHEMA,
+        identity,
+        operation,
+        last_generation: old.last_generation,
+        last_error,
+        abandoned_certificates: old.abandoned_certificates,
     }
 }
 
@@ -129,8 +442,19 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("reading {path}: {message}; move it away to provision from scratch")]
+    /// Damaged: iotd leaves it (and the key generations) as they are.
+    #[error(
+        "reading {path}: {message}; iotd leaves it as it is. Keep {dir}/gen/: it holds the \
+         device key and certificate of this gateway's identity",
+        dir = path.parent().map(|p| p.display().to_string()).unwrap_or_default()
+    )]
     Corrupt { path: PathBuf, message: String },
+    #[error(
+        "reading {path}: it has schema {schema}, written by a newer iotd; this iotd ({version}) \
+         reads schemas 1 to {SCHEMA}. It is left untouched: install the newer iotd again",
+        version = env!("CARGO_PKG_VERSION")
+    )]
+    Newer { path: PathBuf, schema: u64 },
 }
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -142,8 +466,26 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Store
     }
 }
 
-/// Writes `contents` to `path` atomically with `mode`, and makes the rename durable.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), StoreError> {
+/// How durable a write must be when it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Whole: the data is synced before the rename, so a crash leaves the old file or the new
+    /// one, never a torn one. The rename itself may be lost in a crash; for state.json that
+    /// means a step done again, never a wrong state.
+    Atomic,
+    /// Also the rename is durable (the directory is synced): for a state that a request to the
+    /// cloud depends on.
+    Durable,
+}
+
+/// Writes `contents` to `path` atomically with `mode` (temp file, fsync, rename), and with
+/// `Durable`, makes the rename durable.
+pub fn write_atomic(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    durability: Durability,
+) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp",
@@ -160,6 +502,13 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), Store
     file.sync_all().map_err(io("syncing", &tmp))?;
     drop(file);
     fs::rename(&tmp, path).map_err(io("renaming into place", path))?;
+    if durability == Durability::Durable {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("syncing directory", dir))
@@ -188,39 +537,106 @@ impl Store {
         &self.dir
     }
 
-    fn state_path(&self) -> PathBuf {
+    pub fn state_path(&self) -> PathBuf {
         self.dir.join("state.json")
     }
 
-    /// Reads `state.json`; a missing file is a fresh gateway.
+    /// Reads `state.json`; a missing file is a fresh gateway. A schema-1 file is migrated and
+    /// written back as schema 2, after a copy of it is kept as `state.v1.json` (what an older
+    /// iotd would need after a downgrade).
     pub fn load(&self) -> Result<State, StoreError> {
         let path = self.state_path();
-        let text = match fs::read_to_string(&path) {
+        let bytes = match fs::read(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
             Err(e) => return Err(io("reading", &path)(e)),
         };
-        let state: State = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+        let corrupt = |message: String| StoreError::Corrupt {
             path: path.clone(),
-            message: e.to_string(),
+            message,
+        };
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            corrupt(match std::str::from_utf8(&bytes) {
+                Ok(_) => format!("not valid JSON ({e})"),
+                Err(_) => "not text (not UTF-8): the file is damaged".to_owned(),
+            })
         })?;
-        if state.schema != SCHEMA {
-            return Err(StoreError::Corrupt {
-                path,
-                message: format!("schema {} is not {SCHEMA}", state.schema),
-            });
+        let schema = value
+            .get("schema")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| corrupt("no \"schema\" number".to_owned()))?;
+        match schema {
+            2 => serde_json::from_value(value).map_err(|e| corrupt(format!("schema 2: {e}"))),
+            1 => {
+                let old: v1::State =
+                    serde_json::from_value(value).map_err(|e| corrupt(format!("schema 1: {e}")))?;
+                let state = migrate_v1(old, |generation| {
+                    let Ok(pem) = self.read_certificate(generation) else {
+                        return V1Certificate::default();
+                    };
+                    let not_before = crate::tls::parse_chain_pem(&pem, "the device certificate")
+                        .ok()
+                        .and_then(|chain| crate::tls::certificate_validity(chain.first()?).ok())
+                        .map(|v| v.0);
+                    V1Certificate { pem, not_before }
+                });
+                write_atomic(
+                    &self.dir.join("state.v1.json"),
+                    &bytes,
+                    0o600,
+                    Durability::Atomic,
+                )?;
+                self.save(&state, Durability::Durable)?;
+                tracing::info!(
+                    "migrated {} from schema 1 to {SCHEMA} (the old file is kept as state.v1.json)",
+                    path.display()
+                );
+                Ok(state)
+            }
+            n if n > u64::from(SCHEMA) => Err(StoreError::Newer { path, schema: n }),
+            n => Err(corrupt(format!("unknown schema {n}"))),
         }
-        Ok(state)
     }
 
     /// Writes `state.json` atomically (0600: it holds the ownership token).
-    pub fn save(&self, state: &State) -> Result<(), StoreError> {
+    pub fn save(&self, state: &State, durability: Durability) -> Result<(), StoreError> {
         let path = self.state_path();
         let text = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
             path: path.clone(),
             message: format!("serialising: {e}"),
         })?;
-        write_atomic(&path, &text, 0o600)
+        write_atomic(&path, &text, 0o600, durability)
+    }
+
+    /// Makes a generation's directory entries durable (its key files, its certificate, the
+    /// directory itself): one sync for all of them, before a state that refers to them is
+    /// persisted.
+    pub fn sync_generation(&self, generation: u32) -> Result<(), StoreError> {
+        sync_dir(&self.dir.join("gen").join(generation.to_string()))?;
+        sync_dir(&self.dir.join("gen"))
+    }
+
+    /// The highest generation that has a directory under `gen/`, written or half-written: a
+    /// new key never goes into one of them, even if state.json does not know it.
+    pub fn highest_generation(&self) -> Result<u32, StoreError> {
+        let gen_root = self.dir.join("gen");
+        let entries = match fs::read_dir(&gen_root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io("listing", &gen_root)(e)),
+        };
+        let mut highest = 0;
+        for entry in entries {
+            let entry = entry.map_err(io("listing", &gen_root))?;
+            if let Some(n) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                highest = highest.max(n);
+            }
+        }
+        Ok(highest)
     }
 
     fn generation_dir(&self, generation: u32) -> Result<PathBuf, StoreError> {
@@ -241,12 +657,36 @@ impl Store {
             .join("cert.pem")
     }
 
-    /// Stores the issued certificate (public: 0644, so that other gateway programs can use it).
+    /// Writes the issued certificate to `gen/<n>/cert.pem` (public: 0644, so that other gateway
+    /// programs can use it) with a rename, so that a reader never sees half of one. Not synced
+    /// on its own: state.json holds the durable copy, the directory entry becomes durable with
+    /// `sync_generation`, and `repair_certificate` rewrites a file a crash damaged.
     pub fn write_certificate(&self, generation: u32, pem: &str) -> Result<PathBuf, StoreError> {
-        self.generation_dir(generation)?;
+        let dir = self.generation_dir(generation)?;
         let path = self.certificate_path(generation);
-        write_atomic(&path, pem.as_bytes(), 0o644)?;
+        let tmp = dir.join(".cert.pem.tmp");
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)
+            .map_err(io("creating", &tmp))?;
+        file.write_all(pem.as_bytes())
+            .map_err(io("writing", &tmp))?;
+        drop(file);
+        fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
         Ok(path)
+    }
+
+    /// Rewrites `gen/<n>/cert.pem` from the state's copy when it is missing or differs (a crash
+    /// right after it was written); says whether it did.
+    pub fn repair_certificate(&self, generation: u32, pem: &str) -> Result<bool, StoreError> {
+        if pem.is_empty() || self.read_certificate(generation).is_ok_and(|f| f == pem) {
+            return Ok(false);
+        }
+        self.write_certificate(generation, pem)?;
+        Ok(true)
     }
 
     pub fn read_certificate(&self, generation: u32) -> Result<String, StoreError> {
@@ -261,46 +701,176 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    #[test]
-    fn fresh_directory_is_unprovisioned_and_steps_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s")).unwrap();
-        assert_eq!(store.load().unwrap(), State::default());
-        let state = State {
-            step: Step::CertificateIssued {
-                generation: 1,
-                certificate_id: "ab".into(),
-                ownership_token: "tok".into(),
-                issued_at: 5,
-            },
-            last_generation: 1,
-            ..State::default()
-        };
-        store.save(&state).unwrap();
-        assert_eq!(store.load().unwrap(), state);
-        let text = fs::read_to_string(dir.path().join("s/state.json")).unwrap();
-        assert!(text.contains("\"step\": \"certificate-issued\""), "{text}");
-        let mode = fs::metadata(dir.path().join("s/state.json"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let mode = fs::metadata(dir.path().join("s"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o700);
+    fn registered() -> Step {
+        Step::ThingRegistered {
+            generation: 1,
+            certificate_id: "ab".into(),
+            certificate_pem: String::new(),
+            thing_name: "gw-1".into(),
+            device_configuration: BTreeMap::from([("k".into(), "v".into())]),
+        }
     }
 
     #[test]
-    fn corrupt_state_names_the_file_and_the_way_out() {
+    fn fresh_directory_is_empty_and_states_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s")).unwrap();
+        assert_eq!(store.load().unwrap(), State::default());
+        let states = [
+            State {
+                operation: Some(Operation::Provisioning {
+                    claim: ClaimOrigin::Network,
+                    step: Some(Step::CertificateIssued {
+                        generation: 1,
+                        certificate_id: "ab".into(),
+                        certificate_pem: "PEM".into(),
+                        ownership_token: "tok".into(),
+                        issued_at: 5,
+                    }),
+                }),
+                last_generation: 1,
+                ..State::default()
+            },
+            State {
+                identity: Some(Identity {
+                    generation: 1,
+                    certificate_id: "ab".into(),
+                    certificate_pem: "PEM".into(),
+                    thing_name: "gw-1".into(),
+                    key: Some("file /x".into()),
+                    not_before: 1,
+                    not_after: 2,
+                    device_configuration: BTreeMap::new(),
+                    committed_at: 3,
+                }),
+                operation: Some(Operation::Rotation {
+                    staged_generation: 2,
+                    trigger: Trigger::Job { job_id: "j".into() },
+                    step: Some(registered()),
+                }),
+                last_generation: 2,
+                ..State::default()
+            },
+        ];
+        for state in states {
+            store.save(&state, Durability::Atomic).unwrap();
+            assert_eq!(store.load().unwrap(), state);
+        }
+        let text = fs::read_to_string(dir.path().join("s/state.json")).unwrap();
+        assert!(text.contains("\"schema\": 2"), "{text}");
+        assert!(text.contains("\"kind\": \"rotation\""), "{text}");
+        assert!(text.contains("\"name\": \"thing-registered\""), "{text}");
+        let mode = |p: &str| {
+            fs::metadata(dir.path().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("s/state.json"), 0o600);
+        assert_eq!(mode("s"), 0o700);
+    }
+
+    #[test]
+    fn damaged_state_is_named_left_alone_and_gen_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        fs::write(dir.path().join("state.json"), "{ not json").unwrap();
-        let err = store.load().unwrap_err().to_string();
-        assert!(
-            err.contains("state.json") && err.contains("move it away"),
-            "{err}"
+        for (bytes, says) in [
+            (&b"{ not json"[..], "not valid JSON"),
+            (&b"\xff\xfe\x00garbage"[..], "not UTF-8"),
+            (&b"{\"identity\": null}"[..], "no \"schema\""),
+            (&b"{\"schema\": 0}"[..], "unknown schema 0"),
+            (&b"{\"schema\": 2, \"identity\": 5}"[..], "schema 2:"),
+        ] {
+            fs::write(dir.path().join("state.json"), bytes).unwrap();
+            let err = store.load().unwrap_err().to_string();
+            assert!(err.contains("state.json") && err.contains(says), "{err}");
+            assert!(err.contains("Keep") && err.contains("gen/"), "{err}");
+            assert!(!err.contains("move it away"), "{err}");
+            assert_eq!(fs::read(dir.path().join("state.json")).unwrap(), bytes);
+        }
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_and_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let text = "{\"schema\": 3, \"somethingNew\": true}";
+        fs::write(dir.path().join("state.json"), text).unwrap();
+        let err = store.load().unwrap_err();
+        assert!(matches!(err, StoreError::Newer { schema: 3, .. }), "{err}");
+        assert!(err.to_string().contains("newer iotd"), "{err}");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("state.json")).unwrap(),
+            text
+        );
+    }
+
+    fn v1(text: &str) -> State {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        fs::write(dir.path().join("state.json"), text).unwrap();
+        let state = store.load().unwrap();
+        // Written back as schema 2, the original kept beside it.
+        assert_eq!(store.load().unwrap(), state);
+        assert_eq!(
+            fs::read_to_string(dir.path().join("state.v1.json")).unwrap(),
+            text
+        );
+        state
+    }
+
+    #[test]
+    fn schema_1_steps_become_a_provisioning_operation() {
+        let s = v1(r#"{"schema":1,"step":"unprovisioned","lastGeneration":0}"#);
+        assert_eq!(s, State::default());
+        let s = v1(r#"{"schema":1,"step":"key-ready","generation":3,"lastGeneration":3}"#);
+        assert_eq!(
+            s.operation,
+            Some(Operation::Provisioning {
+                claim: ClaimOrigin::File,
+                step: Some(Step::KeyReady { generation: 3 })
+            })
+        );
+        assert_eq!((s.identity, s.last_generation), (None, 3));
+        let s = v1(
+            r#"{"schema":1,"step":"thing-registered","generation":1,"certificateId":"ab",
+               "thingName":"gw-1","deviceConfiguration":{"k":"v"},"lastGeneration":1,
+               "lastError":{"code":"network","message":"m","at":4,"permanent":false,"retryAt":6},
+               "abandonedCertificates":["old"]}"#,
+        );
+        assert_eq!(s.operation.unwrap().step(), Some(&registered()));
+        assert_eq!(s.last_error.unwrap().retry_at, Some(6));
+        assert_eq!(s.abandoned_certificates, ["old"]);
+    }
+
+    #[test]
+    fn a_provisioned_schema_1_gateway_keeps_its_identity() {
+        let s = v1(
+            r#"{"schema":1,"step":"provisioned","generation":2,"certificateId":"cd",
+               "thingName":"gw-2","deviceConfiguration":{},"provisionedAt":100,
+               "notAfter":2000,"lastGeneration":2,
+               "lastError":{"code":"key","message":"m","at":4,"permanent":true}}"#,
+        );
+        let identity = s.identity.unwrap();
+        assert_eq!(
+            (identity.generation, identity.certificate_id.as_str()),
+            (2, "cd")
+        );
+        assert_eq!(identity.thing_name, "gw-2");
+        // No certificate file here: the provisioning time stands in for notBefore.
+        assert_eq!(
+            (
+                identity.not_before,
+                identity.not_after,
+                identity.committed_at
+            ),
+            (100, 2000, 100)
+        );
+        assert_eq!(s.operation, None);
+        assert_eq!(
+            s.last_error, None,
+            "a permanent error no longer parks a live identity"
         );
     }
 
@@ -318,5 +888,16 @@ mod tests {
                 .to_string()
                 .contains("gen/3/cert.pem")
         );
+    }
+
+    #[test]
+    fn live_generations_are_the_identity_and_the_operation() {
+        let mut s = State::default();
+        assert!(s.live_generations().is_empty());
+        s.operation = Some(Operation::Provisioning {
+            claim: ClaimOrigin::File,
+            step: Some(Step::KeyReady { generation: 4 }),
+        });
+        assert_eq!(s.live_generations(), [4]);
     }
 }

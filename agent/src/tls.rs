@@ -209,6 +209,12 @@ pub fn certificate_not_after(cert: &CertificateDer<'_>) -> Result<i64, TlsError>
     Ok(parse_certificate(cert)?.validity().not_after.timestamp())
 }
 
+/// The certificate's notBefore and notAfter as Unix seconds.
+pub fn certificate_validity(cert: &CertificateDer<'_>) -> Result<(i64, i64), TlsError> {
+    let v = parse_certificate(cert)?.validity().clone();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 fn parse_certificate<'a>(cert: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, TlsError> {
     match X509Certificate::from_der(cert.as_ref()) {
         Ok((_, parsed)) => Ok(parsed),

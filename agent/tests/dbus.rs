@@ -22,23 +22,19 @@ use std::process::Output;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use iotd::agent::{Command, Handle, Outcome, Snapshot};
+use iotd::core::{Command, Handle, Outcome};
 use iotd::dbus::ServeError;
 use iotd::error::{AgentError, ErrorCode, Retry};
+use iotd::fsm::Event;
+use iotd::snapshot::Snapshot;
 use iotd::store::LastError;
 use iotd_api::Agent1Proxy;
 use iotd_testkit::dbus_daemon::DbusDaemon;
-use tokio::sync::{mpsc, watch};
+use iotd_testkit::{ROOT_MAY_OWN, dbus_policy_file};
+use tokio::sync::{broadcast, mpsc, watch};
 use zbus::export::futures_core::Stream;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Test-only: the test process (root) may own the name. Never in the shipped file.
-const ROOT_MAY_OWN: &str = r#"<policy user="root"><allow own="io.iotd.Agent1"/></policy>"#;
-
-fn policy_file() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../packaging/dbus/io.iotd.Agent1.conf")
-}
 
 fn committed_xml() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../packaging/dbus/io.iotd.Agent1.xml")
@@ -165,6 +161,7 @@ fn snapshot() -> Snapshot {
         certificate_not_after: Some(1_800_000_000),
         certificate_path: Some("/var/lib/iotd/gen/1/cert.pem".into()),
         next_rotation: None,
+        waiting_for: None,
         key_backend: "file",
         key_reference: Some("/var/lib/iotd/gen/1/key.pem".into()),
         connected: true,
@@ -189,6 +186,7 @@ struct Fixture {
     /// The agent's side of the command channel, for filling it.
     sender: mpsc::Sender<Command>,
     snapshot: watch::Sender<Snapshot>,
+    events: broadcast::Sender<Event>,
     service: zbus::Connection,
     client: zbus::Connection,
 }
@@ -196,15 +194,17 @@ struct Fixture {
 impl Fixture {
     async fn start(initial: Snapshot) -> Fixture {
         accounts();
-        let bus = DbusDaemon::start(&[&policy_file()], Some(ROOT_MAY_OWN));
+        let bus = DbusDaemon::start(&[&dbus_policy_file()], Some(ROOT_MAY_OWN));
         let (tx, commands) = mpsc::channel(4);
         let (snapshot, rx) = watch::channel(initial);
+        let (events, _) = broadcast::channel(16);
         let handle = Handle {
             commands: tx.clone(),
             snapshot: rx,
+            events: events.clone(),
         };
         let service = match iotd::dbus::serve(handle, Some(bus.address())).await {
-            Ok(c) => c,
+            Ok(server) => server.connection,
             Err(e) => panic!("serving: {e}\ndbus-daemon log:\n{}", bus.log()),
         };
         let client = zbus::connection::Builder::address(bus.address())
@@ -216,6 +216,7 @@ impl Fixture {
             commands,
             sender: tx,
             snapshot,
+            events,
             service,
             client,
         }
@@ -592,22 +593,26 @@ async fn only_iotd_may_own_the_name() {
     }
 }
 
+/// A handle whose commands nobody answers, for the cases where serving fails.
+fn unanswered_handle() -> Handle {
+    let (commands, _) = mpsc::channel(1);
+    let (_, snapshot) = watch::channel(snapshot());
+    let (events, _) = broadcast::channel(1);
+    Handle {
+        commands,
+        snapshot,
+        events,
+    }
+}
+
 /// The shipped policy alone refuses root the name, and serve says so.
 #[tokio::test]
 async fn serve_fails_clearly_when_the_policy_refuses_the_name() {
     accounts();
-    let bus = DbusDaemon::start(&[&policy_file()], None);
-    let (tx, _commands) = mpsc::channel(1);
-    let (_snapshot, rx) = watch::channel(snapshot());
-    let err = iotd::dbus::serve(
-        Handle {
-            commands: tx,
-            snapshot: rx,
-        },
-        Some(bus.address()),
-    )
-    .await
-    .unwrap_err();
+    let bus = DbusDaemon::start(&[&dbus_policy_file()], None);
+    let err = iotd::dbus::serve(unanswered_handle(), Some(bus.address()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, ServeError::NameRefused { .. }), "{err:?}");
     let e = err.to_string();
     assert!(
@@ -623,17 +628,9 @@ async fn serve_fails_clearly_when_the_policy_refuses_the_name() {
 #[tokio::test]
 async fn second_instance_fails_clearly() {
     let f = Fixture::start(snapshot()).await;
-    let (tx, _commands) = mpsc::channel(1);
-    let (_snapshot, rx) = watch::channel(snapshot());
-    let err = iotd::dbus::serve(
-        Handle {
-            commands: tx,
-            snapshot: rx,
-        },
-        Some(f.bus.address()),
-    )
-    .await
-    .unwrap_err();
+    let err = iotd::dbus::serve(unanswered_handle(), Some(f.bus.address()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, ServeError::NameTaken { .. }), "{err:?}");
     let e = err.to_string();
     assert!(
@@ -652,17 +649,9 @@ async fn second_instance_fails_clearly() {
 async fn serve_fails_clearly_without_a_bus() {
     let dir = tempfile::tempdir().unwrap();
     let address = format!("unix:path={}/absent", dir.path().display());
-    let (tx, _commands) = mpsc::channel(1);
-    let (_snapshot, rx) = watch::channel(snapshot());
-    let err = iotd::dbus::serve(
-        Handle {
-            commands: tx,
-            snapshot: rx,
-        },
-        Some(&address),
-    )
-    .await
-    .unwrap_err();
+    let err = iotd::dbus::serve(unanswered_handle(), Some(&address))
+        .await
+        .unwrap_err();
     assert!(matches!(err, ServeError::Connect { .. }), "{err:?}");
     let e = err.to_string();
     assert!(
@@ -758,23 +747,12 @@ async fn properties_changed_follows_the_snapshot() {
     assert!(proxy.connected().await.unwrap());
 }
 
-/// Provisioned once per new certificate when connected; Failed on entering the failed state;
-/// each after the PropertiesChanged of the same snapshot.
-///
-/// The agent publishes through a `watch`, which keeps only the latest snapshot: the test waits
-/// for each snapshot's PropertiesChanged before publishing the next, as a real agent's steps
-/// are far apart (see `iotd::dbus` on coalescing).
+/// Each event of the core becomes its signal, in order, even when they follow each other
+/// within microseconds and no snapshot changes in between (signals are not derived from
+/// snapshot differences).
 #[tokio::test]
-async fn provisioned_and_failed_signals() {
-    let start = Snapshot {
-        state: iotd_api::state::PROVISIONING,
-        step: "thing-registered",
-        thing_name: Some("gw-test-1".into()),
-        certificate_id: Some("c0ffee".into()),
-        ..Snapshot::default()
-    };
-    let f = Fixture::start(start.clone()).await;
-    // Every signal of the service's object, in the order the bus delivers them.
+async fn events_become_signals() {
+    let f = Fixture::start(snapshot()).await;
     let rule = zbus::MatchRule::builder()
         .msg_type(zbus::message::Type::Signal)
         .sender(f.service.unique_name().unwrap().to_owned())
@@ -784,79 +762,85 @@ async fn provisioned_and_failed_signals() {
     let mut signals = zbus::MessageStream::for_match_rule(rule, &f.client, None)
         .await
         .unwrap();
-    let mut members = Vec::new();
-    let mut received = Vec::new();
-    // Publishes `s`, then collects signals up to and including its PropertiesChanged, plus
-    // what follows it for the same snapshot (Provisioned/Failed), which the next
-    // PropertiesChanged or the final check picks up.
-    let mut publish = async |s: Snapshot| {
-        f.snapshot.send_replace(s);
-        loop {
-            let m = next(&mut signals, "signal").await.unwrap();
-            let member = m.header().member().unwrap().to_string();
-            members.push(member.clone());
-            received.push(m);
-            if member == "PropertiesChanged" {
-                break;
-            }
-        }
-    };
-
-    let mut s = snapshot();
-    s.connected = false;
-    publish(s.clone()).await; // provisioned, not connected yet: nothing
-    s.connected = true;
-    publish(s.clone()).await; // connected: Provisioned
-    s.connected = false;
-    publish(s.clone()).await; // a reconnection with the same certificate: nothing
-    s.connected = true;
-    publish(s.clone()).await;
-    publish(Snapshot {
-        state: iotd_api::state::FAILED,
-        last_error: Some(LastError {
-            code: "claim-rejected".into(),
+    let events = [
+        Event::Provisioned {
+            thing_name: "gw-test-1".into(),
+            certificate_id: "c0ffee".into(),
+        },
+        Event::Connected {
+            certificate_id: "c0ffee".into(),
+        },
+        Event::Disconnected {
+            code: ErrorCode::Network,
+            message: "the connection closed".into(),
+        },
+        Event::Connected {
+            certificate_id: "c0ffee".into(),
+        },
+        Event::Failed {
+            code: ErrorCode::ClaimRejected,
             message: "AWS IoT refused the claim certificate".into(),
-            at: 1_700_000_100,
-            permanent: true,
-            retry_at: None,
-        }),
-        ..s.clone()
-    })
-    .await;
-    let last = next(&mut signals, "Failed").await.unwrap();
-    members.push(last.header().member().unwrap().to_string());
-    received.push(last);
-
+        },
+    ];
+    for e in &events {
+        f.events.send(e.clone()).unwrap();
+    }
+    let mut received = Vec::new();
+    while received.len() < events.len() {
+        let m = next(&mut signals, "signal").await.unwrap();
+        received.push(m);
+    }
+    let members: Vec<String> = received
+        .iter()
+        .map(|m| m.header().member().unwrap().to_string())
+        .collect();
     assert_eq!(
         members,
         [
-            "PropertiesChanged",
-            "PropertiesChanged",
             "Provisioned",
-            "PropertiesChanged",
-            "PropertiesChanged",
-            "PropertiesChanged",
+            "SessionUp",
+            "SessionDown",
+            "SessionUp",
             "Failed"
         ]
     );
-    let (thing, cert): (String, String) = received[2].body().deserialize().unwrap();
+    let (thing, cert): (String, String) = received[0].body().deserialize().unwrap();
     assert_eq!((thing.as_str(), cert.as_str()), ("gw-test-1", "c0ffee"));
-    let (code, message): (String, String) = received[6].body().deserialize().unwrap();
+    let (cert,): (String,) = received[1].body().deserialize().unwrap();
+    assert_eq!(cert, "c0ffee");
+    let (code, message): (String, String) = received[2].body().deserialize().unwrap();
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("network", "the connection closed")
+    );
+    let (code, message): (String, String) = received[4].body().deserialize().unwrap();
     assert_eq!(
         (code.as_str(), message.as_str()),
         ("claim-rejected", "AWS IoT refused the claim certificate")
     );
 
-    // The typed stream of the contract crate decodes the signal.
+    // The typed streams of the contract crate decode the signals.
     let proxy = f.proxy().await;
     let mut provisioned = proxy.receive_provisioned().await.unwrap();
-    let mut s = snapshot();
-    s.certificate_id = Some("beef".into());
-    f.snapshot.send_replace(s);
+    let mut down = proxy.receive_session_down().await.unwrap();
+    f.events
+        .send(Event::Provisioned {
+            thing_name: "gw-test-1".into(),
+            certificate_id: "beef".into(),
+        })
+        .unwrap();
+    f.events
+        .send(Event::Disconnected {
+            code: ErrorCode::CertificateMismatch,
+            message: "m".into(),
+        })
+        .unwrap();
     let signal = next(&mut provisioned, "Provisioned").await;
     let args = signal.args().unwrap();
     assert_eq!(
         (*args.thing_name(), *args.certificate_id()),
         ("gw-test-1", "beef")
     );
+    let signal = next(&mut down, "SessionDown").await;
+    assert_eq!(*signal.args().unwrap().code(), "certificate-mismatch");
 }

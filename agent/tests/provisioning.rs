@@ -4,14 +4,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 
 use iotd_testkit::*;
 use serde_json::json;
-
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_iotd"))
-}
 
 fn is_provisioning_request(e: &fake_iot_core::server::LogEntry) -> bool {
     e.kind == "in"
@@ -24,9 +19,12 @@ fn is_provisioning_request(e: &fake_iot_core::server::LogEntry) -> bool {
 /// connected as the thing with it.
 fn assert_provisioned(cloud: &Cloud, iotd: &Iotd, thing: &str) -> String {
     let state = iotd.state();
-    assert_eq!(state["step"], "provisioned", "{state}");
-    assert_eq!(state["thingName"], thing);
-    let cert = state["certificateId"].as_str().unwrap().to_owned();
+    assert_eq!(state["operation"], serde_json::Value::Null, "{state}");
+    assert_eq!(state["identity"]["thingName"], thing, "{state}");
+    let cert = state["identity"]["certificateId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(
         cloud.principals(thing),
         vec![cert.clone()],
@@ -53,7 +51,7 @@ async fn csr_flow_provisions_and_only_then_reports_provisioned() {
     let cloud = Cloud::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut iotd = Iotd::start(
-        exe(),
+        &iotd_binary(),
         dir.path(),
         &config(&cloud, &dir.path().join("state"), "0042"),
     )
@@ -111,7 +109,7 @@ async fn cloud_generated_keys_flow() {
         "template = \"gateway\"",
         "template = \"gateway\"\ncertificate_source = \"cloud-generated\"\ndelete_claim = true",
     );
-    let mut iotd = Iotd::start(exe(), dir.path(), &conf).await;
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
     iotd.wait_status("Provisioned as gw-0043").await;
     assert_provisioned(&cloud, &iotd, "gw-0043");
     let key = std::fs::read_to_string(iotd.state_dir.join("gen/1/key.pem")).unwrap();
@@ -135,7 +133,7 @@ async fn a_certificate_whose_token_is_too_old_is_replaced_before_register_thing(
     cloud.add_fault(json!({"api": "RegisterThing", "action": "delay", "delayMs": 60000}));
     let dir = tempfile::tempdir().unwrap();
     let conf = config(&cloud, &dir.path().join("state"), "0050");
-    let mut iotd = Iotd::start(exe(), dir.path(), &conf).await;
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
     cloud
         .wait_log("RegisterThing request", |e| {
             e.kind == "in"
@@ -145,16 +143,14 @@ async fn a_certificate_whose_token_is_too_old_is_replaced_before_register_thing(
         })
         .await;
     iotd.kill().await;
+    assert_eq!(
+        iotd.state()["operation"]["step"]["name"],
+        "certificate-issued"
+    );
     // The power came back 56 minutes later: the token would expire under the request.
-    let path = iotd.state_dir.join("state.json");
-    let mut state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    assert_eq!(state["step"], "certificate-issued");
-    let old = state["issuedAt"].as_i64().unwrap() - 56 * 60;
-    state["issuedAt"] = json!(old);
-    std::fs::write(&path, state.to_string()).unwrap();
     cloud.clear_faults();
-    let mut again = Iotd::start(exe(), dir.path(), &conf).await;
+    let later = [("IOTD_TEST_CLOCK_OFFSET_SECS", "3360")];
+    let mut again = Iotd::start_env(&iotd_binary(), dir.path(), &conf, &later).await;
     again
         .wait_status("Provisioned as gw-0050; certificate")
         .await;
@@ -177,12 +173,12 @@ async fn restart_of_a_provisioned_gateway_makes_no_provisioning_request() {
     let cloud = Cloud::start().await;
     let dir = tempfile::tempdir().unwrap();
     let conf = config(&cloud, &dir.path().join("state"), "0044");
-    let mut iotd = Iotd::start(exe(), dir.path(), &conf).await;
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
     iotd.wait_status("Provisioned as gw-0044; certificate")
         .await;
     iotd.terminate().await;
     cloud.shared().clear_log();
-    let mut again = Iotd::start(exe(), dir.path(), &conf).await;
+    let mut again = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
     again
         .wait_status("Provisioned as gw-0044; certificate")
         .await;
@@ -220,7 +216,7 @@ async fn sigkill_after_each_persisted_step_resumes_to_one_attached_certificate()
         let dir = tempfile::tempdir().unwrap();
         let conf = config(&cloud, &dir.path().join("state"), &serial);
         cloud.add_fault(fault);
-        let mut iotd = Iotd::start(exe(), dir.path(), &conf).await;
+        let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
         match step {
             "certificate-issued" => {
                 // The request is only sent after the step was persisted.
@@ -239,14 +235,48 @@ async fn sigkill_after_each_persisted_step_resumes_to_one_attached_certificate()
             }
         }
         iotd.kill().await;
-        assert_eq!(iotd.state()["step"], step, "{step}");
+        assert_eq!(iotd.state()["operation"]["step"]["name"], step, "{step}");
         cloud.clear_faults();
-        let mut again = Iotd::start(exe(), dir.path(), &conf).await;
+        let mut again = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
         again
             .wait_status(&format!("Provisioned as {thing}; certificate"))
             .await;
         assert_provisioned(&cloud, &again, &thing);
+        assert_eq!(again.state()["identity"]["generation"], 1, "{step}");
     }
+}
+
+/// A key alone is not worth a write of state.json (a key-ready step with no error to record
+/// is not persisted): killed while its CSR is out, the gateway makes a new key in the next
+/// generation and leaves the unrecorded one as it is; never overwrites a generation.
+#[tokio::test]
+async fn sigkill_before_the_first_certificate_uses_the_next_generation() {
+    let cloud = Cloud::start().await;
+    cloud
+        .add_fault(json!({"api": "CreateCertificateFromCsr", "action": "delay", "delayMs": 60000}));
+    let dir = tempfile::tempdir().unwrap();
+    let conf = config(&cloud, &dir.path().join("state"), "0052");
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
+    cloud
+        .wait_log("CreateCertificateFromCsr request", |e| {
+            e.kind == "in"
+                && e.topic
+                    .as_deref()
+                    .is_some_and(|t| t.contains("create-from-csr"))
+        })
+        .await;
+    iotd.kill().await;
+    assert!(!iotd.state_dir.join("state.json").exists());
+    let key = iotd.state_dir.join("gen/1/key.pem");
+    let unrecorded = std::fs::read(&key).unwrap();
+    cloud.clear_faults();
+    let mut again = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
+    again
+        .wait_status("Provisioned as gw-0052; certificate")
+        .await;
+    assert_provisioned(&cloud, &again, "gw-0052");
+    assert_eq!(again.state()["identity"]["generation"], 2);
+    assert_eq!(std::fs::read(&key).unwrap(), unrecorded, "gen/1 untouched");
 }
 
 #[tokio::test]
@@ -256,7 +286,7 @@ async fn throttling_and_a_cut_mid_flow_are_retried_until_provisioned() {
     cloud.add_fault(json!({"api": "RegisterThing", "action": "disconnect", "count": 1}));
     let dir = tempfile::tempdir().unwrap();
     let mut iotd = Iotd::start(
-        exe(),
+        &iotd_binary(),
         dir.path(),
         &config(&cloud, &dir.path().join("state"), "0045"),
     )
@@ -276,7 +306,7 @@ async fn a_lost_register_thing_reply_ends_provisioned_and_reports_the_extra_cert
     cloud.add_fault(json!({"api": "RegisterThing", "action": "drop", "count": 1}));
     let dir = tempfile::tempdir().unwrap();
     let mut iotd = Iotd::start(
-        exe(),
+        &iotd_binary(),
         dir.path(),
         &config(&cloud, &dir.path().join("state"), "0049"),
     )
@@ -286,7 +316,10 @@ async fn a_lost_register_thing_reply_ends_provisioned_and_reports_the_extra_cert
     iotd.wait_status("Provisioned as gw-0049; certificate")
         .await;
     let state = iotd.state();
-    let current = state["certificateId"].as_str().unwrap().to_owned();
+    let current = state["identity"]["certificateId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let abandoned = state["abandonedCertificates"][0]
         .as_str()
         .unwrap()
@@ -308,7 +341,7 @@ async fn an_expired_ownership_token_restarts_from_the_csr() {
         .add_fault(json!({"api": "RegisterThing", "action": "delay", "delayMs": 1500, "count": 1}));
     let dir = tempfile::tempdir().unwrap();
     let mut iotd = Iotd::start(
-        exe(),
+        &iotd_binary(),
         dir.path(),
         &config(&cloud, &dir.path().join("state"), "0046"),
     )
@@ -361,7 +394,7 @@ async fn a_rejection_is_a_failed_state_that_names_the_cause() {
     cloud.add_fault(json!({"api": "RegisterThing", "action": "reject", "statusCode": 403, "errorCode": "AccessDenied", "errorMessage": "Pre-provisioning hook denied the request"}));
     let dir = tempfile::tempdir().unwrap();
     let mut iotd = Iotd::start(
-        exe(),
+        &iotd_binary(),
         dir.path(),
         &config(&cloud, &dir.path().join("state"), "0047"),
     )
@@ -390,7 +423,7 @@ async fn a_rejection_is_a_failed_state_that_names_the_cause() {
 }
 
 #[tokio::test]
-async fn an_expired_claim_is_named_with_its_expiry() {
+async fn an_expired_claim_is_named_and_the_gateway_waits_for_another() {
     let cloud = Cloud::start().await;
     // A trusted-user claim (valid five minutes), then five minutes pass on the fake's clock.
     let body = post(&cloud, "/provisioning-templates/gateway/provisioning-claim").await;
@@ -406,13 +439,17 @@ async fn an_expired_claim_is_named_with_its_expiry() {
     let conf = config(&cloud, &dir.path().join("state"), "0048")
         .replace(&factory_cert, cert.to_str().unwrap())
         .replace(&factory_key, key.to_str().unwrap());
-    let mut iotd = Iotd::start(exe(), dir.path(), &conf).await;
-    let status = iotd.wait_status("Failed at key-ready").await;
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
+    // Not a dead end: the gateway waits for another claim (an installer's, or new files).
+    let status = iotd.wait_status("Waiting for a new claim").await;
     assert!(
         status.contains(&format!("claim certificate {} expired at", cert.display())),
         "{status}"
     );
-    assert_eq!(iotd.state()["lastError"]["code"], "claim-expired");
+    let state = iotd.state();
+    assert_eq!(state["lastError"]["code"], "claim-expired", "{state}");
+    assert_eq!(state["lastError"]["permanent"], false, "{state}");
+    assert_eq!(state["operation"]["step"]["name"], "key-ready", "{state}");
 }
 
 /// An HTTP POST with an empty body to the fake's control plane; returns the JSON answer.
@@ -455,7 +492,7 @@ async fn claim_policy_mistakes_are_named() {
     );
     let dir = tempfile::tempdir().unwrap();
     let mut iotd = Iotd::start(
-        exe(),
+        &iotd_binary(),
         dir.path(),
         &config(&cloud, &dir.path().join("state"), "0051"),
     )
@@ -479,7 +516,7 @@ async fn claim_policy_mistakes_are_named() {
     );
     let dir = tempfile::tempdir().unwrap();
     let mut iotd = Iotd::start(
-        exe(),
+        &iotd_binary(),
         dir.path(),
         &config(&cloud, &dir.path().join("state"), "0052"),
     )
@@ -489,4 +526,34 @@ async fn claim_policy_mistakes_are_named() {
         status.contains("the claim policy probably does not allow publishing to $aws/certificates/create-from-csr/json"),
         "{status}"
     );
+}
+
+/// Without a claim there is nothing to provision with: iotd says what it waits for, creates
+/// no key and contacts nobody (an installer's claim, or files and a restart, let it go on).
+#[tokio::test]
+async fn without_a_claim_the_gateway_waits_and_creates_nothing() {
+    let cloud = Cloud::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("claim/absent.pem");
+    let (factory_cert, _) = cloud.claim();
+    let conf = config(&cloud, &dir.path().join("state"), "0051")
+        .replace(&factory_cert, missing.to_str().unwrap());
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
+    let status = iotd.wait_status("Waiting for a claim").await;
+    assert!(
+        status.contains(&format!(
+            "provisioning.claim_certificate {} does not exist",
+            missing.display()
+        )),
+        "{status}"
+    );
+    iotd.wait_status("READY=1").await;
+    assert!(!iotd.state_dir.join("gen").exists(), "no key was made");
+    assert!(!iotd.state_dir.join("state.json").exists());
+    assert!(
+        !cloud.log().iter().any(|e| e.kind == "connect"),
+        "{:#?}",
+        cloud.log()
+    );
+    assert!(iotd.terminate().await.success());
 }

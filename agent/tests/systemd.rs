@@ -3,14 +3,9 @@
 //! STOPPING=1 with a clean exit within 5 s of SIGTERM.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::time::Duration;
 
 use iotd_testkit::*;
-
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_iotd"))
-}
 
 #[tokio::test]
 async fn ready_status_watchdog_and_stopping() {
@@ -18,7 +13,13 @@ async fn ready_status_watchdog_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let conf = config(&cloud, &dir.path().join("state"), "0060");
     // A 200 ms watchdog: iotd pings every 100 ms while its loop runs.
-    let mut iotd = Iotd::start_env(exe(), dir.path(), &conf, &[("WATCHDOG_USEC", "200000")]).await;
+    let mut iotd = Iotd::start_env(
+        &iotd_binary(),
+        dir.path(),
+        &conf,
+        &[("WATCHDOG_USEC", "200000")],
+    )
+    .await;
     iotd.wait_status("READY=1").await;
     iotd.wait_status("Provisioned as gw-0060; certificate")
         .await;
@@ -43,7 +44,7 @@ async fn watchdog_pings_stop_while_the_core_loop_is_stalled() {
     let dir = tempfile::tempdir().unwrap();
     let conf = config(&cloud, &dir.path().join("state"), "0061");
     let env = [("WATCHDOG_USEC", "200000"), ("IOTD_TEST_STALL_SECS", "2")];
-    let mut iotd = Iotd::start_env(exe(), dir.path(), &conf, &env).await;
+    let mut iotd = Iotd::start_env(&iotd_binary(), dir.path(), &conf, &env).await;
     // Follow the pings until provisioning is done; the stall comes right after the first step,
     // so READY=1 (sent before the loop starts) is where the measurement begins.
     let mut last_ping: Option<tokio::time::Instant> = None;

@@ -9,10 +9,6 @@ use iotd_testkit::swtpm::Swtpm;
 use iotd_testkit::*;
 use serde_json::json;
 
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_iotd"))
-}
-
 fn tpm_config(cloud: &Cloud, dir: &Path, serial: &str, tpm: &Swtpm) -> String {
     format!(
         "{}\n[key]\nbackend = \"tpm\"\ntcti = \"{}\"\n",
@@ -23,8 +19,11 @@ fn tpm_config(cloud: &Cloud, dir: &Path, serial: &str, tpm: &Swtpm) -> String {
 
 fn provisioned_certificate(iotd: &Iotd) -> String {
     let state = iotd.state();
-    assert_eq!(state["step"], "provisioned", "{state}");
-    state["certificateId"].as_str().unwrap().to_owned()
+    assert_eq!(state["operation"], json!(null), "{state}");
+    state["identity"]["certificateId"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// The DER SubjectPublicKeyInfo of a PEM certificate.
@@ -54,7 +53,7 @@ async fn provisions_with_a_key_that_never_leaves_the_tpm() {
     let cloud = Cloud::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut iotd = Iotd::start(
-        exe(),
+        &iotd_binary(),
         dir.path(),
         &tpm_config(&cloud, dir.path(), "t1", &tpm),
     )
@@ -152,13 +151,13 @@ async fn a_cleared_tpm_is_named_and_a_new_identity_is_provisioned() {
     let cloud = Cloud::start().await;
     let dir = tempfile::tempdir().unwrap();
     let conf = tpm_config(&cloud, dir.path(), "t2", &tpm);
-    let mut iotd = Iotd::start(exe(), dir.path(), &conf).await;
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
     iotd.wait_status("Provisioned as gw-t2; certificate").await;
     let first = provisioned_certificate(&iotd);
     assert!(iotd.terminate().await.success());
 
     tpm.clear();
-    let mut again = Iotd::start(exe(), dir.path(), &conf).await;
+    let mut again = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
     let status = again
         .wait_status("provisioning a new identity with a new key")
         .await;
@@ -183,11 +182,11 @@ async fn a_cleared_tpm_without_permission_to_reprovision_stops_with_the_cause() 
         "claim_client_id = \"claim-t3\"",
         "claim_client_id = \"claim-t3\"\nreprovision_when_key_lost = false",
     );
-    let mut iotd = Iotd::start(exe(), dir.path(), &conf).await;
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
     iotd.wait_status("Provisioned as gw-t3; certificate").await;
     assert!(iotd.terminate().await.success());
     tpm.clear();
-    let mut again = Iotd::start(exe(), dir.path(), &conf).await;
+    let mut again = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
     let status = again.wait_status("Failed at provisioned").await;
     assert!(status.contains("reprovision_when_key_lost"), "{status}");
     assert_eq!(again.state()["lastError"]["code"], "key-lost");
@@ -200,7 +199,7 @@ async fn sigkill_mid_provisioning_with_the_tpm_resumes() {
     cloud.add_fault(json!({"api": "RegisterThing", "action": "delay", "delayMs": 60000}));
     let dir = tempfile::tempdir().unwrap();
     let conf = tpm_config(&cloud, dir.path(), "t4", &tpm);
-    let mut iotd = Iotd::start(exe(), dir.path(), &conf).await;
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
     cloud
         .wait_log("RegisterThing request", |e| {
             e.kind == "in"
@@ -210,9 +209,12 @@ async fn sigkill_mid_provisioning_with_the_tpm_resumes() {
         })
         .await;
     iotd.kill().await;
-    assert_eq!(iotd.state()["step"], "certificate-issued");
+    assert_eq!(
+        iotd.state()["operation"]["step"]["name"],
+        "certificate-issued"
+    );
     cloud.clear_faults();
-    let mut again = Iotd::start(exe(), dir.path(), &conf).await;
+    let mut again = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
     again.wait_status("Provisioned as gw-t4; certificate").await;
     let cert = provisioned_certificate(&again);
     assert_eq!(cloud.principals("gw-t4"), vec![cert]);

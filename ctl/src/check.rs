@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use iotd::config::{ConfigPaths, KeySettings, Settings};
 use iotd::keys::{DeviceKey, KeyBackend};
-use iotd::store::{State, Step, Store};
+use iotd::store::{State, Store};
 use iotd::tls::{ServerTrust, TlsIdentity};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
@@ -413,12 +413,7 @@ fn read_state(state_dir: &Path) -> Result<State, String> {
 
 /// The generation whose certificate file exists at this step.
 fn certificate_generation(state: &State) -> Option<u32> {
-    match &state.step {
-        Step::Unprovisioned | Step::KeyReady { .. } => None,
-        Step::CertificateIssued { generation, .. }
-        | Step::ThingRegistered { generation, .. }
-        | Step::Provisioned { generation, .. } => Some(*generation),
-    }
+    state.certificate().map(|(generation, _)| generation)
 }
 
 /// Where iotd keeps the certificate of `generation` (`Store::certificate_path`, without
@@ -510,7 +505,7 @@ fn tpm_reachable(ctx: &mut Context<'_>) -> CheckResult {
 
 fn key_certificate_match(ctx: &mut Context<'_>) -> CheckResult {
     let step = match ctx.state() {
-        Ok(s) => s.step.name(),
+        Ok(s) => s.step_name(),
         Err(e) => return CheckResult::Failed(e),
     };
     match ctx.identity() {
@@ -577,7 +572,7 @@ fn validity(cert: &CertificateDer<'_>, what: &str, now: OffsetDateTime) -> Check
 
 fn certificate_validity(ctx: &mut Context<'_>) -> CheckResult {
     let step = match ctx.state() {
-        Ok(s) => s.step.name(),
+        Ok(s) => s.step_name(),
         Err(e) => return because("reading the state", &e),
     };
     match ctx.identity() {
@@ -702,17 +697,13 @@ fn try_identity(ctx: &mut Context<'_>, identity: TlsIdentity) -> Result<String, 
 }
 
 fn endpoint_tls(ctx: &mut Context<'_>) -> CheckResult {
-    let step = match ctx.state() {
-        Ok(s) => s.step.clone(),
+    let (step, registered) = match ctx.state() {
+        Ok(s) => (s.step_name(), s.registered()),
         Err(e) => return because("reading the state", &e),
     };
-    if !matches!(
-        step,
-        Step::ThingRegistered { .. } | Step::Provisioned { .. }
-    ) {
+    if !registered {
         return CheckResult::Skipped(format!(
-            "no usable device identity yet (step {}); claim-validity tries the claim",
-            step.name()
+            "no usable device identity yet (step {step}); claim-validity tries the claim"
         ));
     }
     let id = match ctx.identity() {
@@ -734,17 +725,13 @@ fn endpoint_tls(ctx: &mut Context<'_>) -> CheckResult {
 }
 
 fn claim_validity(ctx: &mut Context<'_>) -> CheckResult {
-    let step = match ctx.state() {
-        Ok(s) => s.step.clone(),
+    let (step, registered) = match ctx.state() {
+        Ok(s) => (s.step_name(), s.registered()),
         Err(e) => return because("reading the state", &e),
     };
-    if !matches!(
-        step,
-        Step::Unprovisioned | Step::KeyReady { .. } | Step::CertificateIssued { .. }
-    ) {
+    if registered {
         return CheckResult::Skipped(format!(
-            "the gateway has its own identity (step {}); the claim is no longer used",
-            step.name()
+            "the gateway has its own identity (step {step}); the claim is no longer used"
         ));
     }
     let claim = match ctx.settings() {

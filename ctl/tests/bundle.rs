@@ -6,7 +6,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 
 use common::{Dir, closed_port, describe};
-use iotd::store::{State, Step, Store};
+use iotd::store::{ClaimOrigin, Durability, Operation, State, Step, Store};
 
 const TOKEN: &str = "ownership-token-3b1f9c0d7e6a5b4c";
 const CLAIM_KEY_BODY: &str = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgSECRETSECRETSECRET";
@@ -38,16 +38,23 @@ fn bundle_holds_the_facts_and_no_secrets() {
     // A state that holds an ownership token.
     let store = Store::open(&dir.state_dir()).unwrap();
     store
-        .save(&State {
-            step: Step::CertificateIssued {
-                generation: 1,
-                certificate_id: "c0ffee".into(),
-                ownership_token: TOKEN.into(),
-                issued_at: 1_700_000_000,
+        .save(
+            &State {
+                operation: Some(Operation::Provisioning {
+                    claim: ClaimOrigin::File,
+                    step: Some(Step::CertificateIssued {
+                        generation: 1,
+                        certificate_id: "c0ffee".into(),
+                        certificate_pem: String::new(),
+                        ownership_token: TOKEN.into(),
+                        issued_at: 1_700_000_000,
+                    }),
+                }),
+                last_generation: 1,
+                ..State::default()
             },
-            last_generation: 1,
-            ..State::default()
-        })
+            Durability::Durable,
+        )
         .unwrap();
 
     let output = dir.path().join("bundle.txt");
@@ -68,7 +75,7 @@ fn bundle_holds_the_facts_and_no_secrets() {
         "SerialNumber = \"SN-0001\"",
         "claim_key = \"<redacted>\"",
         "\"ownershipToken\": \"<redacted>\"",
-        "\"step\": \"certificate-issued\"",
+        "\"name\": \"certificate-issued\"",
         "× endpoint-tcp",
         "===== journal",
     ] {

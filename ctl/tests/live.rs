@@ -12,28 +12,22 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use common::{NO_BUS, iotctl};
-use iotd::agent::{Command, Handle, Outcome, Snapshot};
+use iotd::core::{Command, Handle, Outcome};
 use iotd::error::{AgentError, ErrorCode, Retry};
+use iotd::fsm::Event;
+use iotd::snapshot::Snapshot;
 use iotd::store::LastError;
 use iotd_testkit::dbus_daemon::DbusDaemon;
+use iotd_testkit::{ROOT_MAY_OWN, dbus_policy_file, iotd_binary};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Test-only: the test process (root) may own the name, which the shipped policy gives to
-/// user iotd alone.
-const ROOT_MAY_OWN: &str = r#"<policy user="root"><allow own="io.iotd.Agent1"/></policy>"#;
-
-fn policy_file() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../packaging/dbus/io.iotd.Agent1.conf")
-}
 
 fn provisioning() -> Snapshot {
     Snapshot {
@@ -75,26 +69,31 @@ struct Service {
     bus: DbusDaemon,
     commands: mpsc::Receiver<Command>,
     snapshot: watch::Sender<Snapshot>,
+    /// Kept: the service follows the core until the core's events end.
+    _events: broadcast::Sender<Event>,
     connection: Option<zbus::Connection>,
 }
 
 impl Service {
     async fn start(initial: Snapshot) -> Service {
-        let bus = DbusDaemon::start(&[&policy_file()], Some(ROOT_MAY_OWN));
+        let bus = DbusDaemon::start(&[&dbus_policy_file()], Some(ROOT_MAY_OWN));
         let (tx, commands) = mpsc::channel(4);
         let (snapshot, rx) = watch::channel(initial);
+        let (events, _) = broadcast::channel(16);
         let handle = Handle {
             commands: tx,
             snapshot: rx,
+            events: events.clone(),
         };
         let connection = match iotd::dbus::serve(handle, Some(bus.address())).await {
-            Ok(c) => c,
+            Ok(server) => server.connection,
             Err(e) => panic!("serving: {e}\ndbus-daemon log:\n{}", bus.log()),
         };
         Service {
             bus,
             commands,
             snapshot,
+            _events: events,
             connection: Some(connection),
         }
     }
@@ -281,7 +280,7 @@ async fn unprivileged_user_reads_but_may_not_rotate() {
 /// A bus without iotd on it is "not running" too (exit 3), as is no bus at all.
 #[tokio::test]
 async fn bus_without_iotd_is_exit_code_3() {
-    let bus = DbusDaemon::start(&[&policy_file()], None);
+    let bus = DbusDaemon::start(&[&dbus_policy_file()], None);
     for address in [bus.address(), NO_BUS] {
         let out = tokio::process::Command::new(iotctl())
             .arg("status")
@@ -299,19 +298,6 @@ async fn bus_without_iotd_is_exit_code_3() {
     }
 }
 
-/// The iotd binary next to this test's target directory (see the module documentation).
-fn iotd_exe() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/live-<hash> -> target/<profile>/iotd
-    let path = exe.parent().unwrap().parent().unwrap().join("iotd");
-    assert!(
-        path.exists(),
-        "{} is missing: build it first (cargo build -p iotd, or run cargo test --workspace)",
-        path.display()
-    );
-    path
-}
-
 /// The real agent, provisioning against fake-iot-core, seen through iotctl: `--watch` follows
 /// it from provisioning to provisioned; then `status` and `check` (with the device identity
 /// it made: key, certificate, TLS with the endpoint) agree that all is well.
@@ -324,11 +310,11 @@ async fn end_to_end_with_iotd_and_fake_iot_core() {
         "api": "CreateCertificateFromCsr", "action": "reject",
         "statusCode": 429, "errorCode": "Throttling", "errorMessage": "Rate exceeded"
     }));
-    let bus = DbusDaemon::start(&[&policy_file()], Some(ROOT_MAY_OWN));
+    let bus = DbusDaemon::start(&[&dbus_policy_file()], Some(ROOT_MAY_OWN));
     let dir = tempfile::tempdir().unwrap();
     let config = iotd_testkit::config(&cloud, &dir.path().join("state"), "0042");
     let mut iotd = iotd_testkit::Iotd::start_env(
-        &iotd_exe(),
+        &iotd_binary(),
         dir.path(),
         &config,
         &[("DBUS_SYSTEM_BUS_ADDRESS", bus.address())],

@@ -4,12 +4,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
-use common::{Dir, check_line, closed_port, describe, stdout};
+use common::{Dir, check_line, closed_port, describe, save_provisioned, stdout};
 use iotd::keys::KeyBackend as _;
 use iotd::keys::tpm::TpmBackend;
-use iotd::store::{State, Step, Store};
+use iotd::store::Store;
 use iotd_testkit::swtpm::Swtpm;
 
 /// A P-256 public key as rcgen needs it to certify a key it does not hold.
@@ -53,20 +51,7 @@ fn tpm_key_is_checked_against_its_certificate() {
     let cert = params.signed_by(&Point(point), &issuer).unwrap();
     let store = Store::open(&dir.state_dir()).unwrap();
     store.write_certificate(1, &cert.pem()).unwrap();
-    store
-        .save(&State {
-            step: Step::Provisioned {
-                generation: 1,
-                certificate_id: "c0ffee".into(),
-                thing_name: "gw-tpm".into(),
-                device_configuration: BTreeMap::new(),
-                provisioned_at: 1_700_000_000,
-                not_after: 4_000_000_000,
-            },
-            last_generation: 1,
-            ..State::default()
-        })
-        .unwrap();
+    save_provisioned(&store, "gw-tpm", 4_000_000_000);
 
     let out = dir.run(&[
         "check",

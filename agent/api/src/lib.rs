@@ -68,6 +68,9 @@ pub trait Agent1 {
     fn state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn step(&self) -> zbus::Result<String>;
+    /// What the agent waits for, in words ("a claim: …"); "" when it is not waiting.
+    #[zbus(property)]
+    fn waiting_for(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn thing_name(&self) -> zbus::Result<String>;
     #[zbus(property)]
@@ -101,7 +104,13 @@ pub trait Agent1 {
     /// The certificate was replaced.
     #[zbus(signal)]
     fn credentials_rotated(&self, certificate_id: &str, not_after: i64) -> zbus::Result<()>;
-    /// Provisioning stopped on a permanent error.
+    /// An operation stopped on a permanent error.
     #[zbus(signal)]
     fn failed(&self, code: &str, message: &str) -> zbus::Result<()>;
+    /// The MQTT session with the device's identity is up.
+    #[zbus(signal)]
+    fn session_up(&self, certificate_id: &str) -> zbus::Result<()>;
+    /// The MQTT session went down; iotd reconnects by itself.
+    #[zbus(signal)]
+    fn session_down(&self, code: &str, message: &str) -> zbus::Result<()>;
 }

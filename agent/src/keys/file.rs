@@ -19,7 +19,7 @@ use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
 use rustls::pki_types::PrivateKeyDer;
 use rustls::sign::SigningKey;
 
-use super::{DeviceKey, KeyBackend, KeyError, remove_generation_dir, sync_dir};
+use super::{DeviceKey, KeyBackend, KeyError, remove_generation_dir};
 
 /// The DER of a P-256 SubjectPublicKeyInfo up to the uncompressed point: SEQUENCE {
 /// SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING (0 unused bits) }. DER is canonical, so
@@ -78,7 +78,8 @@ impl FileBackend {
         self.generation_dir(generation).join(KEY_FILE)
     }
 
-    /// Creates `gen/` and `gen/<n>/` (0700) if missing, making each new directory entry durable.
+    /// Creates `gen/` and `gen/<n>/` (0700) if missing. The new entries become durable with
+    /// `Store::sync_generation`, which the agent calls before any state refers to the key.
     fn ensure_generation_dir(&self, generation: u32) -> Result<PathBuf, KeyError> {
         const ACTION: &str = "creating key directory";
         let io_err = |path: &Path, source| KeyError::Io {
@@ -95,9 +96,9 @@ impl FileBackend {
             .map_err(|e| io_err(&self.dir, e))?;
         let gen_root = self.dir.join("gen");
         let gen_dir = self.generation_dir(generation);
-        for (dir, parent) in [(&gen_root, &self.dir), (&gen_dir, &gen_root)] {
+        for dir in [&gen_root, &gen_dir] {
             match fs::DirBuilder::new().mode(0o700).create(dir) {
-                Ok(()) => sync_dir(parent).map_err(|e| io_err(parent, e))?,
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
                 Err(e) => return Err(io_err(dir, e)),
             }
@@ -105,8 +106,10 @@ impl FileBackend {
         Ok(gen_dir)
     }
 
-    /// Writes `pem` to `gen/<n>/key.pem` atomically and durably: a 0600 temporary file (never
-    /// readable by others, not even for an instant), fsync, rename over the key, fsync the dir.
+    /// Writes `pem` to `gen/<n>/key.pem` atomically: a 0600 temporary file (never readable by
+    /// others, not even for an instant), fsync, rename over the key. The rename is made durable
+    /// with the generation's other entries by `Store::sync_generation` (one directory sync per
+    /// persisted step, not one per file).
     fn write_key(
         &self,
         generation: u32,
@@ -140,7 +143,6 @@ impl FileBackend {
             let _ = fs::remove_file(&temp);
             return Err(io_err(&path, e));
         }
-        sync_dir(&gen_dir).map_err(|e| io_err(&gen_dir, e))?;
         Ok(path)
     }
 }

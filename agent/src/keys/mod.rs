@@ -1,6 +1,6 @@
-//! Device keys behind one small trait, so that the TPM backend (issue 4) drops in where the
-//! file backend is today. A key signs in two places: the CSR (rcgen's remote-key traits) and
-//! TLS client authentication (a rustls `SigningKey`).
+//! Device keys behind one small trait, chosen in `main`: a P-256 key in a 0600 file (`file`),
+//! or one made inside the TPM that never leaves it (`tpm`). A key signs in two places: the CSR
+//! (rcgen's remote-key traits) and TLS client authentication (a rustls `SigningKey`).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -65,8 +65,10 @@ pub trait KeyBackend: Send + Sync + fmt::Debug {
     /// Loads the key of generation `generation`, if it exists.
     fn load(&self, generation: u32) -> Result<Option<Arc<dyn DeviceKey>>, KeyError>;
 
-    /// Creates a new ECDSA P-256 key for `generation`, replacing any half-made one. The key is
-    /// durable (fsynced) when this returns.
+    /// Creates a new ECDSA P-256 key for `generation`, replacing any half-made one. The key's
+    /// files are written and their data synced when this returns; their directory entries
+    /// become durable with `Store::sync_generation`, which the agent calls before any state it
+    /// persists refers to the key.
     fn create(&self, generation: u32) -> Result<Arc<dyn DeviceKey>, KeyError>;
 
     /// Stores a private key the cloud generated (CreateKeysAndCertificate: PKCS#1 or PKCS#8

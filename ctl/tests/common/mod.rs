@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use iotd::store::{State, Step, Store};
+use iotd::store::{Durability, Identity, State, Store};
 use time::{Duration, OffsetDateTime};
 
 /// The iotctl binary Cargo built for these tests.
@@ -118,20 +118,7 @@ impl Dir {
         std::fs::create_dir_all(&gen_dir).unwrap();
         std::fs::write(gen_dir.join("key.pem"), key.serialize_pem()).unwrap();
         store.write_certificate(1, &cert.pem()).unwrap();
-        store
-            .save(&State {
-                step: Step::Provisioned {
-                    generation: 1,
-                    certificate_id: "c0ffee".into(),
-                    thing_name: "gw-test".into(),
-                    device_configuration: BTreeMap::new(),
-                    provisioned_at: 1_700_000_000,
-                    not_after: not_after.unix_timestamp(),
-                },
-                last_generation: 1,
-                ..State::default()
-            })
-            .unwrap();
+        save_provisioned(&store, "gw-test", not_after.unix_timestamp());
     }
 }
 
@@ -173,4 +160,29 @@ pub fn check_line<'a>(report: &'a str, id: &str) -> &'a str {
         .lines()
         .find(|l| l.split_whitespace().nth(1) == Some(id))
         .unwrap_or_else(|| panic!("no line for {id} in:\n{report}"))
+}
+
+/// Writes a state.json with the identity of generation 1 (certificate "c0ffee", whose PEM is
+/// the `gen/1/cert.pem` already written).
+pub fn save_provisioned(store: &Store, thing: &str, not_after: i64) {
+    store
+        .save(
+            &State {
+                identity: Some(Identity {
+                    generation: 1,
+                    certificate_id: "c0ffee".into(),
+                    certificate_pem: store.read_certificate(1).unwrap(),
+                    thing_name: thing.into(),
+                    key: None,
+                    not_before: 1_700_000_000,
+                    not_after,
+                    device_configuration: BTreeMap::new(),
+                    committed_at: 1_700_000_000,
+                }),
+                last_generation: 1,
+                ..State::default()
+            },
+            Durability::Durable,
+        )
+        .unwrap();
 }

@@ -1,4 +1,4 @@
-//! A fleet powering on at once. Each simulated gateway is iotd's own agent (`iotd::agent::Agent`
+//! A fleet powering on at once. Each simulated gateway is iotd's own core (`iotd::core::Core`
 //! with the file key backend, its own state directory, claim client id and serial), configured
 //! from a config file read by iotd's config loader, running in this process; the cloud is
 //! fake-iot-core in this process with AWS-like quotas (429 `Throttling` above the APIs' rates,
@@ -16,9 +16,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use fake_iot_core::faults::{Api, FaultStats};
 use fake_iot_core::server::lock;
-use iotd::agent::{Agent, Snapshot};
 use iotd::config::{self, ConfigPaths};
+use iotd::core::Core;
 use iotd::keys::file::FileBackend;
+use iotd::snapshot::Snapshot;
 use iotd_testkit::Cloud;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -310,8 +311,13 @@ impl Fleet {
 fn start_agent(config: &std::path::Path) -> Result<(JoinHandle<()>, watch::Receiver<Snapshot>)> {
     let settings = config::load(&ConfigPaths::for_main(config))?;
     let backend = Arc::new(FileBackend::new(&settings.state_dir));
-    let (agent, handle) = Agent::new(settings, backend)?;
-    Ok((tokio::spawn(agent.run()), handle.snapshot))
+    let (core, handle) = Core::new(settings, backend)?;
+    let run = tokio::spawn(async move {
+        if let Err(e) = core.run().await {
+            eprintln!("fleet-sim: a gateway's core stopped: {e}");
+        }
+    });
+    Ok((run, handle.snapshot))
 }
 
 /// Follows one agent's snapshots until it is connected with its own identity, gives up, or the

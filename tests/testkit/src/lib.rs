@@ -50,6 +50,28 @@ pub fn release_binary(name: &str) -> Result<PathBuf, String> {
         })
 }
 
+/// The `iotd` binary of the build running this test: `target/<profile>/iotd`, beside the test
+/// executable's `deps/` directory (cargo builds it for every test of the workspace).
+pub fn iotd_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join("iotd");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (cargo build -p iotd, or run cargo test --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// The D-Bus policy the package ships (`/usr/share/dbus-1/system.d/io.iotd.Agent1.conf`).
+pub fn dbus_policy_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../packaging/dbus/io.iotd.Agent1.conf")
+}
+
+/// Test-only D-Bus policy: the test process (root) may own iotd's name. Never in the shipped
+/// file, which lets only user `iotd` own it.
+pub const ROOT_MAY_OWN: &str = r#"<policy user="root"><allow own="io.iotd.Agent1"/></policy>"#;
+
 /// `nproc` × the CPU's model name, for benchmark reports.
 pub fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -81,6 +103,19 @@ impl Cloud {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = fake_iot_core::Settings::new(dir.path().join("cloud"));
         adjust(&mut settings);
+        Self::start_settings(dir, settings).await
+    }
+
+    /// The fake with the state (CA, registry) of an earlier run, copied from `state` (a test
+    /// fixture) into a temp dir, so that certificates it issued then are still known.
+    pub async fn start_from(state: &Path) -> Cloud {
+        let dir = tempfile::tempdir().unwrap();
+        copy_tree(state, &dir.path().join("cloud"));
+        let settings = fake_iot_core::Settings::new(dir.path().join("cloud"));
+        Self::start_settings(dir, settings).await
+    }
+
+    async fn start_settings(dir: tempfile::TempDir, settings: fake_iot_core::Settings) -> Cloud {
         let any = "127.0.0.1:0".parse().unwrap();
         let options = Options {
             settings,
@@ -162,6 +197,20 @@ impl Cloud {
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.stop().await;
+        }
+    }
+}
+
+/// Copies the directory tree `from` to `to` (files and directories; modes kept).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
         }
     }
 }
@@ -321,6 +370,14 @@ impl Iotd {
     pub async fn kill(&mut self) {
         self.child.start_kill().unwrap();
         self.child.wait().await.unwrap();
+    }
+
+    /// Waits for iotd to exit by itself (within `WAIT`).
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("iotd exits in time")
+            .unwrap()
     }
 
     pub async fn terminate(&mut self) -> std::process::ExitStatus {

@@ -1,0 +1,871 @@
+//! The core: the one task that owns the agent's state. It loops over what can happen — a unit
+//! of work finishing, a retry timer, a command, an event of the production connection, a
+//! watchdog tick — feeds each to the state machine (`fsm`), carries out the actions the
+//! machine returns (persist, emit an event, start or stop the connection, remove a key), and
+//! publishes a new snapshot.
+//!
+//! Units of work (`work`) run in their own tasks, one at a time, so a command is answered while
+//! a step runs, without cancelling it: a request that can't run now says why. The production
+//! connection (`connection`) is a task of its own that no command disturbs. Watchdog pings come
+//! from this loop, so a stuck core stops them; long operations don't.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::claim::{Claim, Claims};
+use crate::cloud::{ConnectPacer, Session, Target};
+use crate::config::{CertificateSource, Settings};
+use crate::connection::{Connection, ConnectionEvent, Credentials};
+use crate::error::{AgentError, Backoff, ErrorCode, Retry};
+use crate::fsm::{Action, Event, Failure, IllegalTransition, Input, Machine, Policy, Work};
+use crate::keys::KeyBackend;
+use crate::snapshot::{self, Snapshot};
+use crate::store::{ClaimOrigin, Store};
+use crate::tls::ServerTrust;
+use crate::work::{self, Done, Produced, Resources, TOKEN_MAX_AGE_SECS, store_error};
+
+/// Wall-clock time for certificate validity and token age. Timers use tokio's monotonic clock.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Unix seconds.
+    fn now(&self) -> i64;
+}
+
+/// The system's clock. With the `test-hooks` feature (tests only, never release builds),
+/// `IOTD_TEST_CLOCK_OFFSET_SECS` moves it, so that a test can age a token or a certificate
+/// without editing state.json.
+#[derive(Debug, Default)]
+pub struct SystemClock {
+    offset: i64,
+}
+
+impl SystemClock {
+    pub fn new() -> Self {
+        #[cfg(feature = "test-hooks")]
+        {
+            let offset = std::env::var("IOTD_TEST_CLOCK_OFFSET_SECS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            Self { offset }
+        }
+        #[cfg(not(feature = "test-hooks"))]
+        Self { offset: 0 }
+    }
+}
+
+impl Clock for SystemClock {
+    fn now(&self) -> i64 {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        secs.saturating_add(self.offset)
+    }
+}
+
+/// What an operation did: "safe to repeat, says whether it changed anything".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Changed(String),
+    Unchanged(String),
+}
+
+impl Outcome {
+    pub fn message(&self) -> &str {
+        match self {
+            Outcome::Changed(m) | Outcome::Unchanged(m) => m,
+        }
+    }
+}
+
+/// How a command is answered.
+pub type Reply = oneshot::Sender<Result<Outcome, AgentError>>;
+
+/// Requests to the core, each with its answer channel.
+#[derive(Debug)]
+pub enum Command {
+    /// Abandon the identity and provision a new one with a new key.
+    Reprovision(Reply),
+    /// Replace the certificate now.
+    Rotate(Reply),
+    /// A claim handed over in memory (trusted-user onboarding).
+    ProvideClaim(Box<Claim>, Reply),
+}
+
+/// What other tasks (D-Bus, later the onboarding server) hold: a command sender, the snapshot,
+/// and the events.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    pub commands: mpsc::Sender<Command>,
+    pub snapshot: watch::Receiver<Snapshot>,
+    pub events: broadcast::Sender<Event>,
+}
+
+impl Handle {
+    /// Events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+}
+
+/// Why the core stopped. It only stops on a bug (an illegal transition) or a test failpoint:
+/// iotd then exits non-zero and systemd restarts it from its persisted state.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("the agent's state machine refused a transition: {0}")]
+    Illegal(#[from] IllegalTransition),
+    #[error("test failpoint {0} reached")]
+    Failpoint(&'static str),
+}
+
+/// The production connection and what it connects as.
+#[derive(Debug)]
+struct Live {
+    connection: Connection,
+    credentials: Credentials,
+}
+
+/// The core (see the module documentation).
+pub struct Core {
+    res: Arc<Resources>,
+    clock: Arc<dyn Clock>,
+    machine: Machine,
+    claims: Claims,
+    /// The claim at hand, when there is one.
+    claim: Option<Claim>,
+    /// What the agent waits for while it has no claim.
+    waiting_for_claim: Option<String>,
+    snapshot: watch::Sender<Snapshot>,
+    events: broadcast::Sender<Event>,
+    commands: mpsc::Receiver<Command>,
+    connection_tx: mpsc::UnboundedSender<ConnectionEvent>,
+    connection_rx: mpsc::UnboundedReceiver<ConnectionEvent>,
+    live: Option<Live>,
+    /// The unit of work in flight, and what it is.
+    work: Option<(Work, tokio::task::JoinHandle<Done>)>,
+    /// The claim connection, between units of work.
+    session: Option<Session>,
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Backoff,
+    /// Actions left from `resume`, carried out when `run` starts.
+    pending: Vec<Action>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("machine", &self.machine.describe())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The claim connection's client id: configured, or derived from /etc/machine-id so that it
+/// is stable across restarts and distinct per gateway.
+fn default_claim_client_id() -> String {
+    let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let id = id.trim();
+    if id.len() >= 16 {
+        format!("iotd-{}", &id[..16])
+    } else {
+        format!("iotd-{}", hex::encode(rand::random::<[u8; 8]>()))
+    }
+}
+
+fn target(settings: &Settings) -> Target {
+    let c = &settings.cloud;
+    Target {
+        host: c.endpoint.clone(),
+        port: c.port,
+        keep_alive: c.keep_alive,
+        trust: match &c.ca_bundle {
+            Some(p) => format!("CA bundle {}", p.display()),
+            None => "the system trust store".to_owned(),
+        },
+    }
+}
+
+/// Waits for the unit of work in flight (forever when there is none).
+async fn finished(work: &mut Option<(Work, tokio::task::JoinHandle<Done>)>) -> Done {
+    match work {
+        Some((_, handle)) => match handle.await {
+            Ok(done) => done,
+            Err(e) => Done {
+                result: Err(AgentError::new(
+                    ErrorCode::Store,
+                    Retry::SameConnection,
+                    format!("a unit of work stopped: {e}"),
+                )),
+                session: None,
+            },
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Rewrites a `gen/<n>/cert.pem` that a crash left damaged from state.json's copy (the file is
+/// for other programs on the gateway; iotd connects with the state's copy).
+fn repair_certificates(store: &Store, state: &crate::store::State) {
+    let identity = state
+        .identity
+        .as_ref()
+        .map(|i| (i.generation, i.certificate_pem.as_str()));
+    let step = state
+        .operation
+        .as_ref()
+        .and_then(crate::store::Operation::step)
+        .and_then(|s| Some((s.generation(), s.certificate_pem()?)));
+    for (generation, pem) in identity.into_iter().chain(step) {
+        match store.repair_certificate(generation, pem) {
+            Ok(true) => tracing::warn!(
+                "rewrote {} from state.json (it was missing or damaged)",
+                store.certificate_path(generation).display()
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("repairing the certificate of generation {generation}: {e}"),
+        }
+    }
+}
+
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What woke the core.
+enum Wake {
+    Work(Done),
+    Retry,
+    Command(Command),
+    Connection(ConnectionEvent),
+    Watchdog,
+}
+
+impl Core {
+    /// Opens the store and the server trust; fails with a clear message when they can't be used.
+    pub fn new(
+        settings: Settings,
+        backend: Arc<dyn KeyBackend>,
+    ) -> Result<(Self, Handle), AgentError> {
+        Self::with_clock(settings, backend, Arc::new(SystemClock::new()))
+    }
+
+    pub fn with_clock(
+        settings: Settings,
+        backend: Arc<dyn KeyBackend>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Self, Handle), AgentError> {
+        let store = Store::open(&settings.state_dir).map_err(store_error)?;
+        let mut state = store.load().map_err(store_error)?;
+        // A key made but never recorded (key-ready is not persisted) keeps its generation: the
+        // next key goes into a directory nothing ever used.
+        let on_disk = store.highest_generation().map_err(store_error)?;
+        state.last_generation = state.last_generation.max(on_disk);
+        repair_certificates(&store, &state);
+        let trust = match &settings.cloud.ca_bundle {
+            Some(path) => ServerTrust::from_pem_file(path),
+            None => ServerTrust::system(),
+        }
+        .map_err(|e| AgentError::permanent(ErrorCode::Config, e.to_string()))?;
+        let claim_client_id = settings
+            .provisioning
+            .claim_client_id
+            .clone()
+            .unwrap_or_else(default_claim_client_id);
+        let policy = Policy {
+            cloud_generated_keys: settings.provisioning.certificate_source
+                == CertificateSource::CloudGenerated,
+            reprovision_when_key_lost: settings.provisioning.reprovision_when_key_lost,
+        };
+        let (machine, resumed) = Machine::resume(state, policy);
+        let claims = Claims::new(settings.provisioning.claim.clone());
+        let (snapshot, snapshot_rx) = watch::channel(Snapshot::default());
+        // Events are rare; a reader that falls this far behind is told it lagged.
+        let (events, _) = broadcast::channel(64);
+        // Commands are rare and answered at once; a small queue is plenty.
+        let (commands_tx, commands) = mpsc::channel(8);
+        let (connection_tx, connection_rx) = mpsc::unbounded_channel();
+        let res = Resources {
+            target: target(&settings),
+            settings,
+            store,
+            backend,
+            trust,
+            pacer: Arc::new(ConnectPacer::default()),
+            claim_client_id,
+        };
+        let mut core = Self {
+            res: Arc::new(res),
+            clock,
+            machine,
+            claims,
+            claim: None,
+            waiting_for_claim: None,
+            snapshot,
+            events: events.clone(),
+            commands,
+            connection_tx,
+            connection_rx,
+            live: None,
+            work: None,
+            session: None,
+            retry_at: None,
+            backoff: Backoff::default(),
+            pending: resumed.actions,
+        };
+        if core.machine.work() == Work::WaitForClaim {
+            let now = core.clock.now();
+            core.waiting_for_claim = core.claims.current(now).err();
+        }
+        core.publish();
+        Ok((
+            core,
+            Handle {
+                commands: commands_tx,
+                snapshot: snapshot_rx,
+                events,
+            },
+        ))
+    }
+
+    /// The status line of the current state (for READY=1).
+    pub fn status(&self) -> String {
+        self.snapshot.borrow().status_line.clone()
+    }
+
+    /// The state machine, for tests and benchmarks.
+    pub fn machine(&self) -> &Machine {
+        &self.machine
+    }
+
+    /// Runs until shutdown (the caller drops this future on SIGTERM: every write is atomic and
+    /// synchronous, so dropping it between awaits leaves a consistent state). Returns only on a
+    /// bug, for the caller to exit non-zero.
+    pub async fn run(mut self) -> Result<(), CoreError> {
+        #[cfg(feature = "test-hooks")]
+        if std::env::var("IOTD_TEST_FAILPOINT").as_deref() == Ok("core-exit") {
+            return Err(CoreError::Failpoint("core-exit"));
+        }
+        for action in std::mem::take(&mut self.pending) {
+            self.act(action);
+        }
+        let mut watchdog = crate::notify::watchdog_interval();
+        loop {
+            self.schedule()?;
+            self.publish();
+            #[cfg(feature = "test-hooks")]
+            if self
+                .machine
+                .state
+                .operation
+                .as_ref()
+                .and_then(crate::store::Operation::step)
+                .is_some()
+            {
+                crate::notify::test_stall_once();
+            }
+            let wake = tokio::select! {
+                done = finished(&mut self.work) => Wake::Work(done),
+                () = until(self.retry_at) => Wake::Retry,
+                // Without a D-Bus API every sender may be gone: the branch is then disabled.
+                Some(c) = self.commands.recv() => Wake::Command(c),
+                Some(e) = self.connection_rx.recv() => Wake::Connection(e),
+                () = crate::notify::tick(&mut watchdog) => Wake::Watchdog,
+            };
+            match wake {
+                Wake::Work(done) => {
+                    self.work = None;
+                    self.finish(done)?;
+                }
+                Wake::Retry => self.retry_at = None,
+                Wake::Command(c) => self.command(c)?,
+                Wake::Connection(e) => self.connection_event(e)?,
+                Wake::Watchdog => crate::notify::watchdog(),
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let cx = snapshot::Context {
+            key_backend: self.res.backend.kind(),
+            key_reference: self
+                .live
+                .as_ref()
+                .map(|l| l.credentials.key_location.clone())
+                .or_else(|| {
+                    self.machine
+                        .state
+                        .identity
+                        .as_ref()
+                        .and_then(|i| i.key.clone())
+                }),
+            endpoint: format!(
+                "{}:{}",
+                self.res.settings.cloud.endpoint, self.res.settings.cloud.port
+            ),
+            state_dir: self.res.store.dir().to_owned(),
+            waiting_for_claim: self.waiting_for_claim.clone(),
+        };
+        let snap = snapshot::snapshot(&self.machine, &cx);
+        let line = snap.status_line.clone();
+        let changed = self.snapshot.send_if_modified(|s| {
+            if *s == snap {
+                return false;
+            }
+            *s = snap;
+            true
+        });
+        if changed {
+            crate::notify::status(&line);
+        }
+    }
+
+    /// Applies `input` to the state machine and carries out its actions.
+    fn apply(&mut self, input: Input) -> Result<(), CoreError> {
+        let before = self.machine.describe();
+        let t = self.machine.apply(input, self.clock.now())?;
+        let after = self.machine.describe();
+        if before != after {
+            tracing::info!("{before} -> {after}");
+        }
+        for action in t.actions {
+            self.act(action);
+        }
+        Ok(())
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Persist(durability) => {
+                if let Err(e) = self.res.store.save(&self.machine.state, durability) {
+                    // The state on disk is behind the one in memory: stop working until a
+                    // restart reloads what is on disk.
+                    let e = store_error(e);
+                    tracing::error!("{e}; stopping until iotd is restarted");
+                    self.machine.parked = true;
+                    self.machine.state.last_error = Some(crate::store::LastError {
+                        code: e.code.as_str().to_owned(),
+                        message: e.message.clone(),
+                        at: self.clock.now(),
+                        permanent: true,
+                        retry_at: None,
+                    });
+                    let _ = self.events.send(Event::Failed {
+                        code: e.code,
+                        message: e.message,
+                    });
+                }
+            }
+            Action::Emit(event) => {
+                match &event {
+                    Event::Provisioned {
+                        thing_name,
+                        certificate_id,
+                    } => tracing::info!(
+                        thing = %thing_name,
+                        certificate_id = %certificate_id,
+                        hardware_commands = self.res.backend.commands_issued(),
+                        "provisioned: connected with the issued certificate"
+                    ),
+                    Event::Failed { code, message } => {
+                        tracing::error!(code = code.as_str(), "{message}");
+                    }
+                    Event::Connected { .. } | Event::Disconnected { .. } => {}
+                }
+                let _ = self.events.send(event);
+            }
+            Action::DropClaimSession => {
+                if let Some(session) = self.session.take() {
+                    tokio::spawn(session.disconnect());
+                }
+            }
+            Action::StopConnection => {
+                if let Some(live) = self.live.take() {
+                    live.connection.stop();
+                }
+            }
+            Action::ClaimUsed(origin) => {
+                self.claim = None;
+                if origin == ClaimOrigin::File {
+                    self.delete_claim_files();
+                }
+                self.claims
+                    .forget(origin, "the claim was used to provision this gateway");
+            }
+            Action::RemoveKey(generation) => {
+                let backend = self.res.backend.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = backend.remove(generation) {
+                        tracing::warn!("removing the key of generation {generation}: {e}");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Deletes the claim files when the config asks for it (only after success).
+    fn delete_claim_files(&self) {
+        let p = &self.res.settings.provisioning;
+        let (true, Some(claim)) = (p.delete_claim, &p.claim) else {
+            return;
+        };
+        for path in [&claim.certificate, &claim.key] {
+            match std::fs::remove_file(path) {
+                Ok(()) => tracing::info!(
+                    "deleted claim file {} (provisioning.delete_claim)",
+                    path.display()
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("deleting claim file {}: {e}", path.display()),
+            }
+        }
+    }
+
+    /// Looks at what the machine wants done and starts it, unless something is in flight or a
+    /// retry is pending.
+    fn schedule(&mut self) -> Result<(), CoreError> {
+        // Each pass either starts something, waits, or applies an input that changes the
+        // state; a few passes at most.
+        for _ in 0..8 {
+            if self.work.is_some() || self.retry_at.is_some() {
+                return Ok(());
+            }
+            let now = self.clock.now();
+            let work = self.machine.work();
+            match &work {
+                Work::Idle => return Ok(()),
+                Work::WaitForClaim => match self.claims.current(now) {
+                    Ok(claim) => {
+                        let origin = claim.origin;
+                        self.claim = Some(claim);
+                        self.waiting_for_claim = None;
+                        self.apply(Input::ClaimAvailable(origin))?;
+                    }
+                    Err(why) => {
+                        if self.waiting_for_claim.as_ref() != Some(&why) {
+                            tracing::info!("waiting for {why}");
+                        }
+                        self.waiting_for_claim = Some(why);
+                        self.claim = None;
+                        return Ok(());
+                    }
+                },
+                Work::Serve => {
+                    let Some(i) = &self.machine.state.identity else {
+                        return Ok(());
+                    };
+                    let verify = Work::VerifyIdentity {
+                        generation: i.generation,
+                        certificate_id: i.certificate_id.clone(),
+                        certificate_pem: i.certificate_pem.clone(),
+                        thing_name: i.thing_name.clone(),
+                    };
+                    self.connect(verify);
+                    return Ok(());
+                }
+                Work::VerifyIdentity { .. } => {
+                    self.connect(work);
+                    return Ok(());
+                }
+                Work::RegisterThing { issued_at, .. } if now - issued_at > TOKEN_MAX_AGE_SECS => {
+                    let e = AgentError::new(
+                        ErrorCode::Rejected,
+                        Retry::RestartFromCsr,
+                        "the ownership token is too old for RegisterThing; requesting a new certificate",
+                    );
+                    tracing::info!("{e}");
+                    self.apply(Input::Failed(Failure::new(&e, None)))?;
+                }
+                Work::CreateKey { .. }
+                | Work::CreateKeysAndCertificate { .. }
+                | Work::RequestCertificate { .. }
+                | Work::RegisterThing { .. } => {
+                    // The claim must still be usable (a claim from an installer lasts minutes).
+                    if !matches!(work, Work::CreateKey { .. }) {
+                        match self.claims.current(now) {
+                            Ok(claim) => self.claim = Some(claim),
+                            Err(why) => {
+                                self.claim = None;
+                                self.apply(Input::ClaimGone {
+                                    code: ErrorCode::ClaimExpired,
+                                    message: format!("waiting for {why}"),
+                                })?;
+                                continue;
+                            }
+                        }
+                    }
+                    self.start(work);
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, work: Work) {
+        let task = tokio::spawn(work::run(
+            self.res.clone(),
+            work.clone(),
+            self.claim.clone(),
+            self.session.take(),
+        ));
+        self.work = Some((work, task));
+    }
+
+    /// Makes sure the production connection uses the certificate of `verify` (a
+    /// `Work::VerifyIdentity`): prepares its credentials (a unit of work: it loads the key)
+    /// and starts it, replacing a connection that uses another certificate.
+    fn connect(&mut self, verify: Work) {
+        let Work::VerifyIdentity { certificate_id, .. } = &verify else {
+            return;
+        };
+        if let Some(live) = &self.live {
+            if live.connection.certificate_id() == certificate_id {
+                return;
+            }
+            if let Some(live) = self.live.take() {
+                live.connection.stop();
+            }
+        }
+        self.start(verify);
+    }
+
+    fn finish(&mut self, done: Done) -> Result<(), CoreError> {
+        if let Some(session) = done.session {
+            self.session = Some(session);
+        }
+        match done.result {
+            Ok(Produced::Input(input)) => {
+                self.backoff.reset();
+                self.apply(input)
+            }
+            Ok(Produced::Credentials(credentials)) => {
+                let connection = Connection::start(
+                    self.res.target.clone(),
+                    self.res.pacer.clone(),
+                    self.res.settings.cloud.throttle_retry_max,
+                    credentials.clone(),
+                    self.connection_tx.clone(),
+                );
+                self.live = Some(Live {
+                    connection,
+                    credentials,
+                });
+                Ok(())
+            }
+            Err(e) => self.failed(e),
+        }
+    }
+
+    fn failed(&mut self, e: AgentError) -> Result<(), CoreError> {
+        if matches!(
+            e.code,
+            ErrorCode::ClaimExpired | ErrorCode::ClaimMissing | ErrorCode::ClaimRejected
+        ) && let Some(claim) = self.claim.take()
+        {
+            // This claim won't work again; another one (an installer's) may.
+            self.claims.forget(claim.origin, e.message.clone());
+            if e.code != ErrorCode::ClaimRejected {
+                tracing::warn!(code = e.code.as_str(), "{e}; waiting for another claim");
+                return self.apply(Input::ClaimGone {
+                    code: e.code,
+                    message: e.message,
+                });
+            }
+        }
+        if e.retry == Retry::NewIdentity
+            && self.machine.claim.is_none()
+            && let Ok(claim) = self.claims.current(self.clock.now())
+        {
+            // A new identity needs a claim; a provisioned gateway did not look for one.
+            let origin = claim.origin;
+            self.claim = Some(claim);
+            self.apply(Input::ClaimAvailable(origin))?;
+        }
+        let delay = match e.retry {
+            Retry::SameConnection | Retry::Reconnect if e.code == ErrorCode::Throttled => Some(
+                self.backoff
+                    .next_delay_within(self.res.settings.cloud.throttle_retry_max),
+            ),
+            Retry::SameConnection | Retry::Reconnect => Some(self.backoff.next_delay()),
+            Retry::RestartFromCsr | Retry::NewIdentity => Some(Duration::ZERO),
+            Retry::Permanent => None,
+        };
+        if let Some(d) = delay {
+            tracing::warn!(
+                code = e.code.as_str(),
+                delay_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+                "{e}; retrying"
+            );
+            if !d.is_zero() {
+                self.retry_at = Some(tokio::time::Instant::now() + d);
+            }
+        }
+        self.apply(Input::Failed(Failure::new(&e, delay)))
+    }
+
+    fn connection_event(&mut self, event: ConnectionEvent) -> Result<(), CoreError> {
+        let Some(live) = &self.live else {
+            return Ok(());
+        };
+        match event {
+            ConnectionEvent::Up { certificate_id } => {
+                if live.credentials.certificate_id != certificate_id {
+                    return Ok(());
+                }
+                let committed = self
+                    .machine
+                    .state
+                    .identity
+                    .as_ref()
+                    .is_some_and(|i| i.certificate_id == certificate_id);
+                if committed {
+                    self.apply(Input::Connected)
+                } else {
+                    let c = &live.credentials;
+                    let input = Input::IdentityVerified {
+                        not_before: c.not_before,
+                        not_after: c.not_after,
+                        key: c.key_location.clone(),
+                    };
+                    self.apply(input)
+                }
+            }
+            ConnectionEvent::Down {
+                certificate_id,
+                error,
+                retry_in,
+            } => {
+                if live.credentials.certificate_id != certificate_id {
+                    return Ok(());
+                }
+                let failure = Failure::new(&error, Some(retry_in));
+                if self.machine.state.identity.is_some() {
+                    self.apply(Input::Disconnected(failure))
+                } else {
+                    // A registered certificate not verified yet: the connection task keeps
+                    // trying (right after registration a refusal can be a moment's delay).
+                    self.apply(Input::Failed(Failure {
+                        retry: Retry::Reconnect,
+                        ..failure
+                    }))
+                }
+            }
+            ConnectionEvent::Message {
+                certificate_id,
+                message,
+            } => {
+                tracing::debug!(
+                    certificate_id = %certificate_id,
+                    topic = %message.topic,
+                    bytes = message.payload.len(),
+                    "message on the production session; nothing subscribes to it yet"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn command(&mut self, command: Command) -> Result<(), CoreError> {
+        match command {
+            Command::Rotate(reply) => {
+                let answer = match &self.machine.state.identity {
+                    Some(_) => Err(AgentError::permanent(
+                        ErrorCode::NotSupported,
+                        "certificate rotation is not available in this version of iotd; use reprovision to get a new key and certificate",
+                    )),
+                    None => Err(AgentError::permanent(
+                        ErrorCode::NotProvisioned,
+                        format!(
+                            "this gateway is not provisioned yet ({}); there is no certificate to rotate",
+                            self.machine.describe()
+                        ),
+                    )),
+                };
+                let _ = reply.send(answer);
+                Ok(())
+            }
+            Command::Reprovision(reply) => {
+                let answer = self.reprovision();
+                let _ = reply.send(answer);
+                Ok(())
+            }
+            Command::ProvideClaim(claim, reply) => {
+                let answer = match &self.machine.state.identity {
+                    Some(i) if self.machine.state.operation.is_none() => {
+                        Ok(Outcome::Unchanged(format!(
+                            "already provisioned as {}; the claim is not needed",
+                            i.thing_name
+                        )))
+                    }
+                    _ => {
+                        tracing::info!("received claim certificate {}", claim.description);
+                        self.claims.offer(*claim);
+                        if self.work.is_none() {
+                            // Use it now, rather than after a retry delay or a wait.
+                            self.retry_at = None;
+                            self.backoff.reset();
+                            if let Ok(c) = self.claims.current(self.clock.now()) {
+                                let origin = c.origin;
+                                self.claim = Some(c);
+                                self.waiting_for_claim = None;
+                                self.apply(Input::ClaimAvailable(origin))?;
+                            }
+                        }
+                        Ok(Outcome::Changed(
+                            "claim accepted; provisioning with it".to_owned(),
+                        ))
+                    }
+                };
+                let _ = reply.send(answer);
+                Ok(())
+            }
+        }
+    }
+
+    fn reprovision(&mut self) -> Result<Outcome, AgentError> {
+        if let Some((work, _)) = &self.work {
+            let doing = match work {
+                Work::VerifyIdentity { .. } => "the agent is preparing its connection".to_owned(),
+                _ => format!("{} is in progress", self.machine.describe()),
+            };
+            return Err(AgentError::permanent(
+                ErrorCode::Busy,
+                format!("{doing}; try again when it has finished"),
+            ));
+        }
+        let claim = self.claims.current(self.clock.now()).map_err(|why| {
+            AgentError::permanent(
+                ErrorCode::ClaimMissing,
+                format!("no claim is at hand to provision a new identity with; iotd needs {why}"),
+            )
+        })?;
+        let previous = self.machine.describe();
+        let origin = claim.origin;
+        self.claim = Some(claim);
+        self.waiting_for_claim = None;
+        self.apply(Input::ClaimAvailable(origin))
+            .map_err(|e| AgentError::permanent(ErrorCode::Store, e.to_string()))?;
+        let t = self
+            .machine
+            .apply(Input::Reprovision, self.clock.now())
+            .map_err(|e| AgentError::permanent(ErrorCode::Store, e.to_string()))?;
+        if !t.changed() {
+            return Ok(Outcome::Unchanged(
+                "already provisioning from the start; no action taken".to_owned(),
+            ));
+        }
+        for action in t.actions {
+            self.act(action);
+        }
+        self.retry_at = None;
+        self.backoff.reset();
+        tracing::info!("re-provisioning on request (was {previous})");
+        Ok(Outcome::Changed(format!(
+            "re-provisioning with a new key (was {previous})"
+        )))
+    }
+}

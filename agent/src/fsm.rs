@@ -1,0 +1,1290 @@
+//! The agent's state machine, pure: `Machine::apply(input, now)` checks that the input is legal
+//! in the current state, moves to the next state and says what the core must do about it
+//! (`Action`s: persist, emit an event, remove a key, …). No I/O, no clock of its own: the core
+//! passes the wall-clock time in, so tests move time by passing another number.
+//!
+//! The state is the persisted `store::State` (identity + operation) plus what only lives while
+//! the process runs: whether a usable claim is at hand, whether the production connection is
+//! up, and whether the operation stopped on a permanent error (parked: a restart, or
+//! `Reprovision`, tries again).
+//!
+//! ```text
+//!  no identity, no operation ──ClaimAvailable──> provisioning (no step) ──KeyCreated──> key-ready
+//!       ^  (waiting for a claim)                   │ CertificateIssued (cloud-generated keys)
+//!       │                                          v
+//!  Reprovision                key-ready ──CertificateIssued──> certificate-issued
+//!       │                     certificate-issued ──ThingRegistered──> thing-registered
+//!       │                     thing-registered ──IdentityVerified──> identity (committed)
+//!  identity live <──Connected / Disconnected──> (the connection task reconnects by itself)
+//! ```
+//!
+//! Rules: a failed operation never takes the live identity offline; the identity changes only
+//! by `IdentityVerified` (one atomic write of state.json: the commit); without a claim the
+//! machine waits and nothing is created, locally or in the cloud.
+
+use std::collections::BTreeMap;
+
+use crate::error::{ErrorCode, Retry};
+use crate::store::{ClaimOrigin, Durability, Identity, LastError, Operation, State, Step};
+
+/// What the state machine needs to know of the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policy {
+    /// `provisioning.certificate_source = "cloud-generated"`: the key comes with the
+    /// certificate (CreateKeysAndCertificate), so there is no key-ready step.
+    pub cloud_generated_keys: bool,
+    /// `provisioning.reprovision_when_key_lost`.
+    pub reprovision_when_key_lost: bool,
+}
+
+/// A failed unit of work or a lost connection, as the state machine sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retry: Retry,
+    /// When the core will try again (seconds from now), for retryable failures.
+    pub retry_in: Option<u64>,
+}
+
+impl Failure {
+    pub fn new(e: &crate::error::AgentError, retry_in: Option<std::time::Duration>) -> Self {
+        Self {
+            code: e.code,
+            message: e.message.clone(),
+            retry: e.retry,
+            retry_in: retry_in.map(|d| d.as_secs()),
+        }
+    }
+}
+
+/// Everything that can happen to the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A usable claim is at hand (configured files, or one handed over the network).
+    ClaimAvailable(ClaimOrigin),
+    /// The claim at hand can no longer be used (expired, removed): wait for another one.
+    ClaimGone { code: ErrorCode, message: String },
+    /// The device key of `generation` was created (and is durable).
+    KeyCreated { generation: u32 },
+    /// AWS issued a certificate for the operation's key (written to `gen/<generation>/`,
+    /// whose entries are durable).
+    CertificateIssued {
+        generation: u32,
+        certificate_id: String,
+        certificate_pem: String,
+        ownership_token: String,
+    },
+    /// RegisterThing accepted the certificate.
+    ThingRegistered {
+        thing_name: String,
+        device_configuration: BTreeMap<String, String>,
+    },
+    /// The operation's new certificate connected: it works, commit it as the identity.
+    IdentityVerified {
+        not_before: i64,
+        not_after: i64,
+        key: String,
+    },
+    /// The production connection is up with the live identity.
+    Connected,
+    /// The production connection went down; the connection task reconnects by itself.
+    Disconnected(Failure),
+    /// A unit of work failed.
+    Failed(Failure),
+    /// Abandon the identity (and any operation) and provision a new one with a new key.
+    Reprovision,
+}
+
+impl Input {
+    fn name(&self) -> &'static str {
+        match self {
+            Input::ClaimAvailable(_) => "a claim arriving",
+            Input::ClaimGone { .. } => "the claim going away",
+            Input::KeyCreated { .. } => "a key being created",
+            Input::CertificateIssued { .. } => "a certificate being issued",
+            Input::ThingRegistered { .. } => "a thing being registered",
+            Input::IdentityVerified { .. } => "a new identity connecting",
+            Input::Connected => "the connection coming up",
+            Input::Disconnected(_) => "the connection going down",
+            Input::Failed(_) => "a failure",
+            Input::Reprovision => "a reprovisioning request",
+        }
+    }
+}
+
+/// An event for the outside world (D-Bus signals, later the onboarding page): said once, when it
+/// happens, never derived from comparing snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A new identity connected for the first time (provisioning's commit).
+    Provisioned {
+        thing_name: String,
+        certificate_id: String,
+    },
+    /// An operation stopped on a permanent error.
+    Failed { code: ErrorCode, message: String },
+    /// The production connection is up.
+    Connected { certificate_id: String },
+    /// The production connection went down (it reconnects by itself).
+    Disconnected { code: ErrorCode, message: String },
+}
+
+/// What the core must do after a transition, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write state.json before anything else happens: always atomically; `Durable` when a
+    /// request to the cloud depends on it (see `store::Durability`).
+    Persist(Durability),
+    Emit(Event),
+    /// Close the claim connection (a reconnect is due, or provisioning is over).
+    DropClaimSession,
+    /// Stop the production connection (its identity is no longer the one to use).
+    StopConnection,
+    /// The operation is over with the claim: delete its files if the configuration says so,
+    /// forget a claim held in memory.
+    ClaimUsed(ClaimOrigin),
+    /// Remove a generation's key, which no state refers to any more.
+    RemoveKey(u32),
+}
+
+/// What the core should be doing now, derived from the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Work {
+    /// Nothing: parked on a permanent error, or an identity is live and the connection task
+    /// keeps it connected.
+    Idle,
+    /// An identity is live: keep the production connection to it.
+    Serve,
+    /// No usable claim: wait for one (files installed and iotd restarted, or one handed over).
+    WaitForClaim,
+    CreateKey {
+        generation: u32,
+    },
+    /// CreateKeysAndCertificate: the key comes from AWS.
+    CreateKeysAndCertificate {
+        generation: u32,
+    },
+    /// CreateCertificateFromCsr for the key of `generation`.
+    RequestCertificate {
+        generation: u32,
+    },
+    RegisterThing {
+        generation: u32,
+        certificate_id: String,
+        certificate_pem: String,
+        ownership_token: String,
+        issued_at: i64,
+    },
+    /// Connect with the registered certificate; success commits it.
+    VerifyIdentity {
+        generation: u32,
+        certificate_id: String,
+        certificate_pem: String,
+        thing_name: String,
+    },
+}
+
+/// An input that is not legal in the current state: a bug in the core, said plainly.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{input} is not possible while the agent is {state}")]
+pub struct IllegalTransition {
+    pub input: &'static str,
+    pub state: String,
+}
+
+/// The result of a transition: what to do, and whether anything changed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Transition {
+    pub actions: Vec<Action>,
+}
+
+impl Transition {
+    pub fn changed(&self) -> bool {
+        !self.actions.is_empty()
+    }
+}
+
+/// The state machine: the persisted state and what lives only while the process runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Machine {
+    pub state: State,
+    pub policy: Policy,
+    /// A usable claim is at hand, and where it came from.
+    pub claim: Option<ClaimOrigin>,
+    /// The production connection is up with the live identity.
+    pub connected: bool,
+    /// The operation stopped on a permanent error; a restart or `Reprovision` tries again.
+    pub parked: bool,
+}
+
+impl Machine {
+    /// The machine for a state loaded at start. A rotation that was not committed when the
+    /// process stopped is rolled back (its staged key removed): the live identity is still the
+    /// committed one. Returns the actions for that.
+    pub fn resume(state: State, policy: Policy) -> (Self, Transition) {
+        let mut machine = Self {
+            state,
+            policy,
+            claim: None,
+            connected: false,
+            parked: false,
+        };
+        let mut t = Transition::default();
+        if let Some(Operation::Rotation {
+            staged_generation,
+            step,
+            ..
+        }) = machine.state.operation.clone()
+        {
+            if let Some(id) = step.as_ref().and_then(Step::certificate_id) {
+                machine.state.abandoned_certificates.push(id.to_owned());
+            }
+            machine.state.operation = None;
+            t.actions.push(Action::Persist(Durability::Atomic));
+            t.actions.push(Action::RemoveKey(staged_generation));
+        }
+        (machine, t)
+    }
+
+    /// A short description of where the machine is, for messages.
+    pub fn describe(&self) -> String {
+        match (&self.state.identity, &self.state.operation) {
+            (_, Some(op)) => match op.step() {
+                Some(step) => format!("{} ({})", op.name(), step.name()),
+                None => format!("{} (starting)", op.name()),
+            },
+            (Some(i), None) => format!("provisioned as {}", i.thing_name),
+            (None, None) => "without an identity".to_owned(),
+        }
+    }
+
+    /// What the core should be doing now.
+    pub fn work(&self) -> Work {
+        if self.parked {
+            return Work::Idle;
+        }
+        let provisioning_step = match &self.state.operation {
+            Some(Operation::Provisioning { step, .. }) => step,
+            // Rolled back at `resume`; none is started by this version.
+            Some(Operation::Rotation { .. }) => return Work::Idle,
+            None if self.state.identity.is_some() => return Work::Serve,
+            None => return Work::WaitForClaim,
+        };
+        let has_claim = self.claim.is_some();
+        match provisioning_step {
+            None if !has_claim => Work::WaitForClaim,
+            None => {
+                let generation = self.state.last_generation + 1;
+                if self.policy.cloud_generated_keys {
+                    Work::CreateKeysAndCertificate { generation }
+                } else {
+                    Work::CreateKey { generation }
+                }
+            }
+            Some(Step::KeyReady { .. } | Step::CertificateIssued { .. }) if !has_claim => {
+                Work::WaitForClaim
+            }
+            Some(Step::KeyReady { generation }) => Work::RequestCertificate {
+                generation: *generation,
+            },
+            Some(Step::CertificateIssued {
+                generation,
+                certificate_id,
+                certificate_pem,
+                ownership_token,
+                issued_at,
+            }) => Work::RegisterThing {
+                generation: *generation,
+                certificate_id: certificate_id.clone(),
+                certificate_pem: certificate_pem.clone(),
+                ownership_token: ownership_token.clone(),
+                issued_at: *issued_at,
+            },
+            Some(Step::ThingRegistered {
+                generation,
+                certificate_id,
+                certificate_pem,
+                thing_name,
+                ..
+            }) => Work::VerifyIdentity {
+                generation: *generation,
+                certificate_id: certificate_id.clone(),
+                certificate_pem: certificate_pem.clone(),
+                thing_name: thing_name.clone(),
+            },
+        }
+    }
+
+    fn illegal(&self, input: &Input) -> IllegalTransition {
+        IllegalTransition {
+            input: input.name(),
+            state: self.describe(),
+        }
+    }
+
+    /// The provisioning step, when provisioning is the operation.
+    fn provisioning(&mut self) -> Option<(&mut Option<Step>, ClaimOrigin)> {
+        match &mut self.state.operation {
+            Some(Operation::Provisioning { step, claim }) => Some((step, *claim)),
+            _ => None,
+        }
+    }
+
+    /// Moves the provisioning operation to `next`, if it is at a step `at` accepts.
+    fn advance(
+        &mut self,
+        input: &Input,
+        at: impl FnOnce(&Option<Step>) -> bool,
+        next: Step,
+        persist: Option<Durability>,
+    ) -> Result<Transition, IllegalTransition> {
+        let illegal = self.illegal(input);
+        let (step, _) = self.provisioning().ok_or_else(|| illegal.clone())?;
+        if !at(step) {
+            return Err(illegal);
+        }
+        let generation = next.generation();
+        *step = Some(next);
+        self.state.last_generation = self.state.last_generation.max(generation);
+        self.state.last_error = None;
+        Ok(Transition {
+            actions: persist.map(Action::Persist).into_iter().collect(),
+        })
+    }
+
+    fn record(&mut self, f: &Failure, permanent: bool, now: i64) {
+        self.state.last_error = Some(LastError {
+            code: f.code.as_str().to_owned(),
+            message: f.message.clone(),
+            at: now,
+            permanent,
+            retry_at: f
+                .retry_in
+                .filter(|_| !permanent)
+                .map(|s| now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX))),
+        });
+    }
+
+    /// Applies `input` at wall-clock time `now` (Unix seconds).
+    pub fn apply(&mut self, input: Input, now: i64) -> Result<Transition, IllegalTransition> {
+        match &input {
+            Input::ClaimAvailable(origin) => {
+                let origin = *origin;
+                let before = self.claim.replace(origin);
+                let mut t = Transition::default();
+                if self.state.identity.is_none() && self.state.operation.is_none() {
+                    // Started in memory only: nothing is on disk until the key exists, so a
+                    // restart before then starts over the same way.
+                    self.state.operation = Some(Operation::Provisioning {
+                        claim: origin,
+                        step: None,
+                    });
+                    self.state.last_error = None;
+                } else if before.is_some_and(|b| b != origin) {
+                    // Another claim than the one a claim connection may be open with.
+                    t.actions.push(Action::DropClaimSession);
+                }
+                if self.parked && self.state.identity.is_none() {
+                    // A new claim is a reason to try again (an installer rescuing a gateway
+                    // whose factory claim was refused).
+                    self.parked = false;
+                }
+                Ok(t)
+            }
+            Input::ClaimGone { code, message } => {
+                self.claim = None;
+                let mut t = Transition {
+                    actions: vec![Action::DropClaimSession],
+                };
+                if self.state.identity.is_none() || self.state.operation.is_some() {
+                    self.state.last_error = Some(LastError {
+                        code: code.as_str().to_owned(),
+                        message: message.clone(),
+                        at: now,
+                        permanent: false,
+                        retry_at: None,
+                    });
+                    t.actions.insert(0, Action::Persist(Durability::Atomic));
+                }
+                Ok(t)
+            }
+            Input::KeyCreated { generation } => {
+                let generation = *generation;
+                if self.policy.cloud_generated_keys {
+                    return Err(self.illegal(&input));
+                }
+                // Not persisted: until a certificate exists for it, a key is worth nothing, and
+                // after a restart a new one is made in the next unused generation.
+                self.advance(&input, Option::is_none, Step::KeyReady { generation }, None)
+            }
+            Input::CertificateIssued {
+                generation,
+                certificate_id,
+                certificate_pem,
+                ownership_token,
+            } => {
+                let generation = *generation;
+                let cloud = self.policy.cloud_generated_keys;
+                let next = Step::CertificateIssued {
+                    generation,
+                    certificate_id: certificate_id.clone(),
+                    certificate_pem: certificate_pem.clone(),
+                    ownership_token: ownership_token.clone(),
+                    issued_at: now,
+                };
+                self.advance(
+                    &input,
+                    |step| match step {
+                        None => cloud,
+                        Some(Step::KeyReady { generation: g }) => !cloud && *g == generation,
+                        _ => false,
+                    },
+                    next,
+                    // Durable before RegisterThing: a certificate it activates is never one that
+                    // a crash makes the gateway forget.
+                    Some(Durability::Durable),
+                )
+            }
+            Input::ThingRegistered {
+                thing_name,
+                device_configuration,
+            } => {
+                let Some(Some(Step::CertificateIssued {
+                    generation,
+                    certificate_id,
+                    certificate_pem,
+                    ..
+                })) = self.provisioning().map(|(s, _)| s.clone())
+                else {
+                    return Err(self.illegal(&input));
+                };
+                let next = Step::ThingRegistered {
+                    generation,
+                    certificate_id,
+                    certificate_pem,
+                    thing_name: thing_name.clone(),
+                    device_configuration: device_configuration.clone(),
+                };
+                // Atomic is enough: lost in a crash, RegisterThing is refused (the token was
+                // used) and the certificate is recorded as abandoned on the way back to the CSR.
+                self.advance(&input, |_| true, next, Some(Durability::Atomic))
+            }
+            Input::IdentityVerified {
+                not_before,
+                not_after,
+                key,
+            } => {
+                let Some((
+                    Some(Step::ThingRegistered {
+                        generation,
+                        certificate_id,
+                        certificate_pem,
+                        thing_name,
+                        device_configuration,
+                    }),
+                    origin,
+                )) = self.provisioning().map(|(s, o)| (s.clone(), o))
+                else {
+                    return Err(self.illegal(&input));
+                };
+                self.state.identity = Some(Identity {
+                    generation,
+                    certificate_id: certificate_id.clone(),
+                    certificate_pem,
+                    thing_name: thing_name.clone(),
+                    key: Some(key.clone()),
+                    not_before: *not_before,
+                    not_after: *not_after,
+                    device_configuration,
+                    committed_at: now,
+                });
+                self.state.operation = None;
+                self.state.last_error = None;
+                self.connected = true;
+                self.claim = None;
+                Ok(Transition {
+                    actions: vec![
+                        // The claim goes before the commit, so that nobody sees a provisioned
+                        // gateway with the claim still there.
+                        Action::DropClaimSession,
+                        Action::ClaimUsed(origin),
+                        Action::Persist(Durability::Atomic),
+                        Action::Emit(Event::Provisioned {
+                            thing_name,
+                            certificate_id: certificate_id.clone(),
+                        }),
+                        Action::Emit(Event::Connected { certificate_id }),
+                    ],
+                })
+            }
+            Input::Connected => {
+                let Some(identity) = &self.state.identity else {
+                    return Err(self.illegal(&input));
+                };
+                let certificate_id = identity.certificate_id.clone();
+                let mut t = Transition::default();
+                if self
+                    .state
+                    .last_error
+                    .as_ref()
+                    .is_some_and(|_| self.state.operation.is_none())
+                {
+                    self.state.last_error = None;
+                    t.actions.push(Action::Persist(Durability::Atomic));
+                }
+                if !self.connected {
+                    self.connected = true;
+                    t.actions
+                        .push(Action::Emit(Event::Connected { certificate_id }));
+                }
+                Ok(t)
+            }
+            Input::Disconnected(f) => {
+                if self.state.identity.is_none() {
+                    return Err(self.illegal(&input));
+                }
+                let was = std::mem::replace(&mut self.connected, false);
+                let mut t = Transition::default();
+                if self.state.operation.is_none() {
+                    self.record(f, false, now);
+                    t.actions.push(Action::Persist(Durability::Atomic));
+                }
+                if was {
+                    t.actions.push(Action::Emit(Event::Disconnected {
+                        code: f.code,
+                        message: f.message.clone(),
+                    }));
+                }
+                Ok(t)
+            }
+            Input::Failed(f) => self.fail(f, now),
+            Input::Reprovision => self.reprovision(),
+        }
+    }
+
+    fn fail(&mut self, f: &Failure, now: i64) -> Result<Transition, IllegalTransition> {
+        let mut t = Transition::default();
+        match f.retry {
+            Retry::SameConnection | Retry::Reconnect => {
+                if self.state.operation.is_none() {
+                    return Err(self.illegal(&Input::Failed(f.clone())));
+                }
+                self.record(f, false, now);
+                t.actions.push(Action::Persist(Durability::Atomic));
+                if f.retry == Retry::Reconnect {
+                    t.actions.push(Action::DropClaimSession);
+                }
+            }
+            Retry::RestartFromCsr => {
+                let cloud = self.policy.cloud_generated_keys;
+                let Some((step, _)) = self.provisioning() else {
+                    return Err(self.illegal(&Input::Failed(f.clone())));
+                };
+                let Some(Step::CertificateIssued {
+                    generation,
+                    certificate_id,
+                    ..
+                }) = step.clone()
+                else {
+                    return Err(self.illegal(&Input::Failed(f.clone())));
+                };
+                // Unregistered, it expires with its token. But if a RegisterThing succeeded
+                // and only its reply was lost, it is ACTIVE and attached: keep its id.
+                if cloud {
+                    // That key came with the abandoned certificate; it is of no use without it.
+                    *step = None;
+                    t.actions.push(Action::RemoveKey(generation));
+                } else {
+                    *step = Some(Step::KeyReady { generation });
+                }
+                self.state.abandoned_certificates.push(certificate_id);
+                self.record(f, false, now);
+                t.actions.insert(0, Action::Persist(Durability::Atomic));
+            }
+            Retry::NewIdentity => return Ok(self.key_lost(f, now)),
+            Retry::Permanent => {
+                self.record(f, true, now);
+                t.actions.push(Action::Persist(Durability::Atomic));
+                t.actions.push(Action::DropClaimSession);
+                t.actions.push(Action::Emit(Event::Failed {
+                    code: f.code,
+                    message: f.message.clone(),
+                }));
+                match self.state.operation.take() {
+                    // The live identity stays in use: only the operation is given up (its
+                    // staged key goes).
+                    Some(Operation::Rotation {
+                        staged_generation,
+                        step,
+                        ..
+                    }) if self.state.identity.is_some() => {
+                        if let Some(id) = step.as_ref().and_then(Step::certificate_id) {
+                            self.state.abandoned_certificates.push(id.to_owned());
+                        }
+                        t.actions.push(Action::RemoveKey(staged_generation));
+                    }
+                    other => {
+                        self.state.operation = other;
+                        self.parked = true;
+                    }
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// The device key is gone for good (a cleared TPM, a deleted file).
+    fn key_lost(&mut self, f: &Failure, now: i64) -> Transition {
+        let mut t = Transition::default();
+        if let Some(Operation::Provisioning { step, .. }) = &mut self.state.operation {
+            // The operation's own key: make another one, in the same operation.
+            if let Some(id) = step.as_ref().and_then(Step::certificate_id) {
+                self.state.abandoned_certificates.push(id.to_owned());
+            }
+            *step = None;
+            self.record(f, false, now);
+            t.actions.push(Action::Persist(Durability::Atomic));
+            t.actions.push(Action::DropClaimSession);
+            return t;
+        }
+        // The live identity's key: the identity can never connect again.
+        let identity_cert = self
+            .state
+            .identity
+            .as_ref()
+            .map(|i| i.certificate_id.clone());
+        if self.policy.reprovision_when_key_lost && self.claim.is_some() {
+            let origin = self.claim.unwrap_or(ClaimOrigin::File);
+            if let Some(id) = identity_cert {
+                self.state.abandoned_certificates.push(id);
+            }
+            self.state.identity = None;
+            self.state.operation = Some(Operation::Provisioning {
+                claim: origin,
+                step: None,
+            });
+            self.connected = false;
+            let f = Failure {
+                message: format!("{}; provisioning a new identity with a new key", f.message),
+                ..f.clone()
+            };
+            self.record(&f, false, now);
+            t.actions = vec![Action::StopConnection, Action::Persist(Durability::Atomic)];
+        } else {
+            let why = if self.policy.reprovision_when_key_lost {
+                "no claim is at hand to provision a new identity with: install one or onboard, \
+                 then run iotctl reprovision"
+            } else {
+                "set provisioning.reprovision_when_key_lost = true and keep a claim to get a new \
+                 identity automatically, or run iotctl reprovision"
+            };
+            let f = Failure {
+                message: format!("{}; {why}", f.message),
+                retry: Retry::Permanent,
+                ..f.clone()
+            };
+            self.record(&f, true, now);
+            self.parked = true;
+            self.connected = false;
+            t.actions = vec![
+                Action::StopConnection,
+                Action::Persist(Durability::Atomic),
+                Action::Emit(Event::Failed {
+                    code: f.code,
+                    message: f.message,
+                }),
+            ];
+        }
+        t
+    }
+
+    /// Abandons the identity and any operation; provisioning starts over with a new key. The
+    /// core refuses first when work is in flight or no claim is at hand.
+    fn reprovision(&mut self) -> Result<Transition, IllegalTransition> {
+        let Some(origin) = self.claim else {
+            return Err(self.illegal(&Input::Reprovision));
+        };
+        let at_start = self.state.identity.is_none()
+            && matches!(
+                self.state.operation,
+                Some(Operation::Provisioning { step: None, .. }) | None
+            );
+        if at_start && self.state.last_error.is_none() && !self.parked {
+            return Ok(Transition::default());
+        }
+        let mut abandoned: Vec<String> = self
+            .state
+            .identity
+            .take()
+            .map(|i| i.certificate_id)
+            .into_iter()
+            .collect();
+        match self.state.operation.take() {
+            Some(Operation::Provisioning { step, .. }) => {
+                abandoned.extend(
+                    step.as_ref()
+                        .and_then(Step::certificate_id)
+                        .map(str::to_owned),
+                );
+            }
+            Some(Operation::Rotation { step, .. }) => {
+                abandoned.extend(
+                    step.as_ref()
+                        .and_then(Step::certificate_id)
+                        .map(str::to_owned),
+                );
+            }
+            None => {}
+        }
+        self.state.abandoned_certificates.extend(abandoned);
+        self.state.operation = Some(Operation::Provisioning {
+            claim: origin,
+            step: None,
+        });
+        self.state.last_error = None;
+        self.parked = false;
+        self.connected = false;
+        Ok(Transition {
+            actions: vec![
+                Action::StopConnection,
+                Action::DropClaimSession,
+                Action::Persist(Durability::Atomic),
+            ],
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::store::{LastError, Trigger};
+
+    const NOW: i64 = 1_000;
+
+    fn fresh(policy: Policy) -> Machine {
+        Machine::resume(State::default(), policy).0
+    }
+
+    fn failure(retry: Retry, code: ErrorCode) -> Failure {
+        Failure {
+            code,
+            message: format!("{} happened", code.as_str()),
+            retry,
+            retry_in: Some(3),
+        }
+    }
+
+    fn issued(generation: u32) -> Input {
+        Input::CertificateIssued {
+            generation,
+            certificate_id: format!("cert-{generation}"),
+            certificate_pem: format!("PEM {generation}"),
+            ownership_token: "token".into(),
+        }
+    }
+
+    fn registered() -> Input {
+        Input::ThingRegistered {
+            thing_name: "gw-1".into(),
+            device_configuration: BTreeMap::new(),
+        }
+    }
+
+    fn verified() -> Input {
+        Input::IdentityVerified {
+            not_before: 10,
+            not_after: 20,
+            key: "file /k".into(),
+        }
+    }
+
+    /// A machine taken through provisioning with a file claim, up to the identity.
+    fn provisioned() -> Machine {
+        let mut m = fresh(Policy::default());
+        for input in [
+            Input::ClaimAvailable(ClaimOrigin::File),
+            Input::KeyCreated { generation: 1 },
+            issued(1),
+            registered(),
+            verified(),
+        ] {
+            m.apply(input, NOW).unwrap();
+        }
+        m
+    }
+
+    fn step(m: &Machine) -> Option<&Step> {
+        m.state.operation.as_ref().and_then(Operation::step)
+    }
+
+    #[test]
+    fn without_a_claim_it_waits_and_creates_nothing() {
+        let m = fresh(Policy::default());
+        assert_eq!(m.work(), Work::WaitForClaim);
+        assert_eq!(m.state, State::default());
+    }
+
+    #[test]
+    fn provisioning_with_a_csr_step_by_step() {
+        let mut m = fresh(Policy::default());
+        let t = m
+            .apply(Input::ClaimAvailable(ClaimOrigin::File), NOW)
+            .unwrap();
+        // Nothing on disk yet: a restart here starts over the same way.
+        assert!(t.actions.is_empty());
+        assert_eq!(m.work(), Work::CreateKey { generation: 1 });
+
+        // A key alone is not persisted: a restart makes another in the next generation.
+        let t = m.apply(Input::KeyCreated { generation: 1 }, NOW).unwrap();
+        assert!(t.actions.is_empty());
+        assert_eq!(step(&m), Some(&Step::KeyReady { generation: 1 }));
+        assert_eq!(m.state.last_generation, 1);
+        assert_eq!(m.work(), Work::RequestCertificate { generation: 1 });
+
+        let t = m.apply(issued(1), NOW).unwrap();
+        // Durable before RegisterThing.
+        assert_eq!(t.actions, [Action::Persist(Durability::Durable)]);
+        assert_eq!(
+            m.work(),
+            Work::RegisterThing {
+                generation: 1,
+                certificate_id: "cert-1".into(),
+                certificate_pem: "PEM 1".into(),
+                ownership_token: "token".into(),
+                issued_at: NOW,
+            }
+        );
+
+        m.apply(registered(), NOW).unwrap();
+        assert_eq!(
+            m.work(),
+            Work::VerifyIdentity {
+                generation: 1,
+                certificate_id: "cert-1".into(),
+                certificate_pem: "PEM 1".into(),
+                thing_name: "gw-1".into(),
+            }
+        );
+
+        let t = m.apply(verified(), NOW + 5).unwrap();
+        assert_eq!(
+            t.actions,
+            [
+                Action::DropClaimSession,
+                Action::ClaimUsed(ClaimOrigin::File),
+                Action::Persist(Durability::Atomic),
+                Action::Emit(Event::Provisioned {
+                    thing_name: "gw-1".into(),
+                    certificate_id: "cert-1".into()
+                }),
+                Action::Emit(Event::Connected {
+                    certificate_id: "cert-1".into()
+                }),
+            ]
+        );
+        let identity = m.state.identity.clone().unwrap();
+        assert_eq!(
+            (identity.generation, identity.not_before, identity.not_after),
+            (1, 10, 20)
+        );
+        assert_eq!(identity.committed_at, NOW + 5);
+        assert_eq!(identity.key.as_deref(), Some("file /k"));
+        assert_eq!(m.state.operation, None);
+        assert!(m.connected);
+        assert_eq!(m.work(), Work::Serve);
+    }
+
+    #[test]
+    fn cloud_generated_keys_skip_the_key_step() {
+        let policy = Policy {
+            cloud_generated_keys: true,
+            ..Policy::default()
+        };
+        let mut m = fresh(policy);
+        m.apply(Input::ClaimAvailable(ClaimOrigin::File), NOW)
+            .unwrap();
+        assert_eq!(m.work(), Work::CreateKeysAndCertificate { generation: 1 });
+        let e = m
+            .apply(Input::KeyCreated { generation: 1 }, NOW)
+            .unwrap_err();
+        assert_eq!(e.input, "a key being created");
+        m.apply(issued(1), NOW).unwrap();
+        assert_eq!(step(&m).unwrap().name(), "certificate-issued");
+    }
+
+    #[test]
+    fn illegal_transitions_name_the_input_and_the_state() {
+        let mut m = provisioned();
+        let before = m.clone();
+        for input in [
+            Input::KeyCreated { generation: 2 },
+            issued(2),
+            registered(),
+            verified(),
+            Input::Failed(failure(Retry::Reconnect, ErrorCode::Network)),
+            Input::Failed(failure(Retry::RestartFromCsr, ErrorCode::Rejected)),
+        ] {
+            let e = m.apply(input, NOW).unwrap_err();
+            assert!(
+                e.to_string()
+                    .ends_with("while the agent is provisioned as gw-1"),
+                "{e}"
+            );
+            assert_eq!(m, before, "an illegal input changes nothing");
+        }
+        let mut m = fresh(Policy::default());
+        for input in [
+            Input::Connected,
+            Input::Disconnected(failure(Retry::Reconnect, ErrorCode::Network)),
+            Input::Reprovision,
+        ] {
+            let e = m.apply(input, NOW).unwrap_err();
+            assert!(e.to_string().contains("without an identity"), "{e}");
+        }
+        m.apply(Input::ClaimAvailable(ClaimOrigin::File), NOW)
+            .unwrap();
+        m.apply(Input::KeyCreated { generation: 1 }, NOW).unwrap();
+        let e = m.apply(issued(7), NOW).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a certificate being issued is not possible while the agent is provisioning (key-ready)"
+        );
+        assert!(m.apply(registered(), NOW).is_err());
+        assert!(m.apply(verified(), NOW).is_err());
+        assert!(m.apply(Input::KeyCreated { generation: 2 }, NOW).is_err());
+        assert!(
+            m.apply(
+                Input::Failed(failure(Retry::RestartFromCsr, ErrorCode::Rejected)),
+                NOW
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_claim_that_expires_sends_provisioning_back_to_waiting() {
+        let mut m = fresh(Policy::default());
+        m.apply(Input::ClaimAvailable(ClaimOrigin::Network), NOW)
+            .unwrap();
+        m.apply(Input::KeyCreated { generation: 1 }, NOW).unwrap();
+        let t = m
+            .apply(
+                Input::ClaimGone {
+                    code: ErrorCode::ClaimExpired,
+                    message: "the claim expired".into(),
+                },
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(
+            t.actions,
+            [
+                Action::Persist(Durability::Atomic),
+                Action::DropClaimSession
+            ]
+        );
+        assert_eq!(m.work(), Work::WaitForClaim);
+        // The step is kept: the key is reused with the next claim.
+        assert_eq!(step(&m), Some(&Step::KeyReady { generation: 1 }));
+        let e = m.state.last_error.clone().unwrap();
+        assert_eq!((e.code.as_str(), e.permanent), ("claim-expired", false));
+
+        m.apply(Input::ClaimAvailable(ClaimOrigin::Network), NOW)
+            .unwrap();
+        assert_eq!(m.work(), Work::RequestCertificate { generation: 1 });
+    }
+
+    #[test]
+    fn retryable_failures_record_when_the_retry_comes() {
+        let mut m = fresh(Policy::default());
+        m.apply(Input::ClaimAvailable(ClaimOrigin::File), NOW)
+            .unwrap();
+        m.apply(Input::KeyCreated { generation: 1 }, NOW).unwrap();
+        let t = m
+            .apply(
+                Input::Failed(failure(Retry::Reconnect, ErrorCode::Network)),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(
+            t.actions,
+            [
+                Action::Persist(Durability::Atomic),
+                Action::DropClaimSession
+            ]
+        );
+        let e = m.state.last_error.clone().unwrap();
+        assert_eq!((e.retry_at, e.permanent, e.at), (Some(NOW + 3), false, NOW));
+        let t = m
+            .apply(
+                Input::Failed(failure(Retry::SameConnection, ErrorCode::Throttled)),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(t.actions, [Action::Persist(Durability::Atomic)]);
+        assert_eq!(m.work(), Work::RequestCertificate { generation: 1 });
+        // The next step that succeeds clears the error.
+        m.apply(issued(1), NOW).unwrap();
+        assert_eq!(m.state.last_error, None);
+    }
+
+    #[test]
+    fn a_lost_ownership_token_goes_back_to_the_csr() {
+        let mut m = fresh(Policy::default());
+        m.apply(Input::ClaimAvailable(ClaimOrigin::File), NOW)
+            .unwrap();
+        m.apply(Input::KeyCreated { generation: 1 }, NOW).unwrap();
+        m.apply(issued(1), NOW).unwrap();
+        let t = m
+            .apply(
+                Input::Failed(failure(Retry::RestartFromCsr, ErrorCode::Rejected)),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(t.actions, [Action::Persist(Durability::Atomic)]);
+        assert_eq!(step(&m), Some(&Step::KeyReady { generation: 1 }));
+        assert_eq!(m.state.abandoned_certificates, ["cert-1"]);
+
+        // With cloud-generated keys the key goes with its certificate.
+        let mut m = fresh(Policy {
+            cloud_generated_keys: true,
+            ..Policy::default()
+        });
+        m.apply(Input::ClaimAvailable(ClaimOrigin::File), NOW)
+            .unwrap();
+        m.apply(issued(1), NOW).unwrap();
+        let t = m
+            .apply(
+                Input::Failed(failure(Retry::RestartFromCsr, ErrorCode::Rejected)),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(
+            t.actions,
+            [Action::Persist(Durability::Atomic), Action::RemoveKey(1)]
+        );
+        assert_eq!(step(&m), None);
+        assert_eq!(m.work(), Work::CreateKeysAndCertificate { generation: 2 });
+    }
+
+    #[test]
+    fn a_lost_key_during_provisioning_makes_a_new_one() {
+        let mut m = fresh(Policy::default());
+        m.apply(Input::ClaimAvailable(ClaimOrigin::File), NOW)
+            .unwrap();
+        m.apply(Input::KeyCreated { generation: 1 }, NOW).unwrap();
+        m.apply(issued(1), NOW).unwrap();
+        m.apply(
+            Input::Failed(failure(Retry::NewIdentity, ErrorCode::KeyLost)),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(step(&m), None);
+        assert_eq!(m.state.abandoned_certificates, ["cert-1"]);
+        // Never the same generation again.
+        assert_eq!(m.work(), Work::CreateKey { generation: 2 });
+    }
+
+    #[test]
+    fn a_lost_identity_key_reprovisions_only_when_allowed_and_possible() {
+        let mut m = provisioned();
+        m.policy.reprovision_when_key_lost = true;
+        m.claim = Some(ClaimOrigin::File);
+        let t = m
+            .apply(
+                Input::Failed(failure(Retry::NewIdentity, ErrorCode::KeyLost)),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(
+            t.actions,
+            [Action::StopConnection, Action::Persist(Durability::Atomic)]
+        );
+        assert_eq!(m.state.identity, None);
+        assert_eq!(m.state.abandoned_certificates, ["cert-1"]);
+        assert_eq!(m.work(), Work::CreateKey { generation: 2 });
+
+        let mut m = provisioned();
+        let t = m
+            .apply(
+                Input::Failed(failure(Retry::NewIdentity, ErrorCode::KeyLost)),
+                NOW,
+            )
+            .unwrap();
+        assert!(m.parked && !m.connected);
+        assert_eq!(m.work(), Work::Idle);
+        let e = m.state.last_error.clone().unwrap();
+        assert!(
+            e.permanent && e.message.contains("iotctl reprovision"),
+            "{e:?}"
+        );
+        assert!(matches!(
+            t.actions.last(),
+            Some(Action::Emit(Event::Failed { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_permanent_failure_parks_provisioning_until_a_new_claim() {
+        let mut m = fresh(Policy::default());
+        m.apply(Input::ClaimAvailable(ClaimOrigin::File), NOW)
+            .unwrap();
+        let t = m
+            .apply(
+                Input::Failed(failure(Retry::Permanent, ErrorCode::ClaimRejected)),
+                NOW,
+            )
+            .unwrap();
+        assert!(t.actions.contains(&Action::Emit(Event::Failed {
+            code: ErrorCode::ClaimRejected,
+            message: "claim-rejected happened".into()
+        })));
+        assert!(m.parked);
+        assert_eq!(m.work(), Work::Idle);
+        assert!(m.state.last_error.clone().unwrap().permanent);
+        // An installer's claim rescues it.
+        m.apply(Input::ClaimAvailable(ClaimOrigin::Network), NOW)
+            .unwrap();
+        assert!(!m.parked);
+        assert_eq!(m.work(), Work::CreateKey { generation: 1 });
+    }
+
+    #[test]
+    fn a_failed_operation_leaves_the_live_identity_live() {
+        let mut m = provisioned();
+        m.state.operation = Some(Operation::Rotation {
+            staged_generation: 2,
+            trigger: Trigger::OnDemand,
+            step: Some(Step::CertificateIssued {
+                generation: 2,
+                certificate_id: "cert-2".into(),
+                certificate_pem: "PEM 2".into(),
+                ownership_token: "t".into(),
+                issued_at: NOW,
+            }),
+        });
+        let t = m
+            .apply(
+                Input::Failed(failure(Retry::Permanent, ErrorCode::TemplateRejected)),
+                NOW,
+            )
+            .unwrap();
+        assert!(t.actions.contains(&Action::RemoveKey(2)));
+        assert!(!t.actions.contains(&Action::StopConnection));
+        assert!(!m.parked && m.connected);
+        assert_eq!(m.state.identity.clone().unwrap().certificate_id, "cert-1");
+        assert_eq!(m.state.operation, None);
+        assert_eq!(m.state.abandoned_certificates, ["cert-2"]);
+        assert_eq!(m.work(), Work::Serve);
+    }
+
+    #[test]
+    fn the_connection_going_down_and_up_is_said_once_each() {
+        let mut m = provisioned();
+        let f = failure(Retry::Reconnect, ErrorCode::Network);
+        let t = m.apply(Input::Disconnected(f.clone()), NOW).unwrap();
+        assert_eq!(
+            t.actions,
+            [
+                Action::Persist(Durability::Atomic),
+                Action::Emit(Event::Disconnected {
+                    code: ErrorCode::Network,
+                    message: f.message.clone()
+                })
+            ]
+        );
+        assert!(!m.connected);
+        assert_eq!(
+            m.work(),
+            Work::Serve,
+            "the identity is still the one to serve"
+        );
+        // A second failed attempt is recorded but not announced again.
+        let t = m.apply(Input::Disconnected(f), NOW + 2).unwrap();
+        assert_eq!(t.actions, [Action::Persist(Durability::Atomic)]);
+        assert_eq!(m.state.last_error.clone().unwrap().at, NOW + 2);
+        let t = m.apply(Input::Connected, NOW).unwrap();
+        assert_eq!(
+            t.actions,
+            [
+                Action::Persist(Durability::Atomic),
+                Action::Emit(Event::Connected {
+                    certificate_id: "cert-1".into()
+                })
+            ]
+        );
+        assert_eq!(m.state.last_error, None);
+        assert!(!m.apply(Input::Connected, NOW).unwrap().changed());
+    }
+
+    #[test]
+    fn a_claim_while_provisioned_changes_nothing() {
+        let mut m = provisioned();
+        let before = m.state.clone();
+        m.apply(Input::ClaimAvailable(ClaimOrigin::Network), NOW)
+            .unwrap();
+        let t = m
+            .apply(
+                Input::ClaimGone {
+                    code: ErrorCode::ClaimExpired,
+                    message: "gone".into(),
+                },
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(t.actions, [Action::DropClaimSession]);
+        assert_eq!(m.state, before);
+    }
+
+    #[test]
+    fn reprovision_abandons_the_identity_and_starts_over() {
+        let mut m = provisioned();
+        m.claim = Some(ClaimOrigin::File);
+        let t = m.apply(Input::Reprovision, NOW).unwrap();
+        assert_eq!(
+            t.actions,
+            [
+                Action::StopConnection,
+                Action::DropClaimSession,
+                Action::Persist(Durability::Atomic)
+            ]
+        );
+        assert_eq!(m.state.identity, None);
+        assert_eq!(m.state.abandoned_certificates, ["cert-1"]);
+        assert_eq!(m.work(), Work::CreateKey { generation: 2 });
+        // Asking again at the start changes nothing.
+        assert!(!m.apply(Input::Reprovision, NOW).unwrap().changed());
+        // A parked machine is unparked.
+        m.parked = true;
+        m.state.last_error = Some(LastError {
+            code: "x".into(),
+            message: "m".into(),
+            at: 0,
+            permanent: true,
+            retry_at: None,
+        });
+        assert!(m.apply(Input::Reprovision, NOW).unwrap().changed());
+        assert!(!m.parked);
+    }
+
+    #[test]
+    fn an_uncommitted_rotation_is_rolled_back_at_start() {
+        let mut state = provisioned().state;
+        state.operation = Some(Operation::Rotation {
+            staged_generation: 2,
+            trigger: Trigger::Schedule,
+            step: Some(Step::KeyReady { generation: 2 }),
+        });
+        let (m, t) = Machine::resume(state, Policy::default());
+        assert_eq!(
+            t.actions,
+            [Action::Persist(Durability::Atomic), Action::RemoveKey(2)]
+        );
+        assert_eq!(m.state.operation, None);
+        assert_eq!(m.state.identity.unwrap().certificate_id, "cert-1");
+        let (_, t) = Machine::resume(State::default(), Policy::default());
+        assert!(!t.changed());
+    }
+}

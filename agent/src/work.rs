@@ -1,0 +1,375 @@
+//! The units of work the core runs, one at a time, each in its own task so that the core keeps
+//! answering commands and pinging the watchdog meanwhile: create a key, request a certificate,
+//! register the thing, prepare the credentials of a connection. Each reads what it needs,
+//! does its I/O (TPM, files, the claim connection), and returns an `fsm::Input` (or an error
+//! that says what went wrong); the core, the only writer of state.json, applies it.
+//!
+//! Every unit is safe to repeat: a key is created for a generation no state refers to yet, a
+//! certificate is stored in its generation's directory before the step that names it is
+//! written, and a request to the cloud is made again only after its step failed.
+
+use std::sync::Arc;
+
+use crate::claim::Claim;
+use crate::cloud::{self, ConnectPacer, Session, Target};
+use crate::config::Settings;
+use crate::connection::Credentials;
+use crate::error::{AgentError, ErrorCode, Retry};
+use crate::fsm::{Input, Work};
+use crate::keys::{DeviceKey, KeyBackend};
+use crate::store::Store;
+use crate::tls::{self, ServerTrust, TlsIdentity};
+
+/// An ownership token is valid for an hour; past 55 minutes a RegisterThing would race its
+/// expiry, so the agent asks for a new certificate instead.
+pub const TOKEN_MAX_AGE_SECS: i64 = 55 * 60;
+
+/// What the units of work share: read-only, cheap to clone into each task.
+#[derive(Debug)]
+pub struct Resources {
+    pub settings: Settings,
+    pub store: Store,
+    pub backend: Arc<dyn KeyBackend>,
+    pub trust: ServerTrust,
+    pub pacer: Arc<ConnectPacer>,
+    pub claim_client_id: String,
+    pub target: Target,
+}
+
+/// What a unit of work produced.
+#[derive(Debug)]
+pub enum Produced {
+    Input(Input),
+    /// A connection's credentials are ready (for `Serve` and `VerifyIdentity`).
+    Credentials(Credentials),
+}
+
+/// A finished unit of work; the claim connection comes back to the core for the next step.
+#[derive(Debug)]
+pub struct Done {
+    pub result: Result<Produced, AgentError>,
+    pub session: Option<Session>,
+}
+
+pub fn store_error(e: crate::store::StoreError) -> AgentError {
+    AgentError::permanent(ErrorCode::Store, e.to_string())
+}
+
+fn key_error(e: crate::keys::KeyError) -> AgentError {
+    match e {
+        // The state machine decides whether a new identity may be made.
+        crate::keys::KeyError::Lost { .. } => {
+            AgentError::new(ErrorCode::KeyLost, Retry::NewIdentity, e.to_string())
+        }
+        other => AgentError::permanent(ErrorCode::Key, other.to_string()),
+    }
+}
+
+fn tls_error(code: ErrorCode, e: tls::TlsError) -> AgentError {
+    AgentError::permanent(code, e.to_string())
+}
+
+/// Runs blocking key-backend work (the TPM) off the async threads.
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        AgentError::permanent(ErrorCode::Key, format!("{what}: the worker stopped: {e}"))
+    })?
+}
+
+impl Resources {
+    fn client_tls(
+        &self,
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        key: Arc<dyn DeviceKey>,
+        code: ErrorCode,
+    ) -> Result<Arc<rustls::ClientConfig>, AgentError> {
+        tls::client_config(
+            &self.trust,
+            TlsIdentity { chain, key },
+            self.settings.cloud.alpn,
+        )
+        .map_err(|e| tls_error(code, e))
+    }
+
+    /// Connects with the claim unless a claim connection is open.
+    async fn claim_session<'a>(
+        &self,
+        slot: &'a mut Option<Session>,
+        claim: Option<&Claim>,
+    ) -> Result<&'a mut Session, AgentError> {
+        if slot.is_none() {
+            let claim = claim.ok_or_else(|| {
+                AgentError::permanent(ErrorCode::ClaimMissing, "no claim is at hand")
+            })?;
+            let config = self.client_tls(
+                claim.chain.clone(),
+                claim.key.clone(),
+                ErrorCode::ClaimMissing,
+            )?;
+            let identity = cloud::Identity::Claim {
+                not_after: claim.not_after,
+                path: claim.description.clone(),
+            };
+            let session = Session::connect(
+                &self.target,
+                config,
+                &self.claim_client_id,
+                identity,
+                &self.pacer,
+            )
+            .await?;
+            tracing::info!(client_id = %self.claim_client_id, "connected with the claim");
+            *slot = Some(session);
+        }
+        slot.as_mut()
+            .ok_or_else(|| AgentError::permanent(ErrorCode::Network, "claim connection vanished"))
+    }
+
+    /// Checks that the certificate AWS issued certifies our key, then writes it beside the key
+    /// and makes the generation's entries durable (the key's too): the step that names them is
+    /// persisted next.
+    fn accept_certificate(
+        &self,
+        generation: u32,
+        key: &dyn DeviceKey,
+        pem: &str,
+    ) -> Result<(), AgentError> {
+        certifies(key, pem)?;
+        self.store
+            .write_certificate(generation, pem)
+            .map_err(store_error)?;
+        self.store.sync_generation(generation).map_err(store_error)
+    }
+
+    fn load_key(&self, generation: u32) -> Result<Option<Arc<dyn DeviceKey>>, AgentError> {
+        self.backend.load(generation).map_err(key_error)
+    }
+}
+
+/// Checks that the certificate in `pem` certifies `key`: registering or using one that does
+/// not would activate a certificate this gateway can never use.
+fn certifies(key: &dyn DeviceKey, pem: &str) -> Result<(), AgentError> {
+    let chain = tls::parse_chain_pem(pem, "the issued certificate")
+        .map_err(|e| tls_error(ErrorCode::CertificateMismatch, e))?;
+    let cert = chain.first().ok_or_else(|| {
+        AgentError::permanent(
+            ErrorCode::CertificateMismatch,
+            "the issued certificate PEM holds no certificate",
+        )
+    })?;
+    let spki =
+        tls::certificate_spki(cert).map_err(|e| tls_error(ErrorCode::CertificateMismatch, e))?;
+    if spki != key.public_key_spki() {
+        return Err(AgentError::new(
+            ErrorCode::CertificateMismatch,
+            Retry::RestartFromCsr,
+            format!(
+                "the certificate AWS issued does not certify this gateway's key ({}); not registering it",
+                key.location()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs one unit of work. `claim` is the claim at hand (for the steps that talk to the cloud
+/// with it), `session` the claim connection if one is open.
+pub async fn run(
+    res: Arc<Resources>,
+    work: Work,
+    claim: Option<Claim>,
+    mut session: Option<Session>,
+) -> Done {
+    let result = step(&res, work, claim.as_ref(), &mut session).await;
+    Done { result, session }
+}
+
+async fn step(
+    res: &Arc<Resources>,
+    work: Work,
+    claim: Option<&Claim>,
+    session: &mut Option<Session>,
+) -> Result<Produced, AgentError> {
+    let p = &res.settings.provisioning;
+    let (format, timeout) = (p.format, res.settings.cloud.reply_timeout);
+    let input = match work {
+        Work::CreateKey { generation } => {
+            let r = res.clone();
+            let key = blocking("creating the device key", move || {
+                r.backend.create(generation).map_err(key_error)
+            })
+            .await?;
+            tracing::info!(generation, key = %key.location(), "created the device key");
+            Input::KeyCreated { generation }
+        }
+        Work::CreateKeysAndCertificate { generation } => {
+            let s = res.claim_session(session, claim).await?;
+            let issued = crate::fleet::create_keys_and_certificate(s, format, timeout).await?;
+            let pem = issued.private_key.clone().unwrap_or_default();
+            let r = res.clone();
+            let key = blocking("storing the issued key", move || {
+                r.backend.import_pem(generation, &pem).map_err(key_error)
+            })
+            .await?;
+            res.accept_certificate(generation, key.as_ref(), &issued.certificate_pem)?;
+            tracing::info!(certificate_id = %issued.certificate_id, "AWS issued a certificate and key");
+            Input::CertificateIssued {
+                generation,
+                certificate_id: issued.certificate_id,
+                certificate_pem: issued.certificate_pem,
+                ownership_token: issued.certificate_ownership_token,
+            }
+        }
+        Work::RequestCertificate { generation } => {
+            let r = res.clone();
+            let key = blocking("loading the device key", move || r.load_key(generation)).await?;
+            let Some(key) = key else {
+                return Err(AgentError::new(
+                    ErrorCode::KeyLost,
+                    Retry::NewIdentity,
+                    format!(
+                        "the device key of generation {generation} is missing; making a new one"
+                    ),
+                ));
+            };
+            let k = key.clone();
+            let csr = blocking("signing the certificate request", move || {
+                crate::csr::build_csr(k.as_ref()).map_err(key_error)
+            })
+            .await?;
+            let s = res.claim_session(session, claim).await?;
+            let issued =
+                crate::fleet::create_certificate_from_csr(s, format, timeout, &csr).await?;
+            res.accept_certificate(generation, key.as_ref(), &issued.certificate_pem)?;
+            tracing::info!(certificate_id = %issued.certificate_id, "AWS issued a certificate for our key");
+            Input::CertificateIssued {
+                generation,
+                certificate_id: issued.certificate_id,
+                certificate_pem: issued.certificate_pem,
+                ownership_token: issued.certificate_ownership_token,
+            }
+        }
+        Work::RegisterThing {
+            generation,
+            certificate_id,
+            certificate_pem,
+            ownership_token,
+            ..
+        } => {
+            // RegisterThing activates the certificate: only while its key is here to use it.
+            let r = res.clone();
+            let key = blocking("loading the device key", move || r.load_key(generation)).await?;
+            let key = key.ok_or_else(|| {
+                AgentError::new(
+                    ErrorCode::KeyLost,
+                    Retry::NewIdentity,
+                    format!(
+                        "the device key of generation {generation} is gone; not registering its certificate {certificate_id}, making a new key"
+                    ),
+                )
+            })?;
+            certifies(key.as_ref(), &certificate_pem)?;
+            let provisioning = res.settings.provisioning.clone();
+            let parameters = tokio::task::spawn_blocking(move || provisioning.resolve_parameters())
+                .await
+                .map_err(|e| {
+                    AgentError::permanent(
+                        ErrorCode::Config,
+                        format!("resolving template parameters: {e}"),
+                    )
+                })?
+                .map_err(|e| AgentError::permanent(ErrorCode::Config, e.to_string()))?;
+            let template = &res.settings.provisioning.template;
+            let s = res.claim_session(session, claim).await?;
+            let registered = crate::fleet::register_thing(
+                s,
+                format,
+                timeout,
+                template,
+                &ownership_token,
+                &parameters,
+            )
+            .await?;
+            let thing_name = registered.thing_name.ok_or_else(|| {
+                AgentError::permanent(
+                    ErrorCode::TemplateRejected,
+                    format!("template {template} registered no thing (no AWS::IoT::Thing resource); iotd needs a thing name to connect as"),
+                )
+            })?;
+            tracing::info!(thing = %thing_name, certificate_id = %certificate_id, "thing registered");
+            Input::ThingRegistered {
+                thing_name,
+                device_configuration: registered.device_configuration,
+            }
+        }
+        Work::VerifyIdentity {
+            generation,
+            certificate_id,
+            certificate_pem,
+            thing_name,
+        } => {
+            return credentials(res, generation, certificate_id, certificate_pem, thing_name)
+                .await
+                .map(Produced::Credentials);
+        }
+        Work::Idle | Work::Serve | Work::WaitForClaim => {
+            return Err(AgentError::permanent(
+                ErrorCode::Store,
+                format!("{work:?} is not a unit of work"),
+            ));
+        }
+    };
+    Ok(Produced::Input(input))
+}
+
+/// The credentials to connect as the device with `generation`'s key and certificate
+/// (`certificate_pem`, state.json's copy; empty for a state migrated without it: then the file).
+pub async fn credentials(
+    res: &Arc<Resources>,
+    generation: u32,
+    certificate_id: String,
+    certificate_pem: String,
+    thing_name: String,
+) -> Result<Credentials, AgentError> {
+    let r = res.clone();
+    let key = blocking("loading the device key", move || r.load_key(generation))
+        .await?
+        .ok_or_else(|| {
+            AgentError::new(
+                ErrorCode::KeyLost,
+                Retry::NewIdentity,
+                format!(
+                    "the device key of generation {generation} is gone; this identity cannot be used again (iotctl reprovision makes a new one)"
+                ),
+            )
+        })?;
+    let pem = if certificate_pem.is_empty() {
+        res.store
+            .read_certificate(generation)
+            .map_err(store_error)?
+    } else {
+        certificate_pem
+    };
+    let chain = tls::parse_chain_pem(&pem, "the device certificate")
+        .map_err(|e| tls_error(ErrorCode::Store, e))?;
+    let (not_before, not_after) = chain
+        .first()
+        .map(tls::certificate_validity)
+        .transpose()
+        .map_err(|e| tls_error(ErrorCode::Store, e))?
+        .unwrap_or((0, i64::MAX));
+    let key_location = key.location();
+    let tls = res.client_tls(chain, key, ErrorCode::Store)?;
+    Ok(Credentials {
+        generation,
+        certificate_id,
+        thing_name,
+        tls,
+        not_before,
+        not_after,
+        key_location,
+    })
+}
