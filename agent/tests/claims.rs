@@ -1,0 +1,130 @@
+//! iotd's core in this process against fake-iot-core: with no claim it waits; a claim handed
+//! over in memory (what the onboarding endpoint will do) provisions it, and the core says so
+//! through its events and its snapshot.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use iotd::claim::Claim;
+use iotd::config::{self, ConfigPaths};
+use iotd::core::{Command, Core, Outcome};
+use iotd::fsm::Event;
+use iotd::keys::file::FileBackend;
+use iotd_testkit::*;
+
+fn start_core(
+    dir: &std::path::Path,
+    conf: &str,
+) -> (tokio::task::JoinHandle<()>, iotd::core::Handle) {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, conf).unwrap();
+    let settings = config::load(&ConfigPaths::for_main(&path)).unwrap();
+    let backend = Arc::new(FileBackend::new(&settings.state_dir));
+    let (core, handle) = Core::new(settings, backend).unwrap();
+    let run = tokio::spawn(async move {
+        core.run().await.unwrap();
+    });
+    (run, handle)
+}
+
+async fn command(
+    handle: &iotd::core::Handle,
+    make: impl FnOnce(iotd::core::Reply) -> Command,
+) -> Result<Outcome, iotd::error::AgentError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    handle.commands.send(make(tx)).await.unwrap();
+    rx.await.unwrap()
+}
+
+#[tokio::test]
+async fn a_claim_handed_over_in_memory_provisions_a_waiting_gateway() {
+    let cloud = Cloud::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = cloud.claim();
+    // No claim files: the configuration names none.
+    let conf = config(&cloud, &dir.path().join("state"), "0080")
+        .replace(&format!("claim_certificate = \"{cert_path}\"\n"), "")
+        .replace(&format!("claim_key = \"{key_path}\"\n"), "");
+    assert!(!conf.contains("claim_certificate"), "{conf}");
+    let (run, handle) = start_core(dir.path(), &conf);
+    let mut events = handle.subscribe();
+    let mut snapshot = handle.snapshot.clone();
+    let waiting = snapshot
+        .wait_for(|s| s.waiting_for.is_some())
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (waiting.state, waiting.step),
+        ("unprovisioned", "waiting-for-claim")
+    );
+    assert!(
+        waiting
+            .waiting_for
+            .as_deref()
+            .unwrap()
+            .contains("none is configured"),
+        "{waiting:?}"
+    );
+
+    // A damaged hand-over is refused before it reaches the core.
+    let err = Claim::from_pem("not a certificate", "also not a key", "from the test").unwrap_err();
+    assert!(err.contains("claim certificate from the test"), "{err}");
+
+    let claim = Claim::from_pem(
+        &std::fs::read_to_string(&cert_path).unwrap(),
+        &std::fs::read_to_string(&key_path).unwrap(),
+        "handed over by the test",
+    )
+    .unwrap();
+    let answer = command(&handle, |r| {
+        Command::ProvideClaim(Box::new(claim.clone()), r)
+    })
+    .await;
+    assert!(matches!(answer, Ok(Outcome::Changed(_))), "{answer:?}");
+
+    let provisioned = loop {
+        match events.recv().await.unwrap() {
+            e @ Event::Provisioned { .. } => break e,
+            Event::Failed { code, message } => panic!("{code:?}: {message}"),
+            _ => {}
+        }
+    };
+    let Event::Provisioned {
+        thing_name,
+        certificate_id,
+    } = provisioned
+    else {
+        unreachable!()
+    };
+    assert_eq!(thing_name, "gw-0080");
+    assert_eq!(
+        events.recv().await.unwrap(),
+        Event::Connected {
+            certificate_id: certificate_id.clone()
+        }
+    );
+    let s = snapshot
+        .wait_for(|s| s.state == "provisioned" && s.connected)
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(s.certificate_id.as_deref(), Some(certificate_id.as_str()));
+    assert_eq!(s.waiting_for, None);
+    assert_eq!(cloud.principals("gw-0080"), vec![certificate_id]);
+    // The claim's connection used the claim handed over; the claim files were never needed.
+    assert!(
+        cloud
+            .log()
+            .iter()
+            .any(|e| e.kind == "connect" && e.client_id == "claim-0080")
+    );
+
+    // Once provisioned, another claim changes nothing.
+    let answer = command(&handle, |r| Command::ProvideClaim(Box::new(claim), r)).await;
+    assert!(
+        matches!(&answer, Ok(Outcome::Unchanged(m)) if m.contains("already provisioned as gw-0080")),
+        "{answer:?}"
+    );
+    run.abort();
+}
