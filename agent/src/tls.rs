@@ -20,10 +20,12 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::keys::DeviceKey;
 
-/// The ALPN protocol that lets AWS IoT Core take MQTT over TLS on port 443.
+/// The ALPN protocol that lets AWS IoT Core take MQTT with X.509 client certificates over TLS on
+/// port 443 (`cloud.alpn`).
 pub const ALPN_AWS_MQTT: &[u8] = b"x-amzn-mqtt-ca";
 
-/// The system trust store as Debian's and Yocto's ca-certificates install it.
+/// The system trust store, as Debian's, Ubuntu's and Yocto's ca-certificates install it: the
+/// server certificate is checked against it when `cloud.ca_bundle` is not set.
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// An error of the TLS set-up, naming the action and the file or object.
@@ -273,241 +275,42 @@ fn pem_certificates(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
-    use std::time::Duration;
-
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
-        IsCa, KeyIdMethod, KeyUsagePurpose, PublicKeyData, SerialNumber, SignatureAlgorithm,
-    };
-    use ring::rand::SystemRandom;
-    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
-    use rustls::pki_types::{PrivateKeyDer, ServerName};
-    use rustls::server::WebPkiClientVerifier;
-    use rustls::{ProtocolVersion, ServerConfig, SupportedProtocolVersion};
-    use x509_parser::x509::SubjectPublicKeyInfo;
+    use iotd_testkit::pki::{Pki, handshake};
 
     use super::*;
     use crate::keys::KeyBackend;
+    use crate::keys::file::FileBackend;
     use crate::keys::file::testdata::RSA_PKCS1_PEM;
-    use crate::keys::file::{FileBackend, p256_point};
 
-    const SERVER_NAME: &str = "iot.example.test";
-
-    /// A test-only software key for the CA and the server: rcgen has no crypto backend here.
-    struct RingKey {
-        pair: EcdsaKeyPair,
-        pkcs8: Vec<u8>,
+    fn trust(pki: &Pki) -> ServerTrust {
+        ServerTrust::from_pem(&pki.ca_pem(), "test CA").unwrap()
     }
 
-    impl RingKey {
-        fn generate() -> Self {
-            let rng = SystemRandom::new();
-            let pkcs8 =
-                EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
-            let pair =
-                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
-                    .unwrap();
-            Self {
-                pair,
-                pkcs8: pkcs8.as_ref().to_vec(),
-            }
-        }
+    fn client_cert(pki: &Pki, key: &dyn DeviceKey) -> CertificateDer<'static> {
+        pki.client_cert(&key.public_key_spki())
     }
 
-    impl PublicKeyData for RingKey {
-        fn der_bytes(&self) -> &[u8] {
-            self.pair.public_key().as_ref()
-        }
-        fn algorithm(&self) -> &'static SignatureAlgorithm {
-            &rcgen::PKCS_ECDSA_P256_SHA256
-        }
+    /// The test server, offering the AWS IoT ALPN protocol.
+    fn server_config(
+        pki: &Pki,
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> Arc<rustls::ServerConfig> {
+        pki.server_config(version, &[ALPN_AWS_MQTT])
     }
 
-    impl rcgen::SigningKey for RingKey {
-        fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-            let sig = self
-                .pair
-                .sign(&SystemRandom::new(), msg)
-                .map_err(|_| rcgen::Error::RemoteKeyError)?;
-            Ok(sig.as_ref().to_vec())
-        }
-    }
-
-    /// A device key's public half, for rcgen to put in the client certificate.
-    struct PublicKey {
-        der: Vec<u8>,
-        algorithm: &'static SignatureAlgorithm,
-    }
-
-    impl PublicKey {
-        fn of(key: &dyn DeviceKey) -> Self {
-            let spki = key.public_key_spki();
-            match p256_point(&spki) {
-                Some(point) => Self {
-                    der: point.to_vec(),
-                    algorithm: &rcgen::PKCS_ECDSA_P256_SHA256,
-                },
-                None => {
-                    // RSA: the BIT STRING holds the PKCS#1 RSAPublicKey.
-                    let (_, parsed) = SubjectPublicKeyInfo::from_der(&spki).unwrap();
-                    Self {
-                        der: parsed.subject_public_key.data.to_vec(),
-                        algorithm: &rcgen::PKCS_RSA_SHA256,
-                    }
-                }
-            }
-        }
-    }
-
-    impl PublicKeyData for PublicKey {
-        fn der_bytes(&self) -> &[u8] {
-            &self.der
-        }
-        fn algorithm(&self) -> &'static SignatureAlgorithm {
-            self.algorithm
-        }
-    }
-
-    /// Without a crypto backend rcgen makes neither key identifiers (they come out empty) nor
-    /// serial numbers (it refuses): the tests supply both.
-    fn test_params(key: &impl PublicKeyData, subject_alt_names: &[&str]) -> CertificateParams {
-        let names = subject_alt_names
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.key_identifier_method =
-            KeyIdMethod::PreSpecified(Sha256::digest(key.subject_public_key_info())[..20].to_vec());
-        let mut serial = [0u8; 16];
-        ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut serial).unwrap();
-        serial[0] &= 0x7f;
-        params.serial_number = Some(SerialNumber::from_slice(&serial));
-        params
-    }
-
-    struct Pki {
-        ca: CertifiedIssuer<'static, RingKey>,
-        server_cert: CertificateDer<'static>,
-        server_key: RingKey,
-    }
-
-    impl Pki {
-        fn new() -> Self {
-            let ca_key = RingKey::generate();
-            let mut params = test_params(&ca_key, &[]);
-            params
-                .distinguished_name
-                .push(DnType::CommonName, "iotd test CA");
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            let ca = CertifiedIssuer::self_signed(params, ca_key).unwrap();
-
-            let server_key = RingKey::generate();
-            let mut params = test_params(&server_key, &[SERVER_NAME]);
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-            let server_cert = params.signed_by(&server_key, &ca).unwrap().der().clone();
-            Self {
-                ca,
-                server_cert,
-                server_key,
-            }
-        }
-
-        fn client_cert(&self, key: &dyn DeviceKey) -> CertificateDer<'static> {
-            let public = PublicKey::of(key);
-            let mut params = test_params(&public, &[]);
-            params.distinguished_name.push(DnType::CommonName, "gw1");
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            params.signed_by(&public, &self.ca).unwrap().der().clone()
-        }
-
-        fn trust(&self) -> ServerTrust {
-            ServerTrust::from_pem(&self.ca.pem(), "test CA").unwrap()
-        }
-
-        fn server_config(&self, version: &'static SupportedProtocolVersion) -> Arc<ServerConfig> {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(self.ca.der().clone()).unwrap();
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                    .build()
-                    .unwrap();
-            let key = PrivateKeyDer::Pkcs8(self.server_key.pkcs8.clone().into());
-            let mut config = ServerConfig::builder_with_provider(provider)
-                .with_protocol_versions(&[version])
-                .unwrap()
-                .with_client_cert_verifier(verifier)
-                .with_single_cert(vec![self.server_cert.clone()], key)
-                .unwrap();
-            config.alpn_protocols = vec![ALPN_AWS_MQTT.to_vec()];
-            Arc::new(config)
-        }
-    }
-
-    /// What the server saw of one connection.
-    #[derive(Debug)]
-    struct Seen {
-        client_chain: Vec<CertificateDer<'static>>,
-        alpn: Option<Vec<u8>>,
-        version: Option<ProtocolVersion>,
-    }
-
-    /// One mutual-TLS connection over loopback TCP; the client sends "ping", the server answers
-    /// "pong" (so the TLS 1.3 client certificate, sent after the server's Finished, is checked
-    /// before anything is returned).
-    fn handshake(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> Result<Seen, String> {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server_thread = std::thread::spawn(move || -> Result<Seen, String> {
-            let (sock, _) = listener.accept().map_err(|e| e.to_string())?;
-            sock.set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            let conn = rustls::ServerConnection::new(server).map_err(|e| e.to_string())?;
-            let mut tls = rustls::StreamOwned::new(conn, sock);
-            let mut buf = [0u8; 4];
-            tls.read_exact(&mut buf)
-                .map_err(|e| format!("server: {e}"))?;
-            assert_eq!(&buf, b"ping");
-            tls.write_all(b"pong").map_err(|e| format!("server: {e}"))?;
-            tls.flush().map_err(|e| format!("server: {e}"))?;
-            Ok(Seen {
-                client_chain: tls.conn.peer_certificates().unwrap_or_default().to_vec(),
-                alpn: tls.conn.alpn_protocol().map(<[u8]>::to_vec),
-                version: tls.conn.protocol_version(),
-            })
-        });
-
-        let sock = TcpStream::connect(addr).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let name = ServerName::try_from(SERVER_NAME).unwrap();
-        let conn = rustls::ClientConnection::new(client, name).map_err(|e| e.to_string())?;
-        let mut tls = rustls::StreamOwned::new(conn, sock);
-        let client_result = (|| {
-            tls.write_all(b"ping")?;
-            let mut buf = [0u8; 4];
-            tls.read_exact(&mut buf)?;
-            assert_eq!(&buf, b"pong");
-            Ok::<_, io::Error>(())
-        })();
-        drop(tls);
-        let seen = server_thread.join().unwrap();
-        client_result.map_err(|e| format!("client: {e}"))?;
-        seen
-    }
-
-    fn mutual_tls(key: Arc<dyn DeviceKey>, version: &'static SupportedProtocolVersion, alpn: bool) {
+    fn mutual_tls(
+        key: Arc<dyn DeviceKey>,
+        version: &'static rustls::SupportedProtocolVersion,
+        alpn: bool,
+    ) {
         let pki = Pki::new();
-        let cert = pki.client_cert(key.as_ref());
+        let cert = client_cert(&pki, key.as_ref());
         let identity = TlsIdentity {
             chain: vec![cert.clone()],
             key,
         };
-        let client = client_config(&pki.trust(), identity, alpn).unwrap();
-        let seen = handshake(pki.server_config(version), client).unwrap();
+        let client = client_config(&trust(&pki), identity, alpn).unwrap();
+        let seen = handshake(server_config(&pki, version), client).unwrap();
         assert_eq!(
             seen.client_chain,
             vec![cert],
@@ -564,11 +367,11 @@ mod tests {
         let key = ec_key(&dir);
         let (pki, other) = (Pki::new(), Pki::new());
         let identity = TlsIdentity {
-            chain: vec![pki.client_cert(key.as_ref())],
+            chain: vec![client_cert(&pki, key.as_ref())],
             key,
         };
-        let client = client_config(&other.trust(), identity, true).unwrap();
-        let err = handshake(pki.server_config(&rustls::version::TLS13), client).unwrap_err();
+        let client = client_config(&trust(&other), identity, true).unwrap();
+        let err = handshake(server_config(&pki, &rustls::version::TLS13), client).unwrap_err();
         // Both test CAs have the same name, so webpki finds the wrong anchor and reports a bad
         // signature rather than an unknown issuer; either way the server is refused.
         assert!(err.starts_with("client: invalid peer certificate"), "{err}");
@@ -581,14 +384,14 @@ mod tests {
         let other = FileBackend::new(dir.path()).create(2).unwrap();
         let pki = Pki::new();
         let identity = TlsIdentity {
-            chain: vec![pki.client_cert(other.as_ref())],
+            chain: vec![client_cert(&pki, other.as_ref())],
             key: key.clone(),
         };
-        let err = client_config(&pki.trust(), identity, true).unwrap_err();
+        let err = client_config(&trust(&pki), identity, true).unwrap_err();
         assert!(err.to_string().contains(&key.location()), "{err}");
 
         let err =
-            client_config(&pki.trust(), TlsIdentity { chain: vec![], key }, true).unwrap_err();
+            client_config(&trust(&pki), TlsIdentity { chain: vec![], key }, true).unwrap_err();
         assert!(matches!(err, TlsError::Identity { .. }), "{err}");
     }
 
@@ -597,13 +400,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = ec_key(&dir);
         let pki = Pki::new();
-        let cert = pki.client_cert(key.as_ref());
+        let cert = client_cert(&pki, key.as_ref());
         assert_eq!(certificate_spki(&cert).unwrap(), key.public_key_spki());
 
-        let public = PublicKey::of(key.as_ref());
-        let mut params = test_params(&public, &[]);
-        params.not_after = rcgen::date_time_ymd(2030, 6, 1);
-        let cert = params.signed_by(&public, &pki.ca).unwrap().der().clone();
+        let cert = pki.client_cert_with(&key.public_key_spki(), |params| {
+            params.not_after = rcgen::date_time_ymd(2030, 6, 1);
+        });
         // `date -u -d 2030-06-01 +%s`
         assert_eq!(certificate_not_after(&cert).unwrap(), 1_906_502_400);
 
@@ -620,13 +422,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = ec_key(&dir);
         let pki = Pki::new();
-        let leaf = pki.client_cert(key.as_ref());
+        let leaf = client_cert(&pki, key.as_ref());
         let leaf_pem = format!(
             "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
             base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &leaf)
         );
         let path = dir.path().join("claim.pem");
-        fs::write(&path, format!("{leaf_pem}{}", pki.ca.pem())).unwrap();
+        fs::write(&path, format!("{leaf_pem}{}", pki.ca_pem())).unwrap();
         let chain = read_chain(&path).unwrap();
         assert_eq!(chain.len(), 2);
         assert_eq!(chain[0], leaf);
@@ -665,7 +467,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new();
         let path = dir.path().join("ca.pem");
-        fs::write(&path, pki.ca.pem()).unwrap();
+        fs::write(&path, pki.ca_pem()).unwrap();
         assert_eq!(ServerTrust::from_pem_file(&path).unwrap().len(), 1);
 
         fs::write(&path, "").unwrap();

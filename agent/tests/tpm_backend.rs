@@ -8,8 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,22 +19,15 @@ use iotd::keys::file::p256_point;
 use iotd::keys::tpm::{SRK_HANDLE, TpmBackend};
 use iotd::keys::{DeviceKey, KeyBackend, KeyError};
 use iotd::tls::{ServerTrust, TlsIdentity, client_config};
+use iotd_testkit::pki::{self, Pki};
 use iotd_testkit::swtpm::Swtpm;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyIdMethod, KeyUsagePurpose, PublicKeyData, SerialNumber, SignatureAlgorithm,
-};
-use ring::rand::SystemRandom;
-use ring::signature::{
-    ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair,
-    UnparsedPublicKey,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, ProtocolVersion, ServerConfig, SupportedProtocolVersion};
-use sha2::{Digest, Sha256};
+use ring::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
+use rustls::pki_types::CertificateDer;
+use rustls::{ClientConfig, ProtocolVersion, SupportedProtocolVersion};
 
-const PERSISTENT: u32 = 0x8101_0001;
+/// Slot A of persistent-handle mode (the configured handle), and slot B, the one after it.
+const SLOT_A: u32 = 0x8101_0001;
+const SLOT_B: u32 = 0x8101_0002;
 
 fn open(tpm: &Swtpm, state: &Path) -> TpmBackend {
     TpmBackend::open(tpm.tcti(), state, None).unwrap()
@@ -315,178 +307,29 @@ fn csr_is_signed_in_the_tpm_and_verifies() {
     csr.verify_signature().expect("x509-parser verifies it too");
 }
 
-// ---- mutual TLS against an in-process rustls server (as in tls.rs's tests) ----
+// ---- mutual TLS against an in-process rustls server (testkit's PKI, as in tls.rs's tests) ----
 
-const SERVER_NAME: &str = "iot.example.test";
-
-/// A software key for the test CA and the server (rcgen has no crypto backend here).
-struct RingKey {
-    pair: EcdsaKeyPair,
-    pkcs8: Vec<u8>,
+/// A client configuration for the TPM key, with a certificate the test CA issued for its
+/// public key (the TPM only provides the public key here, the CA signs).
+fn tls_client(pki: &Pki, key: Arc<dyn DeviceKey>) -> (Arc<ClientConfig>, CertificateDer<'static>) {
+    let cert = pki.client_cert(&key.public_key_spki());
+    let trust = ServerTrust::from_pem(&pki.ca_pem(), "test CA").unwrap();
+    let identity = TlsIdentity {
+        chain: vec![cert.clone()],
+        key,
+    };
+    (client_config(&trust, identity, false).unwrap(), cert)
 }
 
-impl RingKey {
-    fn generate() -> Self {
-        let rng = SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
-            .unwrap();
-        Self {
-            pair,
-            pkcs8: pkcs8.as_ref().to_vec(),
-        }
-    }
-}
-
-impl PublicKeyData for RingKey {
-    fn der_bytes(&self) -> &[u8] {
-        self.pair.public_key().as_ref()
-    }
-    fn algorithm(&self) -> &'static SignatureAlgorithm {
-        &rcgen::PKCS_ECDSA_P256_SHA256
-    }
-}
-
-impl rcgen::SigningKey for RingKey {
-    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        let sig = self
-            .pair
-            .sign(&SystemRandom::new(), msg)
-            .map_err(|_| rcgen::Error::RemoteKeyError)?;
-        Ok(sig.as_ref().to_vec())
-    }
-}
-
-/// The TPM key's public half, as the certificate's subject key (rcgen's remote-key traits).
-struct TpmPublic(Vec<u8>);
-
-impl PublicKeyData for TpmPublic {
-    fn der_bytes(&self) -> &[u8] {
-        &self.0
-    }
-    fn algorithm(&self) -> &'static SignatureAlgorithm {
-        &rcgen::PKCS_ECDSA_P256_SHA256
-    }
-}
-
-fn test_params(key: &impl PublicKeyData, names: &[&str]) -> CertificateParams {
-    let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-    let mut params = CertificateParams::new(names).unwrap();
-    params.key_identifier_method =
-        KeyIdMethod::PreSpecified(Sha256::digest(key.subject_public_key_info())[..20].to_vec());
-    let mut serial = [0u8; 16];
-    ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut serial).unwrap();
-    serial[0] &= 0x7f;
-    params.serial_number = Some(SerialNumber::from_slice(&serial));
-    params
-}
-
-struct Pki {
-    ca: CertifiedIssuer<'static, RingKey>,
-    server_cert: CertificateDer<'static>,
-    server_key: RingKey,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let ca_key = RingKey::generate();
-        let mut params = test_params(&ca_key, &[]);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "iotd tpm test CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca = CertifiedIssuer::self_signed(params, ca_key).unwrap();
-        let server_key = RingKey::generate();
-        let mut params = test_params(&server_key, &[SERVER_NAME]);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server_cert = params.signed_by(&server_key, &ca).unwrap().der().clone();
-        Self {
-            ca,
-            server_cert,
-            server_key,
-        }
-    }
-
-    /// A client certificate for the TPM key, issued by the test CA: the TPM only provides the
-    /// public key here, the CA signs.
-    fn client_cert(&self, key: &dyn DeviceKey) -> CertificateDer<'static> {
-        let public = TpmPublic(p256_point(&key.public_key_spki()).unwrap().to_vec());
-        let mut params = test_params(&public, &[]);
-        params.distinguished_name.push(DnType::CommonName, "gw-tpm");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.signed_by(&public, &self.ca).unwrap().der().clone()
-    }
-
-    fn server_config(&self, version: &'static SupportedProtocolVersion) -> Arc<ServerConfig> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.der().clone()).unwrap();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .unwrap();
-        let key = PrivateKeyDer::Pkcs8(self.server_key.pkcs8.clone().into());
-        let config = ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(vec![self.server_cert.clone()], key)
-            .unwrap();
-        Arc::new(config)
-    }
-
-    fn client_config(
-        &self,
-        key: Arc<dyn DeviceKey>,
-    ) -> (Arc<ClientConfig>, CertificateDer<'static>) {
-        let cert = self.client_cert(key.as_ref());
-        let trust = ServerTrust::from_pem(&self.ca.pem(), "test CA").unwrap();
-        let identity = TlsIdentity {
-            chain: vec![cert.clone()],
-            key,
-        };
-        (client_config(&trust, identity, false).unwrap(), cert)
-    }
-}
-
-/// One mutual-TLS connection over loopback: ping/pong, so the TLS 1.3 client certificate
-/// (sent after the server's Finished) is checked before the server answers. Returns the
-/// client chain the server saw and the negotiated version.
+/// One mutual-TLS connection over loopback (see `pki::handshake`); the client chain the server
+/// saw and the negotiated version.
 fn handshake(
-    server: Arc<ServerConfig>,
+    pki: &Pki,
+    version: &'static SupportedProtocolVersion,
     client: Arc<ClientConfig>,
 ) -> (Vec<CertificateDer<'static>>, Option<ProtocolVersion>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server_thread = std::thread::spawn(move || {
-        let (sock, _) = listener.accept().unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let conn = rustls::ServerConnection::new(server).unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, sock);
-        let mut buf = [0u8; 4];
-        tls.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, b"ping");
-        tls.write_all(b"pong").unwrap();
-        tls.flush().unwrap();
-        (
-            tls.conn.peer_certificates().unwrap_or_default().to_vec(),
-            tls.conn.protocol_version(),
-        )
-    });
-    let sock = TcpStream::connect(addr).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let conn =
-        rustls::ClientConnection::new(client, ServerName::try_from(SERVER_NAME).unwrap()).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, sock);
-    tls.write_all(b"ping").unwrap();
-    let mut buf = [0u8; 4];
-    tls.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"pong");
-    drop(tls);
-    server_thread.join().unwrap()
+    let seen = pki::handshake(pki.server_config(version, &[]), client).unwrap();
+    (seen.client_chain, seen.version)
 }
 
 fn mutual_tls(
@@ -495,9 +338,9 @@ fn mutual_tls(
     version: &'static SupportedProtocolVersion,
 ) {
     let pki = Pki::new();
-    let (client, cert) = pki.client_config(key);
+    let (client, cert) = tls_client(&pki, key);
     let before = backend.commands_issued();
-    let (seen, negotiated) = handshake(pki.server_config(version), client);
+    let (seen, negotiated) = handshake(&pki, version, client);
     assert_eq!(seen, vec![cert], "the server saw the TPM key's certificate");
     assert_eq!(negotiated, Some(version.version));
     assert_eq!(
@@ -576,8 +419,8 @@ fn handshakes_inside_tokio_runtimes() {
         };
         let (pki2, key2) = (pki.clone(), key.clone());
         let seen = tokio::spawn(async move {
-            let (client, cert) = pki2.client_config(key2);
-            let (seen, _) = handshake(pki2.server_config(&rustls::version::TLS13), client);
+            let (client, cert) = tls_client(&pki2, key2);
+            let (seen, _) = handshake(&pki2, &rustls::version::TLS13, client);
             (seen, cert)
         })
         .await
@@ -599,8 +442,8 @@ fn handshakes_inside_tokio_runtimes() {
     current.block_on(async {
         let signature = key.sign_ecdsa_p256_sha256(b"current thread").unwrap();
         verify(key.as_ref(), b"current thread", &signature);
-        let (client, cert) = pki.client_config(key.clone());
-        let (seen, _) = handshake(pki.server_config(&rustls::version::TLS12), client);
+        let (client, cert) = tls_client(&pki, key.clone());
+        let (seen, _) = handshake(&pki, &rustls::version::TLS12, client);
         assert_eq!(seen, vec![cert]);
     });
 }
@@ -688,11 +531,26 @@ fn stale_transient_objects_are_flushed_at_open() {
     );
 }
 
+fn open_persistent(tpm: &Swtpm, state: &Path) -> TpmBackend {
+    TpmBackend::open(tpm.tcti(), state, Some(SLOT_A)).unwrap()
+}
+
+/// Signs with `key` and checks the signature against `spki` (the key's public key as made).
+fn signs_as(key: &dyn DeviceKey, spki: &[u8]) {
+    assert_eq!(key.public_key_spki(), spki);
+    let signature = key.sign_ecdsa_p256_sha256(b"still mine").unwrap();
+    verify_spki(spki, b"still mine", &signature);
+}
+
+fn handle_file(backend: &TpmBackend, generation: u32) -> String {
+    fs::read_to_string(backend.generation_dir(generation).join("key.handle")).unwrap()
+}
+
 #[test]
 fn persistent_handle_mode() {
     let tpm = Swtpm::start();
     let state = tempfile::tempdir().unwrap();
-    let backend = TpmBackend::open(tpm.tcti(), state.path(), Some(PERSISTENT)).unwrap();
+    let backend = open_persistent(&tpm, state.path());
     let key = backend.create(1).unwrap();
     assert_eq!(
         key.location(),
@@ -711,14 +569,11 @@ fn persistent_handle_mode() {
         .collect();
     files.sort();
     assert_eq!(files, ["key.handle", "key.pub"], "no private blob");
-    assert_eq!(
-        fs::read_to_string(gen_dir.join("key.handle")).unwrap(),
-        "0x81010001\n"
-    );
+    assert_eq!(handle_file(&backend, 1), "0x81010001\n");
     drop((key, backend));
 
     // Other programs sign with the handle directly.
-    assert_eq!(tpm.persistent_handles(), vec![SRK_HANDLE, PERSISTENT]);
+    assert_eq!(tpm.persistent_handles(), vec![SRK_HANDLE, SLOT_A]);
     fs::write(tpm.dir().join("msg"), b"persistent").unwrap();
     tpm.tpm2_ok(&[
         "tpm2_sign",
@@ -738,53 +593,180 @@ fn persistent_handle_mode() {
         &fs::read(tpm.dir().join("sig")).unwrap(),
     );
 
-    let backend = TpmBackend::open(tpm.tcti(), state.path(), Some(PERSISTENT)).unwrap();
+    let backend = open_persistent(&tpm, state.path());
     let loaded = backend.load(1).unwrap().unwrap();
-    assert_eq!(loaded.public_key_spki(), spki);
-    verify(
-        loaded.as_ref(),
-        b"q",
-        &loaded.sign_ecdsa_p256_sha256(b"q").unwrap(),
-    );
+    signs_as(loaded.as_ref(), &spki);
 
-    // The handle holds one key: generation 2's replaces generation 1's.
+    // Generation 2's key goes beside it, to slot B: generation 1's stays usable.
     let newer = backend.create(2).unwrap();
-    assert_ne!(newer.public_key_spki(), spki);
-    let err = backend.load(1).unwrap_err();
-    assert!(
-        matches!(&err, KeyError::Lost { reason, .. } if reason.contains("holds another key now")),
-        "{err}"
+    assert_eq!(
+        newer.location(),
+        format!("tpm {} persistent 0x81010002", tpm.tcti())
     );
-    let err = loaded.sign_ecdsa_p256_sha256(b"old").unwrap_err();
-    assert!(matches!(err, KeyError::Lost { .. }), "{err}");
-    // Removing generation 1 leaves generation 2's key in place.
+    assert_eq!(handle_file(&backend, 2), "0x81010002\n");
+    assert_ne!(newer.public_key_spki(), spki);
+    signs_as(loaded.as_ref(), &spki);
+    signs_as(backend.load(1).unwrap().unwrap().as_ref(), &spki);
+
+    // Removing generation 1 evicts its key only.
     backend.remove(1).unwrap();
     assert!(!backend.generation_dir(1).exists());
-    verify(
-        newer.as_ref(),
-        b"n",
-        &newer.sign_ecdsa_p256_sha256(b"n").unwrap(),
-    );
+    let err = loaded.sign_ecdsa_p256_sha256(b"old").unwrap_err();
+    assert!(matches!(err, KeyError::Lost { .. }), "{err}");
+    signs_as(newer.as_ref(), &newer.public_key_spki());
     backend.remove(2).unwrap();
     assert!(backend.load(2).unwrap().is_none());
     drop((newer, loaded, backend));
     assert_eq!(tpm.persistent_handles(), vec![SRK_HANDLE], "evicted");
 }
 
+/// THE point of the two slots: a new generation's key is made beside the live one, which still
+/// loads and signs (from a new process too) until it is removed; its slot is then reused.
+#[test]
+fn persistent_handle_mode_keeps_the_live_key_beside_the_new_one() {
+    let tpm = Swtpm::start();
+    let state = tempfile::tempdir().unwrap();
+    let backend = open_persistent(&tpm, state.path());
+    let one = backend.create(1).unwrap().public_key_spki();
+    let two = backend.create(2).unwrap().public_key_spki();
+    assert_eq!(handle_file(&backend, 1), "0x81010001\n");
+    assert_eq!(handle_file(&backend, 2), "0x81010002\n");
+    drop(backend);
+    assert_eq!(tpm.persistent_handles(), vec![SRK_HANDLE, SLOT_A, SLOT_B]);
+
+    let backend = open_persistent(&tpm, state.path());
+    let key1 = backend.load(1).unwrap().unwrap();
+    let key2 = backend.load(2).unwrap().unwrap();
+    assert!(key1.location().ends_with("persistent 0x81010001"));
+    assert!(key2.location().ends_with("persistent 0x81010002"));
+    signs_as(key1.as_ref(), &one);
+    signs_as(key2.as_ref(), &two);
+
+    // Generation 1 retired: generation 3 takes its slot, A; generation 2 is untouched.
+    backend.remove(1).unwrap();
+    let key3 = backend.create(3).unwrap();
+    assert_eq!(
+        key3.location(),
+        format!("tpm {} persistent 0x81010001", tpm.tcti())
+    );
+    assert_eq!(handle_file(&backend, 3), "0x81010001\n");
+    let three = key3.public_key_spki();
+    signs_as(key2.as_ref(), &two);
+    signs_as(key3.as_ref(), &three);
+    drop((key1, key2, key3, backend));
+
+    let backend = open_persistent(&tpm, state.path());
+    assert!(backend.load(1).unwrap().is_none());
+    signs_as(backend.load(2).unwrap().unwrap().as_ref(), &two);
+    signs_as(backend.load(3).unwrap().unwrap().as_ref(), &three);
+    drop(backend);
+    assert_eq!(tpm.persistent_handles(), vec![SRK_HANDLE, SLOT_A, SLOT_B]);
+}
+
+#[test]
+fn persistent_handle_mode_refuses_a_third_live_generation() {
+    let tpm = Swtpm::start();
+    let state = tempfile::tempdir().unwrap();
+    let backend = open_persistent(&tpm, state.path());
+    let one = backend.create(1).unwrap().public_key_spki();
+    let two = backend.create(2).unwrap().public_key_spki();
+    let files = |generation: u32| {
+        let dir = backend.generation_dir(generation);
+        (
+            fs::read(dir.join("key.handle")).unwrap(),
+            fs::read(dir.join("key.pub")).unwrap(),
+        )
+    };
+    let before = (files(1), files(2));
+    let commands = backend.commands_issued();
+
+    let err = backend.create(3).unwrap_err();
+    assert!(matches!(err, KeyError::Unsupported { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "creating TPM key: generation 3: both persistent handles are in use, 0x81010001 by \
+         generation 1 and 0x81010002 by generation 2; iotd never evicts another generation's \
+         key, so an older generation's key must be removed first"
+    );
+    assert_eq!(backend.commands_issued(), commands, "the TPM was not asked");
+    assert!(!backend.generation_dir(3).exists(), "nothing written");
+    assert_eq!((files(1), files(2)), before);
+    signs_as(backend.load(1).unwrap().unwrap().as_ref(), &one);
+    signs_as(backend.load(2).unwrap().unwrap().as_ref(), &two);
+    drop(backend);
+    assert_eq!(tpm.persistent_handles(), vec![SRK_HANDLE, SLOT_A, SLOT_B]);
+}
+
+/// A key made again for the same generation (after a crash, or a key that failed its check)
+/// replaces that generation's own key in its own slot, and nothing else.
+#[test]
+fn persistent_handle_mode_reuses_a_generations_own_slot() {
+    let tpm = Swtpm::start();
+    let state = tempfile::tempdir().unwrap();
+    let backend = open_persistent(&tpm, state.path());
+    let one = backend.create(1).unwrap().public_key_spki();
+    let two = backend.create(2).unwrap().public_key_spki();
+
+    let again = backend.create(2).unwrap();
+    assert!(again.location().ends_with("persistent 0x81010002"));
+    assert_eq!(handle_file(&backend, 2), "0x81010002\n");
+    let two_again = again.public_key_spki();
+    assert_ne!(two_again, two, "a new key");
+    signs_as(again.as_ref(), &two_again);
+    signs_as(backend.load(2).unwrap().unwrap().as_ref(), &two_again);
+    signs_as(backend.load(1).unwrap().unwrap().as_ref(), &one);
+
+    let again = backend.create(1).unwrap();
+    assert!(again.location().ends_with("persistent 0x81010001"));
+    assert_eq!(handle_file(&backend, 1), "0x81010001\n");
+    let one_again = again.public_key_spki();
+    assert_ne!(one_again, one);
+    signs_as(backend.load(1).unwrap().unwrap().as_ref(), &one_again);
+    signs_as(backend.load(2).unwrap().unwrap().as_ref(), &two_again);
+
+    // Interrupted after the key was persisted, before key.handle said so: the key made again
+    // goes to the same (free) slot and replaces the orphan.
+    fs::remove_file(backend.generation_dir(2).join("key.handle")).unwrap();
+    assert!(backend.load(2).unwrap().is_none(), "no complete key");
+    let again = backend.create(2).unwrap();
+    assert!(again.location().ends_with("persistent 0x81010002"));
+    signs_as(
+        backend.load(2).unwrap().unwrap().as_ref(),
+        &again.public_key_spki(),
+    );
+    signs_as(backend.load(1).unwrap().unwrap().as_ref(), &one_again);
+    drop((again, backend));
+    assert_eq!(tpm.persistent_handles(), vec![SRK_HANDLE, SLOT_A, SLOT_B]);
+}
+
 #[test]
 fn persistent_handle_mode_leaves_other_objects_alone() {
     let tpm = Swtpm::start();
     let state = tempfile::tempdir().unwrap();
-    let err = TpmBackend::open(tpm.tcti(), state.path(), Some(SRK_HANDLE)).unwrap_err();
-    assert!(matches!(err, KeyError::Unsupported { .. }), "{err}");
-    assert!(err.to_string().contains("storage root key"), "{err}");
-    let err = TpmBackend::open(tpm.tcti(), state.path(), Some(0x8180_0000)).unwrap_err();
-    assert!(
-        err.to_string().contains("not an owner persistent handle"),
-        "{err}"
+    let refused = |handle: u32| {
+        let err = TpmBackend::open(tpm.tcti(), state.path(), Some(handle)).unwrap_err();
+        assert!(matches!(err, KeyError::Unsupported { .. }), "{err}");
+        err.to_string()
+    };
+    let err = refused(SRK_HANDLE);
+    assert!(err.contains("storage root key"), "{err}");
+    let err = refused(0x8180_0000);
+    assert!(err.contains("not an owner persistent handle"), "{err}");
+    // Slot B, the handle after the configured one, must be usable too.
+    assert_eq!(
+        refused(0x817f_ffff),
+        "opening the TPM: key.persistent_handle 0x817fffff cannot be used: iotd keeps its keys \
+         at two handles, 0x817fffff (A, the configured one) and 0x81800000 (B, the one after \
+         it), and 0x81800000 is not an owner persistent handle (0x81000000 to 0x817fffff)"
+    );
+    assert_eq!(
+        refused(0x8100_0000),
+        "opening the TPM: key.persistent_handle 0x81000000 cannot be used: iotd keeps its keys \
+         at two handles, 0x81000000 (A, the configured one) and 0x81000001 (B, the one after \
+         it), and 0x81000001 is the storage root key's handle, the parent of every iotd key"
     );
 
-    // Someone else's storage key at the configured handle.
+    // Someone else's storage key at slot A.
     tpm.tpm2_ok(&["tpm2_createprimary", "-C", "o", "-c", "other.ctx"]);
     tpm.tpm2_ok(&[
         "tpm2_evictcontrol",
@@ -795,7 +777,7 @@ fn persistent_handle_mode_leaves_other_objects_alone() {
         "0x81010001",
     ]);
     tpm.tpm2_ok(&["tpm2_flushcontext", "-t"]);
-    let backend = TpmBackend::open(tpm.tcti(), state.path(), Some(PERSISTENT)).unwrap();
+    let backend = open_persistent(&tpm, state.path());
     let err = backend.create(1).unwrap_err();
     assert!(
         err.to_string()
@@ -803,10 +785,31 @@ fn persistent_handle_mode_leaves_other_objects_alone() {
         "{err}"
     );
     drop(backend);
+    assert!(tpm.persistent_handles().contains(&SLOT_A), "still there");
+
+    // ... and at slot B, while generation 1 is at A: generation 2 is refused, 1 is untouched.
+    tpm.tpm2_ok(&["tpm2_evictcontrol", "-C", "o", "-c", "0x81010001"]);
+    tpm.tpm2_ok(&["tpm2_createprimary", "-C", "o", "-c", "other.ctx"]);
+    tpm.tpm2_ok(&[
+        "tpm2_evictcontrol",
+        "-C",
+        "o",
+        "-c",
+        "other.ctx",
+        "0x81010002",
+    ]);
+    tpm.tpm2_ok(&["tpm2_flushcontext", "-t"]);
+    let backend = open_persistent(&tpm, state.path());
+    let one = backend.create(1).unwrap().public_key_spki();
+    let err = backend.create(2).unwrap_err();
+    let text = err.to_string();
     assert!(
-        tpm.persistent_handles().contains(&PERSISTENT),
-        "still there"
+        text.contains("the persistent handle 0x81010002 holds an object iotd did not make"),
+        "{text}"
     );
+    signs_as(backend.load(1).unwrap().unwrap().as_ref(), &one);
+    drop(backend);
+    assert_eq!(tpm.persistent_handles(), vec![SRK_HANDLE, SLOT_A, SLOT_B]);
 }
 
 #[test]
@@ -935,8 +938,8 @@ fn commands_issued_counts_every_tpm_command() {
         "TPM2_Load, TPM2_Sign, TPM2_FlushContext"
     );
     let pki = Pki::new();
-    let (client, _) = pki.client_config(key.clone());
-    handshake(pki.server_config(&rustls::version::TLS13), client);
+    let (client, _) = tls_client(&pki, key.clone());
+    handshake(&pki, &rustls::version::TLS13, client);
     assert_eq!(backend.commands_issued(), 12, "one more signature");
     drop((key, backend));
 

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 pub mod dbus_daemon;
+pub mod pki;
 pub mod swtpm;
 
 use std::path::{Path, PathBuf};

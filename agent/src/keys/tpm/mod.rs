@@ -34,11 +34,24 @@
 //! then the structure), mode 0644: the private blob is encrypted and integrity-protected by the
 //! SRK and is useless outside this TPM. No private key material is ever on disk.
 //!
-//! With `key.persistent_handle` set, the key is made persistent at that handle instead
-//! (TPM2_EvictControl) and the directory holds `key.pub` (to recognise the key) and
-//! `key.handle` ("0x81010001"). The handle holds one key: creating a new generation's key
-//! replaces the previous generation's there (only ever a key iotd made; any other object at
-//! the handle is refused), and loading the older generation then reports it lost.
+//! With `key.persistent_handle` set, keys are made persistent instead (TPM2_EvictControl) and
+//! a generation's directory holds `key.pub` (to recognise its key) and `key.handle` (the
+//! handle the key is at, "0x81010001"). iotd uses two handles, A/B: the configured one (slot
+//! A) and the one right after it (slot B, A+1), both owner persistent handles and neither the
+//! SRK's (`open` refuses a configuration where one is not). So a new generation's key is made
+//! beside the one in use, which stays usable until the new one has proven itself and the old
+//! generation is removed (a rotation can roll back):
+//! - `create` puts a generation's key at the slot its own `key.handle` already names (the key
+//!   of the same generation made again) unless another generation's names it too, else at
+//!   the slot that no other generation's `key.handle` (`<state>/gen/*/key.handle`) names, A
+//!   first. When other generations name both slots it refuses, naming them: iotd never
+//!   evicts another generation's key, so an older generation's key must be removed first. An
+//!   iotd key at the chosen slot that no other generation names (a key made again, or one left
+//!   by an interrupted `create`) is replaced; any other object there is refused.
+//! - `load` uses the handle its generation's `key.handle` names, and checks that the key there
+//!   is still the one in `key.pub` (by its TPM name).
+//! - `remove` evicts the generation's own handle only, and only while the key there is still
+//!   that generation's.
 //!
 //! # Using the identity from other programs
 //!
@@ -56,8 +69,9 @@
 //!                            # command above leaves the key it loads in a TPM slot
 //! ```
 //!
-//! In persistent-handle mode there is nothing to load: `tpm2_sign -c 0x81010001 -g sha256 -f
-//! plain -o sig.der message.bin`.
+//! In persistent-handle mode there is nothing to load: with the handle the generation's
+//! `key.handle` names (A or B), `tpm2_sign -c 0x81010001 -g sha256 -f plain -o sig.der
+//! message.bin`.
 //!
 //! # Threading
 //!
@@ -102,7 +116,7 @@ mod worker;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::SignatureScheme;
 use rustls::pki_types::SubjectPublicKeyInfoDer;
@@ -129,7 +143,11 @@ pub struct TpmBackend {
     tcti: String,
     /// The state directory; keys go to `gen/<n>/` below it.
     dir: PathBuf,
+    /// Slot A of persistent-handle mode (slot B is the handle after it).
     persistent_handle: Option<u32>,
+    /// Held by `create` in persistent-handle mode from choosing a slot until the generation's
+    /// `key.handle` names it, so that two generations made at once cannot choose the same.
+    slot_choice: Mutex<()>,
     /// Whether `open` found no SRK and made (and persisted) one.
     created_srk: bool,
     /// The stale transient objects `open` flushed.
@@ -150,8 +168,9 @@ impl fmt::Debug for TpmBackend {
 impl TpmBackend {
     /// Opens the TPM through `tcti` ("device:/dev/tpmrm0", "swtpm:host=127.0.0.1,port=2321"),
     /// flushes stale transient objects, and makes sure the SRK exists at 0x81000001 (creating
-    /// and persisting it from the TCG template if not). With `persistent_handle`, new keys are
-    /// put at that handle instead of being kept as blobs.
+    /// and persisting it from the TCG template if not). With `persistent_handle` (slot A), new
+    /// keys are put at that handle or the one after it (slot B) instead of being kept as
+    /// blobs; both must be owner persistent handles other than the SRK's.
     pub fn open(
         tcti: &str,
         state_dir: &Path,
@@ -163,21 +182,10 @@ impl TpmBackend {
             message,
         })?;
         if let Some(handle) = persistent_handle {
-            let problem = if handle == SRK_HANDLE {
-                Some("it is the storage root key's handle, the parent of every iotd key")
-            } else if !(0x8100_0000..PLATFORM_PERSISTENT_FIRST).contains(&handle) {
-                Some("it is not an owner persistent handle (0x81000000 to 0x817fffff)")
-            } else {
-                None
-            };
-            if let Some(problem) = problem {
-                return Err(KeyError::Unsupported {
-                    action: ACTION,
-                    message: format!(
-                        "key.persistent_handle {handle:#010x} cannot be used: {problem}"
-                    ),
-                });
-            }
+            check_slots(handle).map_err(|message| KeyError::Unsupported {
+                action: ACTION,
+                message,
+            })?;
         }
         let tpm_error = |e: TpmError| KeyError::Crypto {
             action: ACTION,
@@ -206,6 +214,7 @@ impl TpmBackend {
             tcti: tcti.to_string(),
             dir: state_dir.to_path_buf(),
             persistent_handle,
+            slot_choice: Mutex::new(()),
             created_srk,
             flushed,
         })
@@ -241,6 +250,66 @@ impl TpmBackend {
 
     fn persistent_location(&self, handle: u32) -> String {
         format!("tpm {} persistent {handle:#010x}", self.tcti)
+    }
+
+    /// The handle each generation's `key.handle` names (`<state>/gen/*/key.handle`), as
+    /// (generation, handle). Directories that are not a generation number or hold no
+    /// `key.handle` name none. A file that cannot be read or decoded is an error, since the
+    /// handle it names could be a live key, except `generation`'s own, which is about to be
+    /// replaced.
+    fn named_handles(
+        &self,
+        generation: u32,
+        action: &'static str,
+    ) -> Result<Vec<(u32, u32)>, KeyError> {
+        let gen_root = self.dir.join("gen");
+        let io_error = |path: &Path, source| KeyError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        };
+        let entries = match std::fs::read_dir(&gen_root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error(&gen_root, e)),
+        };
+        let mut named = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error(&gen_root, e))?;
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Some(other) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let path = entry.path().join(HANDLE_FILE);
+            let handle = match blobs::read_optional(&path) {
+                Ok(None) => continue,
+                Ok(Some(bytes)) => blobs::decode_handle(&bytes),
+                Err(_) if other == generation => continue,
+                Err(e) => return Err(io_error(&path, e)),
+            };
+            match handle {
+                Ok(handle) => named.push((other, handle)),
+                Err(_) if other == generation => {}
+                Err(message) => {
+                    return Err(KeyError::Crypto {
+                        action,
+                        key: path.display().to_string(),
+                        message: format!(
+                            "{message}; the persistent handle for a new key cannot be chosen \
+                             while it is unknown which handle generation {other}'s key is at"
+                        ),
+                    });
+                }
+            }
+        }
+        named.sort_unstable();
+        Ok(named)
     }
 
     /// Removes every file this backend may have written for a generation, commit markers
@@ -362,10 +431,30 @@ impl KeyBackend for TpmBackend {
             key: gen_dir.join(name).display().to_string(),
             message,
         };
+        // Persistent-handle mode: the slot is chosen from the generations' key.handle files
+        // before this generation's are removed (its own names the slot to reuse), and held
+        // until its key.handle names the new key's.
+        let (slot, _choosing) = match self.persistent_handle {
+            None => (None, None),
+            Some(slot_a) => {
+                let choosing = self
+                    .slot_choice
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let named = self.named_handles(generation, ACTION)?;
+                let slot = choose_slot(slots(slot_a), generation, &named).map_err(|message| {
+                    KeyError::Unsupported {
+                        action: ACTION,
+                        message: format!("generation {generation}: {message}"),
+                    }
+                })?;
+                (Some(slot), Some(choosing))
+            }
+        };
         blobs::ensure_generation_dir(&self.dir, &gen_dir).map_err(io_error)?;
         self.remove_files(&gen_dir, ACTION)?;
 
-        let location = match self.persistent_handle {
+        let location = match slot {
             Some(handle) => self.persistent_location(handle),
             None => self.blob_location(&gen_dir),
         };
@@ -377,7 +466,7 @@ impl KeyBackend for TpmBackend {
         let public_file =
             blobs::encode_public(&public).map_err(|m| encode_error(PUBLIC_FILE, m))?;
 
-        let material = match self.persistent_handle {
+        let material = match slot {
             None => {
                 let private_file =
                     blobs::encode_private(&private).map_err(|m| encode_error(PRIVATE_FILE, m))?;
@@ -461,6 +550,85 @@ impl KeyBackend for TpmBackend {
         self.remove_files(&gen_dir, ACTION)?;
         remove_generation_dir(&self.dir, &gen_dir, ACTION)
     }
+}
+
+/// Slots A and B of persistent-handle mode: the configured handle and the one after it.
+fn slots(slot_a: u32) -> [u32; 2] {
+    [slot_a, slot_a.wrapping_add(1)]
+}
+
+/// Whether `slot_a` and the handle after it can both hold iotd keys: owner persistent handles
+/// (platform ones need platform authorization), and not the SRK's. The message names the
+/// setting and both handles.
+fn check_slots(slot_a: u32) -> Result<(), String> {
+    let problem = |handle: u32| {
+        if handle == SRK_HANDLE {
+            Some("is the storage root key's handle, the parent of every iotd key")
+        } else if !(0x8100_0000..PLATFORM_PERSISTENT_FIRST).contains(&handle) {
+            Some("is not an owner persistent handle (0x81000000 to 0x817fffff)")
+        } else {
+            None
+        }
+    };
+    let [a, b] = slots(slot_a);
+    let found = problem(a)
+        .map(|p| (a, p))
+        .or_else(|| problem(b).map(|p| (b, p)));
+    match found {
+        None => Ok(()),
+        Some((handle, problem)) => Err(format!(
+            "key.persistent_handle {a:#010x} cannot be used: iotd keeps its keys at two handles, \
+             {a:#010x} (A, the configured one) and {b:#010x} (B, the one after it), and \
+             {handle:#010x} {problem}"
+        )),
+    }
+}
+
+/// The slot (of `slots`, A then B) for generation `generation`'s key in persistent-handle
+/// mode, given which handle each generation's `key.handle` names (`named`: (generation,
+/// handle), `generation`'s own included). A slot another generation names is never chosen
+/// (that generation's key may be there); of the others, the one `generation`'s own
+/// `key.handle` names is reused (its key made again), else the first. With both named by
+/// other generations there is none: the message names them.
+pub(crate) fn choose_slot(
+    slots: [u32; 2],
+    generation: u32,
+    named: &[(u32, u32)],
+) -> Result<u32, String> {
+    let users = |slot: u32| -> Vec<u32> {
+        named
+            .iter()
+            .filter(|&&(g, h)| h == slot && g != generation)
+            .map(|&(g, _)| g)
+            .collect()
+    };
+    let free: Vec<u32> = slots
+        .into_iter()
+        .filter(|&slot| users(slot).is_empty())
+        .collect();
+    let own = named
+        .iter()
+        .find(|&&(g, h)| g == generation && free.contains(&h))
+        .map(|&(_, h)| h);
+    if let Some(slot) = own.or_else(|| free.first().copied()) {
+        return Ok(slot);
+    }
+    let describe = |slot: u32| {
+        let users = users(slot);
+        let list: Vec<String> = users.iter().map(u32::to_string).collect();
+        let noun = if users.len() == 1 {
+            "generation"
+        } else {
+            "generations"
+        };
+        format!("{slot:#010x} by {noun} {}", list.join(", "))
+    };
+    Err(format!(
+        "both persistent handles are in use, {} and {}; iotd never evicts another generation's \
+         key, so an older generation's key must be removed first",
+        describe(slots[0]),
+        describe(slots[1])
+    ))
 }
 
 /// Refuses TCTI strings tss-esapi 7.7 would not pass on as written: it rebuilds `swtpm:` and

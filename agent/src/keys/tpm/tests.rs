@@ -128,3 +128,88 @@ fn dropping_the_last_handle_closes_the_connection() {
     tpm.tpm2_ok(&["tpm2_getrandom", "4"]);
     assert!(t.elapsed() < std::time::Duration::from_secs(5));
 }
+
+const A: u32 = 0x8101_0001;
+const B: u32 = 0x8101_0002;
+
+#[test]
+fn slot_choice_takes_a_slot_no_other_generation_names() {
+    // Nothing made yet: A.
+    assert_eq!(choose_slot([A, B], 1, &[]), Ok(A));
+    // The live generation is at A: the next goes beside it, to B, and back to A after.
+    assert_eq!(choose_slot([A, B], 2, &[(1, A)]), Ok(B));
+    assert_eq!(choose_slot([A, B], 3, &[(2, B)]), Ok(A));
+    // Generations that name no slot (blob mode, another configured handle) block nothing.
+    assert_eq!(choose_slot([A, B], 3, &[(1, 0x8102_0000), (2, B)]), Ok(A));
+    // Several generations at one handle (the single-handle mode before A/B): the other slot.
+    assert_eq!(choose_slot([A, B], 3, &[(1, A), (2, A)]), Ok(B));
+}
+
+#[test]
+fn slot_choice_reuses_the_generations_own_slot() {
+    assert_eq!(choose_slot([A, B], 2, &[(2, B)]), Ok(B));
+    assert_eq!(choose_slot([A, B], 2, &[(1, A), (2, B)]), Ok(B));
+    assert_eq!(choose_slot([A, B], 1, &[(1, A), (2, B)]), Ok(A));
+    // ... but never one another generation names too: its key may be the one there.
+    assert_eq!(choose_slot([A, B], 2, &[(1, A), (2, A)]), Ok(B));
+    // Its own key at a handle that is no slot (the configuration changed): a free slot.
+    assert_eq!(choose_slot([A, B], 2, &[(1, A), (2, 0x8102_0000)]), Ok(B));
+}
+
+#[test]
+fn slot_choice_refuses_when_other_generations_hold_both() {
+    let err = choose_slot([A, B], 3, &[(1, A), (2, B)]).unwrap_err();
+    assert_eq!(
+        err,
+        "both persistent handles are in use, 0x81010001 by generation 1 and 0x81010002 by \
+         generation 2; iotd never evicts another generation's key, so an older generation's key \
+         must be removed first"
+    );
+    let err = choose_slot([A, B], 4, &[(1, A), (2, B), (3, A), (4, A)]).unwrap_err();
+    assert!(
+        err.starts_with(
+            "both persistent handles are in use, 0x81010001 by generations 1, 3 and 0x81010002 \
+             by generation 2;"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn both_slots_must_be_owner_handles_other_than_the_srk() {
+    assert_eq!(slots(A), [A, B]);
+    check_slots(A).unwrap();
+    check_slots(0x8100_0002).unwrap();
+    check_slots(0x817f_fffe).unwrap();
+    for (a, bad, why) in [
+        (
+            0x817f_ffff,
+            0x8180_0000,
+            "is not an owner persistent handle",
+        ),
+        (0x8100_0000, SRK_HANDLE, "is the storage root key's handle"),
+        (SRK_HANDLE, SRK_HANDLE, "is the storage root key's handle"),
+        (
+            0x8180_0000,
+            0x8180_0000,
+            "is not an owner persistent handle",
+        ),
+        (
+            0x8000_0001,
+            0x8000_0001,
+            "is not an owner persistent handle",
+        ),
+        (u32::MAX, u32::MAX, "is not an owner persistent handle"),
+    ] {
+        let err = check_slots(a).unwrap_err();
+        let b = a.wrapping_add(1);
+        assert!(
+            err.starts_with(&format!(
+                "key.persistent_handle {a:#010x} cannot be used: iotd keeps its keys at two \
+                 handles, {a:#010x} (A, the configured one) and {b:#010x} (B, the one after it), \
+                 and {bad:#010x} {why}"
+            )),
+            "{err}"
+        );
+    }
+}

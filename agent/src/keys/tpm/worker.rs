@@ -617,8 +617,10 @@ impl Tpm {
             .ok_or_else(|| TpmError::Other("the TPM's ECDSA signature is malformed".into()))
     }
 
-    /// Puts a new key at the persistent `handle`. An older iotd key there is evicted first;
-    /// any other object (an EK, an SRK, another program's key) is left alone and refused.
+    /// Puts a new key at the persistent `handle`. An iotd key there is evicted first (the
+    /// caller chose a handle no other generation's key is at: the key there is this
+    /// generation's, made before, or one an interrupted create left); any other object (an
+    /// EK, an SRK, another program's key) is left alone and refused.
     pub(crate) fn persist_key(
         &mut self,
         public: Public,
@@ -637,7 +639,8 @@ impl Tpm {
                 return Err(TpmError::Other(format!(
                     "the persistent handle {handle:#x} holds an object iotd did not make (not an \
                      ECC P-256 signing key); iotd replaces only its own keys: choose another \
-                     key.persistent_handle, or free it with tpm2_evictcontrol -C o -c {handle:#x}"
+                     key.persistent_handle (iotd uses it and the handle after it), or free \
+                     {handle:#x} with tpm2_evictcontrol -C o -c {handle:#x}"
                 )));
             }
             self.exec("TPM2_EvictControl", true, |c| {
@@ -684,8 +687,9 @@ impl Tpm {
                 let _ = self.ctx.tr_close(&mut object);
                 Err(TpmError::Lost {
                     reason: format!(
-                        "the persistent handle {handle:#x} holds another key now (a newer \
-                         generation's, or another program's); this identity cannot be used again"
+                        "the persistent handle {handle:#x} holds another key now (the key of \
+                         this generation was made again, or another program put one there); \
+                         this identity cannot be used again"
                     ),
                 })
             }
