@@ -158,14 +158,42 @@ fn classify(
                     rfc3339(*not_after)
                 ),
             ),
+            // The device's own certificate: the identity stays, and the connection keeps
+            // retrying with backoff, so a fix in the cloud (an activated certificate) or on the
+            // gateway (a rotation, `iotctl reprovision`) takes effect without a restart.
             (
                 rustls::Error::AlertReceived(A::CertificateExpired),
                 Identity::Device { certificate_id },
             ) => AgentError::new(
-                ErrorCode::ClaimRejected,
+                ErrorCode::CertificateExpired,
                 Retry::Reconnect,
                 format!(
-                    "AWS IoT says certificate {certificate_id} has expired; it must be rotated or re-provisioned"
+                    "AWS IoT says the device certificate {certificate_id} has expired; it must be rotated, or the gateway re-provisioned (iotctl reprovision)"
+                ),
+            ),
+            (
+                rustls::Error::AlertReceived(A::CertificateRevoked),
+                Identity::Device { certificate_id },
+            ) => AgentError::new(
+                ErrorCode::CertificateRevoked,
+                Retry::Reconnect,
+                format!(
+                    "AWS IoT says the device certificate {certificate_id} has been revoked; the gateway needs a new identity (iotctl reprovision)"
+                ),
+            ),
+            (
+                rustls::Error::AlertReceived(
+                    alert @ (A::BadCertificate
+                    | A::UnknownCA
+                    | A::CertificateUnknown
+                    | A::AccessDenied),
+                ),
+                Identity::Device { certificate_id },
+            ) => AgentError::new(
+                ErrorCode::CertificateInactive,
+                Retry::Reconnect,
+                format!(
+                    "AWS IoT refused the device certificate {certificate_id} during the TLS handshake ({alert:?}): it is not ACTIVE (deactivated, or deleted) or not registered in this account and region; activate it in AWS IoT, or re-provision the gateway (iotctl reprovision)"
                 ),
             ),
             (
@@ -601,5 +629,133 @@ impl Session {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::AlertDescription as A;
+
+    fn target() -> Target {
+        Target {
+            host: "a1b2c3-ats.iot.eu-west-1.amazonaws.com".into(),
+            port: 8883,
+            keep_alive: Duration::from_secs(300),
+            trust: "CA bundle /etc/iotd/ca.pem".into(),
+        }
+    }
+
+    fn device() -> Identity {
+        Identity::Device {
+            certificate_id: "c0ffee".into(),
+        }
+    }
+
+    fn claim() -> Identity {
+        Identity::Claim {
+            not_after: 1_780_000_000,
+            path: "/usr/lib/iotd/claim/claim.pem".into(),
+        }
+    }
+
+    /// The alert as rumqttc reports a failed handshake (TLS 1.2, or a refusal the client sees
+    /// while it still shakes hands).
+    fn handshake_alert(alert: A) -> ConnectionError {
+        ConnectionError::Tls(rumqttc::TlsError::TLS(rustls::Error::AlertReceived(alert)))
+    }
+
+    /// The alert as it arrives with TLS 1.3: on the first read, inside an I/O error.
+    fn first_read_alert(alert: A) -> ConnectionError {
+        ConnectionError::MqttState(rumqttc::StateError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(alert),
+        )))
+    }
+
+    fn classify_as(err: &ConnectionError, identity: &Identity) -> AgentError {
+        classify(err, identity, &target(), "gw-0001")
+    }
+
+    #[test]
+    fn an_expired_device_certificate_is_not_a_claim_problem() {
+        for err in [
+            handshake_alert(A::CertificateExpired),
+            first_read_alert(A::CertificateExpired),
+        ] {
+            let e = classify_as(&err, &device());
+            assert_eq!(e.code, ErrorCode::CertificateExpired, "{e}");
+            assert_eq!(e.retry, Retry::Reconnect, "{e}");
+            assert!(e.message.contains("device certificate c0ffee"), "{e}");
+            assert!(e.message.contains("rotated"), "{e}");
+            assert!(e.message.contains("iotctl reprovision"), "{e}");
+        }
+        // The claim's expiry stays the claim's.
+        let e = classify_as(&handshake_alert(A::CertificateExpired), &claim());
+        assert_eq!(e.code, ErrorCode::ClaimExpired, "{e}");
+        assert!(e.is_permanent());
+    }
+
+    #[test]
+    fn a_revoked_device_certificate_says_so() {
+        for err in [
+            handshake_alert(A::CertificateRevoked),
+            first_read_alert(A::CertificateRevoked),
+        ] {
+            let e = classify_as(&err, &device());
+            assert_eq!(e.code, ErrorCode::CertificateRevoked, "{e}");
+            assert_eq!(e.retry, Retry::Reconnect, "{e}");
+            assert!(e.message.contains("c0ffee"), "{e}");
+            assert!(e.message.contains("revoked"), "{e}");
+        }
+        let e = classify_as(&handshake_alert(A::CertificateRevoked), &claim());
+        assert_eq!(e.code, ErrorCode::ClaimRejected, "{e}");
+    }
+
+    #[test]
+    fn a_refused_device_certificate_is_inactive() {
+        for alert in [
+            A::BadCertificate,
+            A::UnknownCA,
+            A::CertificateUnknown,
+            A::AccessDenied,
+        ] {
+            for err in [handshake_alert(alert), first_read_alert(alert)] {
+                let e = classify_as(&err, &device());
+                assert_eq!(e.code, ErrorCode::CertificateInactive, "{alert:?}: {e}");
+                assert_eq!(e.retry, Retry::Reconnect, "{alert:?}: {e}");
+                assert!(e.message.contains("c0ffee"), "{e}");
+                assert!(e.message.contains("not ACTIVE"), "{e}");
+                assert!(e.message.contains(&format!("{alert:?}")), "{e}");
+            }
+            let e = classify_as(&handshake_alert(alert), &claim());
+            assert_eq!(e.code, ErrorCode::ClaimRejected, "{alert:?}: {e}");
+            assert!(e.is_permanent());
+        }
+    }
+
+    #[test]
+    fn a_refused_connect_of_the_device_stays_connect_refused() {
+        for code in [
+            ConnectReturnCode::NotAuthorized,
+            ConnectReturnCode::BadUserNamePassword,
+        ] {
+            let err = ConnectionError::ConnectionRefused(code);
+            let e = classify_as(&err, &device());
+            // A policy problem, or the moments right after registration: keep trying.
+            assert_eq!(e.code, ErrorCode::ConnectRefused, "{code:?}: {e}");
+            assert_eq!(e.retry, Retry::Reconnect, "{code:?}: {e}");
+            assert!(e.message.contains("iot:Connect as gw-0001"), "{e}");
+            let e = classify_as(&err, &claim());
+            assert_eq!(e.code, ErrorCode::ClaimRejected, "{code:?}: {e}");
+            assert!(e.is_permanent());
+        }
+    }
+
+    #[test]
+    fn other_alerts_are_network_trouble() {
+        let e = classify_as(&handshake_alert(A::HandshakeFailure), &device());
+        assert_eq!(e.code, ErrorCode::Network, "{e}");
+        assert_eq!(e.retry, Retry::Reconnect, "{e}");
     }
 }

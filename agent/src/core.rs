@@ -495,6 +495,29 @@ impl Core {
                 self.claims
                     .forget(origin, "the claim was used to provision this gateway");
             }
+            Action::RemoveUncertifiedKeys => {
+                // Right here rather than in the background: once per provisioning, a file
+                // removal or one TPM command, and done before anyone is told "provisioned".
+                let store = &self.res.store;
+                let live = self.machine.state.live_generations();
+                let generations = match store.generations() {
+                    Ok(g) => g,
+                    Err(e) => return tracing::warn!("looking for unused keys: {e}"),
+                };
+                for generation in generations {
+                    if live.contains(&generation) || store.certificate_path(generation).exists() {
+                        continue;
+                    }
+                    match self.res.backend.remove(generation) {
+                        Ok(()) => {
+                            tracing::info!(generation, "removed a key that never got a certificate")
+                        }
+                        Err(e) => tracing::warn!(
+                            "removing the uncertified key of generation {generation}: {e}"
+                        ),
+                    }
+                }
+            }
             Action::RemoveKey(generation) => {
                 let backend = self.res.backend.clone();
                 tokio::task::spawn_blocking(move || {

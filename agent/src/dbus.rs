@@ -23,6 +23,7 @@
 
 use std::collections::HashMap;
 
+use iotd_api::LastErrorWire;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use zbus::fdo::RequestNameFlags;
 use zbus::message::Header;
@@ -93,14 +94,14 @@ pub fn to_dbus_error(e: AgentError) -> Error {
         | ErrorCode::Network
         | ErrorCode::ConnectRefused
         | ErrorCode::CertificateMismatch
+        | ErrorCode::CertificateExpired
+        | ErrorCode::CertificateRevoked
+        | ErrorCode::CertificateInactive
         | ErrorCode::Key
         | ErrorCode::KeyLost
         | ErrorCode::Store => Error::Failed(message),
     }
 }
-
-/// The `LastError` property as it travels: (code, message, unix time).
-type LastErrorWire = (String, String, i64);
 
 /// The properties as they go on the wire, from one snapshot: `None` becomes "" or 0. Getters and
 /// the change follower both use this, so a `PropertiesChanged` says what a `Get` would.

@@ -5,58 +5,9 @@
 
 use std::time::Duration;
 
-/// Stable error codes; `as_str` is what scripts and D-Bus see.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    Config,
-    ClaimMissing,
-    ClaimExpired,
-    ClaimRejected,
-    PolicyDenied,
-    TemplateRejected,
-    HookDenied,
-    Throttled,
-    NoReply,
-    Rejected,
-    ServerUntrusted,
-    Network,
-    ConnectRefused,
-    CertificateMismatch,
-    Key,
-    Store,
-    NotProvisioned,
-    NotSupported,
-    KeyLost,
-    /// The request can't run now (work in progress); try again when it has finished.
-    Busy,
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::Config => "config",
-            ErrorCode::ClaimMissing => "claim-missing",
-            ErrorCode::ClaimExpired => "claim-expired",
-            ErrorCode::ClaimRejected => "claim-rejected",
-            ErrorCode::PolicyDenied => "policy-denied",
-            ErrorCode::TemplateRejected => "template-rejected",
-            ErrorCode::HookDenied => "hook-denied",
-            ErrorCode::Throttled => "throttled",
-            ErrorCode::NoReply => "no-reply",
-            ErrorCode::Rejected => "rejected",
-            ErrorCode::ServerUntrusted => "server-untrusted",
-            ErrorCode::Network => "network",
-            ErrorCode::ConnectRefused => "connect-refused",
-            ErrorCode::CertificateMismatch => "certificate-mismatch",
-            ErrorCode::Key => "key",
-            ErrorCode::Store => "store",
-            ErrorCode::NotProvisioned => "not-provisioned",
-            ErrorCode::NotSupported => "not-supported",
-            ErrorCode::KeyLost => "key-lost",
-            ErrorCode::Busy => "busy",
-        }
-    }
-}
+/// Stable error codes; `as_str` is what scripts and D-Bus see. They are part of the contract
+/// with iotctl, so they live in `iotd-api`.
+pub use iotd_api::ErrorCode;
 
 /// What the state machine does after the error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

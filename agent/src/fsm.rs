@@ -146,6 +146,10 @@ pub enum Action {
     ClaimUsed(ClaimOrigin),
     /// Remove a generation's key, which no state refers to any more.
     RemoveKey(u32),
+    /// Remove the keys of generations that no state refers to and that never got a
+    /// certificate (a crash before the first certificate leaves one): worthless, and in the
+    /// way of a TPM's two persistent slots.
+    RemoveUncertifiedKeys,
 }
 
 /// What the core should be doing now, derived from the state.
@@ -510,6 +514,7 @@ impl Machine {
                         Action::DropClaimSession,
                         Action::ClaimUsed(origin),
                         Action::Persist(Durability::Atomic),
+                        Action::RemoveUncertifiedKeys,
                         Action::Emit(Event::Provisioned {
                             thing_name,
                             certificate_id: certificate_id.clone(),
@@ -642,10 +647,12 @@ impl Machine {
             if let Some(id) = step.as_ref().and_then(Step::certificate_id) {
                 self.state.abandoned_certificates.push(id.to_owned());
             }
-            *step = None;
+            let lost = step.take().map(|s| s.generation());
             self.record(f, false, now);
             t.actions.push(Action::Persist(Durability::Atomic));
             t.actions.push(Action::DropClaimSession);
+            // What is left of it (files, a TPM handle) would only be in the way.
+            t.actions.extend(lost.map(Action::RemoveKey));
             return t;
         }
         // The live identity's key: the identity can never connect again.
@@ -659,7 +666,7 @@ impl Machine {
             if let Some(id) = identity_cert {
                 self.state.abandoned_certificates.push(id);
             }
-            self.state.identity = None;
+            let lost = self.state.identity.take().map(|i| i.generation);
             self.state.operation = Some(Operation::Provisioning {
                 claim: origin,
                 step: None,
@@ -671,6 +678,7 @@ impl Machine {
             };
             self.record(&f, false, now);
             t.actions = vec![Action::StopConnection, Action::Persist(Durability::Atomic)];
+            t.actions.extend(lost.map(Action::RemoveKey));
         } else {
             let why = if self.policy.reprovision_when_key_lost {
                 "no claim is at hand to provision a new identity with: install one or onboard, \
@@ -713,31 +721,32 @@ impl Machine {
         if at_start && self.state.last_error.is_none() && !self.parked {
             return Ok(Transition::default());
         }
-        let mut abandoned: Vec<String> = self
-            .state
-            .identity
-            .take()
-            .map(|i| i.certificate_id)
-            .into_iter()
-            .collect();
-        match self.state.operation.take() {
-            Some(Operation::Provisioning { step, .. }) => {
-                abandoned.extend(
-                    step.as_ref()
-                        .and_then(Step::certificate_id)
-                        .map(str::to_owned),
-                );
-            }
-            Some(Operation::Rotation { step, .. }) => {
-                abandoned.extend(
-                    step.as_ref()
-                        .and_then(Step::certificate_id)
-                        .map(str::to_owned),
-                );
-            }
-            None => {}
+        // The abandoned identity's and operation's keys go once the state no longer names
+        // them: a new identity is asked for, and a TPM has two persistent slots, not more.
+        let mut removed = Vec::new();
+        if let Some(identity) = self.state.identity.take() {
+            self.state
+                .abandoned_certificates
+                .push(identity.certificate_id);
+            removed.push(identity.generation);
         }
-        self.state.abandoned_certificates.extend(abandoned);
+        let (step, staged) = match self.state.operation.take() {
+            Some(Operation::Provisioning { step, .. }) => (step, None),
+            Some(Operation::Rotation {
+                step,
+                staged_generation,
+                ..
+            }) => (step, Some(staged_generation)),
+            None => (None, None),
+        };
+        if let Some(step) = &step {
+            if let Some(id) = step.certificate_id() {
+                self.state.abandoned_certificates.push(id.to_owned());
+            }
+            removed.push(step.generation());
+        }
+        removed.extend(staged);
+        removed.dedup();
         self.state.operation = Some(Operation::Provisioning {
             claim: origin,
             step: None,
@@ -745,13 +754,13 @@ impl Machine {
         self.state.last_error = None;
         self.parked = false;
         self.connected = false;
-        Ok(Transition {
-            actions: vec![
-                Action::StopConnection,
-                Action::DropClaimSession,
-                Action::Persist(Durability::Atomic),
-            ],
-        })
+        let mut actions = vec![
+            Action::StopConnection,
+            Action::DropClaimSession,
+            Action::Persist(Durability::Atomic),
+        ];
+        actions.extend(removed.into_iter().map(Action::RemoveKey));
+        Ok(Transition { actions })
     }
 }
 
@@ -875,6 +884,7 @@ mod tests {
                 Action::DropClaimSession,
                 Action::ClaimUsed(ClaimOrigin::File),
                 Action::Persist(Durability::Atomic),
+                Action::RemoveUncertifiedKeys,
                 Action::Emit(Event::Provisioned {
                     thing_name: "gw-1".into(),
                     certificate_id: "cert-1".into()
@@ -1100,7 +1110,11 @@ mod tests {
             .unwrap();
         assert_eq!(
             t.actions,
-            [Action::StopConnection, Action::Persist(Durability::Atomic)]
+            [
+                Action::StopConnection,
+                Action::Persist(Durability::Atomic),
+                Action::RemoveKey(1)
+            ]
         );
         assert_eq!(m.state.identity, None);
         assert_eq!(m.state.abandoned_certificates, ["cert-1"]);
@@ -1248,7 +1262,8 @@ mod tests {
             [
                 Action::StopConnection,
                 Action::DropClaimSession,
-                Action::Persist(Durability::Atomic)
+                Action::Persist(Durability::Atomic),
+                Action::RemoveKey(1)
             ]
         );
         assert_eq!(m.state.identity, None);

@@ -616,16 +616,15 @@ impl Store {
         sync_dir(&self.dir.join("gen"))
     }
 
-    /// The highest generation that has a directory under `gen/`, written or half-written: a
-    /// new key never goes into one of them, even if state.json does not know it.
-    pub fn highest_generation(&self) -> Result<u32, StoreError> {
+    /// The generations that have a directory under `gen/`, written or half-written.
+    pub fn generations(&self) -> Result<Vec<u32>, StoreError> {
         let gen_root = self.dir.join("gen");
         let entries = match fs::read_dir(&gen_root) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io("listing", &gen_root)(e)),
         };
-        let mut highest = 0;
+        let mut out = Vec::new();
         for entry in entries {
             let entry = entry.map_err(io("listing", &gen_root))?;
             if let Some(n) = entry
@@ -633,10 +632,17 @@ impl Store {
                 .to_str()
                 .and_then(|n| n.parse::<u32>().ok())
             {
-                highest = highest.max(n);
+                out.push(n);
             }
         }
-        Ok(highest)
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The highest generation that has a directory under `gen/`: a new key never goes into
+    /// one of them, even if state.json does not know it.
+    pub fn highest_generation(&self) -> Result<u32, StoreError> {
+        Ok(self.generations()?.last().copied().unwrap_or(0))
     }
 
     fn generation_dir(&self, generation: u32) -> Result<PathBuf, StoreError> {

@@ -248,7 +248,8 @@ async fn sigkill_after_each_persisted_step_resumes_to_one_attached_certificate()
 
 /// A key alone is not worth a write of state.json (a key-ready step with no error to record
 /// is not persisted): killed while its CSR is out, the gateway makes a new key in the next
-/// generation and leaves the unrecorded one as it is; never overwrites a generation.
+/// generation, never overwriting one; once provisioned, it removes the key that never got a
+/// certificate.
 #[tokio::test]
 async fn sigkill_before_the_first_certificate_uses_the_next_generation() {
     let cloud = Cloud::start().await;
@@ -268,7 +269,7 @@ async fn sigkill_before_the_first_certificate_uses_the_next_generation() {
     iotd.kill().await;
     assert!(!iotd.state_dir.join("state.json").exists());
     let key = iotd.state_dir.join("gen/1/key.pem");
-    let unrecorded = std::fs::read(&key).unwrap();
+    assert!(key.exists());
     cloud.clear_faults();
     let mut again = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
     again
@@ -276,7 +277,11 @@ async fn sigkill_before_the_first_certificate_uses_the_next_generation() {
         .await;
     assert_provisioned(&cloud, &again, "gw-0052");
     assert_eq!(again.state()["identity"]["generation"], 2);
-    assert_eq!(std::fs::read(&key).unwrap(), unrecorded, "gen/1 untouched");
+    assert!(again.state_dir.join("gen/2/key.pem").exists());
+    assert!(
+        !again.state_dir.join("gen/1").exists(),
+        "the uncertified key is gone"
+    );
 }
 
 #[tokio::test]

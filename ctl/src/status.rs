@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use iotd_api::Agent1Proxy;
+use iotd_api::{Agent1Proxy, ErrorCode};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -16,6 +16,8 @@ pub struct StatusView {
     pub state: String,
     /// The provisioning step ("key-ready", …).
     pub step: String,
+    /// What iotd waits for, in its words ("a claim: …"), when it waits.
+    pub waiting_for: Option<String>,
     pub thing_name: Option<String>,
     pub certificate_id: Option<String>,
     /// Unix seconds.
@@ -74,16 +76,18 @@ impl StatusView {
             proxy.connected(),
             proxy.endpoint(),
         )?;
-        let (last_error, onboarding_open, onboarding_closes_at, version) = tokio::try_join!(
+        let (last_error, onboarding_open, onboarding_closes_at, version, waiting_for) = tokio::try_join!(
             proxy.last_error(),
             proxy.onboarding_open(),
             proxy.onboarding_closes_at(),
             proxy.version(),
+            proxy.waiting_for(),
         )?;
         let (code, message, time) = last_error;
         Ok(Self {
             state,
             step,
+            waiting_for: text(waiting_for),
             thing_name: text(thing_name),
             certificate_id: text(certificate_id),
             certificate_not_after: when(certificate_not_after),
@@ -161,41 +165,69 @@ impl Painter {
     }
 }
 
+/// What `remedy_for` says about a code this iotctl does not know (a newer iotd's).
+pub const UNKNOWN_CODE_REMEDY: &str = "see journalctl -u iotd";
+
 /// What a person should do about an error, by its stable code. iotd's message already names
-/// the cause (and often the fix); this adds where to act and what happens next.
-pub fn remedy(code: &str) -> &'static str {
+/// the cause (and often the fix); this adds where to act and what happens next. No `_` arm: a
+/// new code does not compile until it has its text.
+pub fn remedy(code: ErrorCode) -> &'static str {
     match code {
-        "config" => "fix the configuration (iotctl config check)",
-        "claim-missing" => {
+        ErrorCode::Config => "fix the configuration (iotctl config check)",
+        ErrorCode::ClaimMissing => {
             "install the claim certificate and key named by provisioning.claim_certificate and provisioning.claim_key"
         }
-        "claim-expired" => "install a new claim certificate and key",
-        "claim-rejected" => {
+        ErrorCode::ClaimExpired => "install a new claim certificate and key",
+        ErrorCode::ClaimRejected => {
             "register and activate the claim certificate in AWS IoT, or install another claim"
         }
-        "policy-denied" => {
+        ErrorCode::PolicyDenied => {
             "let the claim's IoT policy publish and subscribe to the fleet provisioning topics"
         }
-        "template-rejected" => {
+        ErrorCode::TemplateRejected => {
             "check provisioning.template and the template's parameters in AWS IoT"
         }
-        "hook-denied" => "the pre-provisioning hook refused this gateway; see the hook's logs",
-        "throttled" => "AWS IoT is throttling requests; nothing to do",
-        "no-reply" => {
+        ErrorCode::HookDenied => {
+            "the pre-provisioning hook refused this gateway; see the hook's logs"
+        }
+        ErrorCode::Throttled => "AWS IoT is throttling requests; nothing to do",
+        ErrorCode::NoReply => {
             "check that the claim's IoT policy allows the fleet provisioning reply topics"
         }
-        "rejected" => "AWS IoT rejected the request; see the message",
-        "server-untrusted" => "check cloud.endpoint and cloud.ca_bundle (iotctl check)",
-        "network" => "check the network, DNS and firewall (iotctl check)",
-        "connect-refused" => {
+        ErrorCode::Rejected => "AWS IoT rejected the request; see the message",
+        ErrorCode::ServerUntrusted => "check cloud.endpoint and cloud.ca_bundle (iotctl check)",
+        ErrorCode::Network => "check the network, DNS and firewall (iotctl check)",
+        ErrorCode::ConnectRefused => {
             "let the device policy allow iot:Connect with the thing name as client id"
         }
-        "certificate-mismatch" | "key" => {
+        ErrorCode::CertificateMismatch | ErrorCode::Key => {
             "the device identity is unusable: iotctl reprovision makes a new one"
         }
-        "store" => "check the state directory: permissions, free space (iotctl check)",
-        _ => "see journalctl -u iotd",
+        ErrorCode::CertificateExpired => {
+            "the device certificate has expired, and AWS IoT no longer takes it even for a rotation: iotctl reprovision makes a new identity with the claim"
+        }
+        ErrorCode::CertificateRevoked => {
+            "the device certificate is revoked for good: iotctl reprovision makes a new identity with the claim"
+        }
+        ErrorCode::CertificateInactive => {
+            "activate the device certificate in AWS IoT (is it in this account and region?), or iotctl reprovision makes a new identity"
+        }
+        ErrorCode::KeyLost => {
+            "the device key is gone: iotctl reprovision makes a new identity (with provisioning.reprovision_when_key_lost and a claim, iotd does so by itself)"
+        }
+        ErrorCode::Store => "check the state directory: permissions, free space (iotctl check)",
+        ErrorCode::NotProvisioned => {
+            "the gateway has no identity yet: let provisioning finish, or give it a claim (provisioning.claim_certificate, provisioning.claim_key)"
+        }
+        ErrorCode::NotSupported => "this iotd can't do that; a newer iotd may",
+        ErrorCode::Busy => "iotd is busy with another operation; try again when it has finished",
     }
+}
+
+/// `remedy` for a code as it arrives over D-Bus: a code this iotctl does not know (a newer
+/// iotd's) points at the journal.
+pub fn remedy_for(code: &str) -> &'static str {
+    ErrorCode::parse(code).map_or(UNKNOWN_CODE_REMEDY, remedy)
 }
 
 /// Width of the label column.
@@ -347,7 +379,7 @@ pub fn render_status(view: &StatusView, now: OffsetDateTime, colour: bool) -> St
                     line(&mut out, "", &wrapped);
                 }
             }
-            for (i, wrapped) in wrap(remedy(&e.code), SCREEN_WIDTH - LABEL_WIDTH)
+            for (i, wrapped) in wrap(remedy_for(&e.code), SCREEN_WIDTH - LABEL_WIDTH)
                 .iter()
                 .enumerate()
             {
@@ -362,7 +394,12 @@ pub fn render_status(view: &StatusView, now: OffsetDateTime, colour: bool) -> St
         }
     }
 
-    if view.state == iotd_api::state::UNPROVISIONED && view.last_error.is_none() {
+    if let Some(waiting) = &view.waiting_for {
+        // iotd's words say what it waits for and how to give it that.
+        for (i, wrapped) in wrap(waiting, SCREEN_WIDTH - LABEL_WIDTH).iter().enumerate() {
+            line(&mut out, if i == 0 { "Waiting for" } else { "" }, wrapped);
+        }
+    } else if view.state == iotd_api::state::UNPROVISIONED && view.last_error.is_none() {
         line(
             &mut out,
             "Next",
@@ -378,6 +415,7 @@ pub fn status_json(view: &StatusView) -> Value {
     json!({
         "state": view.state,
         "step": view.step,
+        "waitingFor": view.waiting_for,
         "thingName": view.thing_name,
         "certificateId": view.certificate_id,
         "certificateNotAfter": view.certificate_not_after.map(rfc3339),
@@ -436,29 +474,28 @@ mod tests {
     }
 
     #[test]
-    fn every_code_iotd_knows_has_its_own_remedy() {
-        use iotd::error::ErrorCode as C;
-        // Through iotd's own names, so that a renamed code fails here.
-        for code in [
-            C::Config,
-            C::ClaimMissing,
-            C::ClaimExpired,
-            C::ClaimRejected,
-            C::PolicyDenied,
-            C::TemplateRejected,
-            C::HookDenied,
-            C::Throttled,
-            C::NoReply,
-            C::Rejected,
-            C::ServerUntrusted,
-            C::Network,
-            C::ConnectRefused,
-            C::CertificateMismatch,
-            C::Key,
-            C::Store,
-        ] {
-            let code = code.as_str();
-            assert_ne!(remedy(code), remedy("something-new"), "{code}");
+    fn every_code_has_its_own_remedy() {
+        // Codes that deliberately share a text: both mean "this identity can't be used".
+        let shared = [ErrorCode::CertificateMismatch, ErrorCode::Key];
+        let mut by_text = std::collections::HashMap::new();
+        for &code in ErrorCode::ALL {
+            let text = remedy(code);
+            assert!(!text.trim().is_empty(), "{code}");
+            assert_ne!(text, UNKNOWN_CODE_REMEDY, "{code}");
+            assert_eq!(remedy_for(code.as_str()), text, "{code}");
+            by_text.entry(text).or_insert_with(Vec::new).push(code);
         }
+        for (text, codes) in by_text {
+            assert!(
+                codes.len() == 1 || codes == shared,
+                "{codes:?} share the remedy {text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_code_points_at_the_journal() {
+        assert_eq!(remedy_for("something-new"), UNKNOWN_CODE_REMEDY);
+        assert_eq!(remedy_for(""), UNKNOWN_CODE_REMEDY);
     }
 }

@@ -20,7 +20,12 @@ fn at(t: OffsetDateTime) -> i64 {
 fn unprovisioned() -> StatusView {
     StatusView {
         state: "unprovisioned".into(),
-        step: "unprovisioned".into(),
+        step: "waiting-for-claim".into(),
+        waiting_for: Some(
+            "a claim: provisioning.claim_certificate /etc/iotd/claim.pem does not exist; \
+             install the claim and restart iotd, or onboard the gateway"
+                .into(),
+        ),
         key_backend: "tpm".into(),
         endpoint: Some("a1b2c3d4e5f6g7-ats.iot.eu-west-1.amazonaws.com:8883".into()),
         version: Some("0.1.0".into()),
@@ -161,6 +166,7 @@ fn is_rfc3339(v: &Value) -> bool {
 const SCHEMA: &[(&str, &[&str])] = &[
     ("state", &["string"]),
     ("step", &["string"]),
+    ("waitingFor", &["string", "null"]),
     ("thingName", &["string", "null"]),
     ("certificateId", &["string", "null"]),
     ("certificateNotAfter", &["string", "null"]),

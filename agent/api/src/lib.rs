@@ -45,6 +45,153 @@ pub mod errors {
     pub const ACCESS_DENIED: &str = "io.iotd.Error.AccessDenied";
 }
 
+/// The stable codes of iotd's errors: the first field of `LastError`, the `code` of the `Failed`
+/// and `SessionDown` signals, `lastError.code` in `iotctl status --json`. Scripts match on the
+/// strings (`as_str`), so a code is added, never renamed or removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The configuration is invalid or incomplete.
+    Config,
+    /// No claim certificate or key where the configuration says.
+    ClaimMissing,
+    /// The claim certificate has expired.
+    ClaimExpired,
+    /// AWS IoT refused the claim certificate (not registered, not active, revoked).
+    ClaimRejected,
+    /// The claim's IoT policy does not allow the fleet provisioning topics.
+    PolicyDenied,
+    /// The provisioning template refused the request (missing or wrong parameters).
+    TemplateRejected,
+    /// The pre-provisioning hook refused this gateway.
+    HookDenied,
+    /// AWS IoT asked the device to slow down.
+    Throttled,
+    /// A request got no reply in time.
+    NoReply,
+    /// AWS IoT rejected a request for another reason (the message has AWS's words).
+    Rejected,
+    /// The server's certificate is not trusted, not for the endpoint, or outside its validity.
+    ServerUntrusted,
+    /// The network, DNS or the endpoint can't be reached.
+    Network,
+    /// AWS IoT refused the MQTT CONNECT of the device's identity (policy, or not yet active).
+    ConnectRefused,
+    /// The certificate does not certify the device key.
+    CertificateMismatch,
+    /// The device's own certificate has expired.
+    CertificateExpired,
+    /// The device's own certificate has been revoked.
+    CertificateRevoked,
+    /// AWS IoT refused the device's own certificate in the TLS handshake: not ACTIVE (inactive,
+    /// pending transfer, deleted) or not registered.
+    CertificateInactive,
+    /// The device key can't be used (TPM or file error).
+    Key,
+    /// The state directory can't be read or written.
+    Store,
+    /// The operation needs an identity and the gateway has none yet.
+    NotProvisioned,
+    /// The operation does not exist in this build.
+    NotSupported,
+    /// The device key is gone for good; only a new identity helps.
+    KeyLost,
+    /// The request can't run now (work in progress); try again when it has finished.
+    Busy,
+}
+
+impl ErrorCode {
+    /// Every code, once each, in declaration order.
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::Config,
+        ErrorCode::ClaimMissing,
+        ErrorCode::ClaimExpired,
+        ErrorCode::ClaimRejected,
+        ErrorCode::PolicyDenied,
+        ErrorCode::TemplateRejected,
+        ErrorCode::HookDenied,
+        ErrorCode::Throttled,
+        ErrorCode::NoReply,
+        ErrorCode::Rejected,
+        ErrorCode::ServerUntrusted,
+        ErrorCode::Network,
+        ErrorCode::ConnectRefused,
+        ErrorCode::CertificateMismatch,
+        ErrorCode::CertificateExpired,
+        ErrorCode::CertificateRevoked,
+        ErrorCode::CertificateInactive,
+        ErrorCode::Key,
+        ErrorCode::Store,
+        ErrorCode::NotProvisioned,
+        ErrorCode::NotSupported,
+        ErrorCode::KeyLost,
+        ErrorCode::Busy,
+    ];
+
+    /// The code as scripts and D-Bus see it ("claim-expired").
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Config => "config",
+            ErrorCode::ClaimMissing => "claim-missing",
+            ErrorCode::ClaimExpired => "claim-expired",
+            ErrorCode::ClaimRejected => "claim-rejected",
+            ErrorCode::PolicyDenied => "policy-denied",
+            ErrorCode::TemplateRejected => "template-rejected",
+            ErrorCode::HookDenied => "hook-denied",
+            ErrorCode::Throttled => "throttled",
+            ErrorCode::NoReply => "no-reply",
+            ErrorCode::Rejected => "rejected",
+            ErrorCode::ServerUntrusted => "server-untrusted",
+            ErrorCode::Network => "network",
+            ErrorCode::ConnectRefused => "connect-refused",
+            ErrorCode::CertificateMismatch => "certificate-mismatch",
+            ErrorCode::CertificateExpired => "certificate-expired",
+            ErrorCode::CertificateRevoked => "certificate-revoked",
+            ErrorCode::CertificateInactive => "certificate-inactive",
+            ErrorCode::Key => "key",
+            ErrorCode::Store => "store",
+            ErrorCode::NotProvisioned => "not-provisioned",
+            ErrorCode::NotSupported => "not-supported",
+            ErrorCode::KeyLost => "key-lost",
+            ErrorCode::Busy => "busy",
+        }
+    }
+
+    /// The code named by `s` (what `as_str` gives); `None` for a code this build does not know,
+    /// such as one a newer iotd sent.
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL
+            .iter()
+            .copied()
+            .find(|code| code.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not one of the `ErrorCode`s this build knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownErrorCode(pub String);
+
+impl std::fmt::Display for UnknownErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "unknown error code {:?}", self.0)
+    }
+}
+
+impl std::error::Error for UnknownErrorCode {}
+
+impl std::str::FromStr for ErrorCode {
+    type Err = UnknownErrorCode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ErrorCode::parse(s).ok_or_else(|| UnknownErrorCode(s.to_owned()))
+    }
+}
+
 /// `LastError` as it travels: (code, message, unix time); an empty code means none.
 pub type LastErrorWire = (String, String, i64);
 
@@ -113,4 +260,81 @@ pub trait Agent1 {
     /// The MQTT session went down; iotd reconnects by itself.
     #[zbus(signal)]
     fn session_down(&self, code: &str, message: &str) -> zbus::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorCode;
+    use std::collections::HashSet;
+
+    /// Every code and its string, written out a second time. The match has no `_` arm, so a new
+    /// variant does not compile until it gets a line here; `WRITTEN_HERE` counts the lines, and
+    /// the test fails until `ErrorCode::ALL` lists the new code too. The strings are a public
+    /// interface: a changed one fails here.
+    fn written_here(code: ErrorCode) -> &'static str {
+        match code {
+            ErrorCode::Config => "config",
+            ErrorCode::ClaimMissing => "claim-missing",
+            ErrorCode::ClaimExpired => "claim-expired",
+            ErrorCode::ClaimRejected => "claim-rejected",
+            ErrorCode::PolicyDenied => "policy-denied",
+            ErrorCode::TemplateRejected => "template-rejected",
+            ErrorCode::HookDenied => "hook-denied",
+            ErrorCode::Throttled => "throttled",
+            ErrorCode::NoReply => "no-reply",
+            ErrorCode::Rejected => "rejected",
+            ErrorCode::ServerUntrusted => "server-untrusted",
+            ErrorCode::Network => "network",
+            ErrorCode::ConnectRefused => "connect-refused",
+            ErrorCode::CertificateMismatch => "certificate-mismatch",
+            ErrorCode::CertificateExpired => "certificate-expired",
+            ErrorCode::CertificateRevoked => "certificate-revoked",
+            ErrorCode::CertificateInactive => "certificate-inactive",
+            ErrorCode::Key => "key",
+            ErrorCode::Store => "store",
+            ErrorCode::NotProvisioned => "not-provisioned",
+            ErrorCode::NotSupported => "not-supported",
+            ErrorCode::KeyLost => "key-lost",
+            ErrorCode::Busy => "busy",
+        }
+    }
+    const WRITTEN_HERE: usize = 23;
+
+    #[test]
+    fn all_has_every_code_exactly_once() {
+        let distinct: HashSet<ErrorCode> = ErrorCode::ALL.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            ErrorCode::ALL.len(),
+            "a code is listed twice"
+        );
+        assert_eq!(ErrorCode::ALL.len(), WRITTEN_HERE, "ALL misses a code");
+        for &code in ErrorCode::ALL {
+            assert_eq!(code.as_str(), written_here(code), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn strings_are_unique_kebab_case_and_parse_back() {
+        let mut seen = HashSet::new();
+        for &code in ErrorCode::ALL {
+            let s = code.as_str();
+            assert!(seen.insert(s), "{s} is used twice");
+            assert!(
+                !s.is_empty()
+                    && !s.starts_with('-')
+                    && !s.ends_with('-')
+                    && !s.contains("--")
+                    && s.chars().all(|c| c.is_ascii_lowercase() || c == '-'),
+                "{s} is not kebab-case"
+            );
+            assert_eq!(ErrorCode::parse(s), Some(code));
+            assert_eq!(s.parse::<ErrorCode>(), Ok(code));
+            assert_eq!(code.to_string(), s);
+        }
+        assert_eq!(ErrorCode::parse("waiting-for-claim"), None);
+        assert_eq!(ErrorCode::parse("Config"), None);
+        assert_eq!(ErrorCode::parse(""), None);
+        assert!("nope".parse::<ErrorCode>().is_err());
+    }
 }

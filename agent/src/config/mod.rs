@@ -38,21 +38,12 @@ use std::time::Duration;
 use inputs::{Backend, Layer, Located};
 
 /// The main config file of an installed system.
-pub const SYSTEM_CONFIG_FILE: &str = "/etc/iotd/config.toml";
+pub const SYSTEM_CONFIG_FILE: &str = iotd_api::paths::CONFIG_FILE;
 /// Drop-in directories of an installed system, lowest priority first: the image's defaults, the
 /// admin's files, runtime overrides.
-pub const SYSTEM_DROPIN_DIRS: [&str; 3] = [
-    "/usr/lib/iotd/config.d",
-    "/etc/iotd/config.d",
-    "/run/iotd/config.d",
-];
-/// The trust store used for the server certificate when `cloud.ca_bundle` is not set (Debian,
-/// Ubuntu, Yocto's `ca-certificates`).
-pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
-/// The ALPN protocol AWS IoT Core needs to accept MQTT with X.509 client certificates on 443.
-pub const MQTT_ALPN_PROTOCOL: &str = "x-amzn-mqtt-ca";
+pub const SYSTEM_DROPIN_DIRS: [&str; 3] = iotd_api::paths::CONFIG_DROPIN_DIRS;
 /// Where state lives when `state.dir` is not set.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/iotd";
+pub const DEFAULT_STATE_DIR: &str = iotd_api::paths::STATE_DIR;
 /// The TPM access used when `key.tcti` is not set: the kernel's resource manager, so other TPM
 /// users on the gateway are not locked out.
 pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
@@ -115,9 +106,10 @@ pub struct CloudSettings {
     /// Host name of the AWS IoT data endpoint (`…-ats.iot.<region>.amazonaws.com`).
     pub endpoint: String,
     pub port: u16,
-    /// Offer ALPN [`MQTT_ALPN_PROTOCOL`]; defaults to `port == 443`.
+    /// Offer ALPN [`crate::tls::ALPN_AWS_MQTT`]; defaults to `port == 443`.
     pub alpn: bool,
-    /// PEM bundle of trusted roots; `None` means the system trust store ([`SYSTEM_CA_BUNDLE`]).
+    /// PEM bundle of trusted roots; `None` means the system trust store
+    /// ([`crate::tls::SYSTEM_CA_BUNDLE`]).
     pub ca_bundle: Option<PathBuf>,
     pub keep_alive: Duration,
     /// How long to wait for a reply from the fleet provisioning API.
