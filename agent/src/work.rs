@@ -175,6 +175,25 @@ fn certifies(key: &dyn DeviceKey, pem: &str) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// The key of `generation`, which must be there; when it is gone the error (a lost key: the
+/// state machine decides about a new identity) says so and `then` what happens.
+async fn existing_key(
+    res: &Arc<Resources>,
+    generation: u32,
+    then: &str,
+) -> Result<Arc<dyn DeviceKey>, AgentError> {
+    let r = res.clone();
+    blocking("loading the device key", move || r.load_key(generation))
+        .await?
+        .ok_or_else(|| {
+            AgentError::new(
+                ErrorCode::KeyLost,
+                Retry::NewIdentity,
+                format!("the device key of generation {generation} is gone; {then}"),
+            )
+        })
+}
+
 /// Runs one unit of work. `claim` is the claim at hand (for the steps that talk to the cloud
 /// with it), `session` the claim connection if one is open.
 pub async fn run(
@@ -224,17 +243,7 @@ async fn step(
             }
         }
         Work::RequestCertificate { generation } => {
-            let r = res.clone();
-            let key = blocking("loading the device key", move || r.load_key(generation)).await?;
-            let Some(key) = key else {
-                return Err(AgentError::new(
-                    ErrorCode::KeyLost,
-                    Retry::NewIdentity,
-                    format!(
-                        "the device key of generation {generation} is missing; making a new one"
-                    ),
-                ));
-            };
+            let key = existing_key(res, generation, "making a new one").await?;
             let k = key.clone();
             let csr = blocking("signing the certificate request", move || {
                 crate::csr::build_csr(k.as_ref()).map_err(key_error)
@@ -260,17 +269,9 @@ async fn step(
             ..
         } => {
             // RegisterThing activates the certificate: only while its key is here to use it.
-            let r = res.clone();
-            let key = blocking("loading the device key", move || r.load_key(generation)).await?;
-            let key = key.ok_or_else(|| {
-                AgentError::new(
-                    ErrorCode::KeyLost,
-                    Retry::NewIdentity,
-                    format!(
-                        "the device key of generation {generation} is gone; not registering its certificate {certificate_id}, making a new key"
-                    ),
-                )
-            })?;
+            let unregistered =
+                format!("not registering certificate {certificate_id}; making a new key");
+            let key = existing_key(res, generation, &unregistered).await?;
             certifies(key.as_ref(), &certificate_pem)?;
             let provisioning = res.settings.provisioning.clone();
             let parameters = tokio::task::spawn_blocking(move || provisioning.resolve_parameters())
@@ -334,18 +335,12 @@ pub async fn credentials(
     certificate_pem: String,
     thing_name: String,
 ) -> Result<Credentials, AgentError> {
-    let r = res.clone();
-    let key = blocking("loading the device key", move || r.load_key(generation))
-        .await?
-        .ok_or_else(|| {
-            AgentError::new(
-                ErrorCode::KeyLost,
-                Retry::NewIdentity,
-                format!(
-                    "the device key of generation {generation} is gone; this identity cannot be used again (iotctl reprovision makes a new one)"
-                ),
-            )
-        })?;
+    let key = existing_key(
+        res,
+        generation,
+        "this identity cannot be used again (iotctl reprovision makes a new one)",
+    )
+    .await?;
     let pem = if certificate_pem.is_empty() {
         res.store
             .read_certificate(generation)
