@@ -118,6 +118,8 @@ pub enum CoreError {
     Illegal(#[from] IllegalTransition),
     #[error("test failpoint {0} reached")]
     Failpoint(&'static str),
+    #[error("scheduling did not settle on work or a wait (the agent is {0})")]
+    Unsettled(String),
 }
 
 /// The production connection and what it connects as.
@@ -151,6 +153,8 @@ pub struct Core {
     backoff: Backoff,
     /// Actions left from `resume`, carried out when `run` starts.
     pending: Vec<Action>,
+    /// Where the operation's key is, once a unit of work has seen it (for status).
+    key_reference: Option<String>,
 }
 
 impl std::fmt::Debug for Core {
@@ -315,6 +319,7 @@ impl Core {
             retry_at: None,
             backoff: Backoff::default(),
             pending: resumed.actions,
+            key_reference: None,
         };
         if core.machine.work() == Work::WaitForClaim {
             let now = core.clock.now();
@@ -395,6 +400,7 @@ impl Core {
                 .live
                 .as_ref()
                 .map(|l| l.credentials.key_location.clone())
+                .or_else(|| self.key_reference.clone())
                 .or_else(|| {
                     self.machine
                         .state
@@ -486,6 +492,7 @@ impl Core {
                 if let Some(live) = self.live.take() {
                     live.connection.stop();
                 }
+                self.key_reference = None;
             }
             Action::ClaimUsed(origin) => {
                 self.claim = None;
@@ -625,7 +632,8 @@ impl Core {
                 }
             }
         }
-        Ok(())
+        // Each pass above changes the state towards work or a wait; never this many.
+        Err(CoreError::Unsettled(self.machine.describe()))
     }
 
     fn start(&mut self, work: Work) {
@@ -661,7 +669,10 @@ impl Core {
             self.session = Some(session);
         }
         match done.result {
-            Ok(Produced::Input(input)) => {
+            Ok(Produced::Input { input, key }) => {
+                if key.is_some() {
+                    self.key_reference = key;
+                }
                 self.backoff.reset();
                 self.apply(input)
             }
@@ -867,11 +878,21 @@ impl Core {
             )
         })?;
         let previous = self.machine.describe();
+        let was_waiting = self.machine.work() == Work::WaitForClaim;
         let origin = claim.origin;
+        let found = format!("claim certificate {}", claim.description);
         self.claim = Some(claim);
         self.waiting_for_claim = None;
         self.apply(Input::ClaimAvailable(origin))
             .map_err(|e| AgentError::permanent(ErrorCode::Store, e.to_string()))?;
+        if was_waiting && self.machine.state.identity.is_none() {
+            // Nothing to abandon: the claim it waited for is here now.
+            self.retry_at = None;
+            tracing::info!("found {found} on request; provisioning");
+            return Ok(Outcome::Changed(format!(
+                "found {found}; provisioning with it"
+            )));
+        }
         let t = self
             .machine
             .apply(Input::Reprovision, self.clock.now())

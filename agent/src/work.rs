@@ -39,7 +39,8 @@ pub struct Resources {
 /// What a unit of work produced.
 #[derive(Debug)]
 pub enum Produced {
-    Input(Input),
+    /// The input for the state machine, and where the key it concerns is (for status).
+    Input { input: Input, key: Option<String> },
     /// A connection's credentials are ready (for `Serve` and `VerifyIdentity`).
     Credentials(Credentials),
 }
@@ -214,6 +215,7 @@ async fn step(
 ) -> Result<Produced, AgentError> {
     let p = &res.settings.provisioning;
     let (format, timeout) = (p.format, res.settings.cloud.reply_timeout);
+    let key_location;
     let input = match work {
         Work::CreateKey { generation } => {
             let r = res.clone();
@@ -222,6 +224,7 @@ async fn step(
             })
             .await?;
             tracing::info!(generation, key = %key.location(), "created the device key");
+            key_location = Some(key.location());
             Input::KeyCreated { generation }
         }
         Work::CreateKeysAndCertificate { generation } => {
@@ -234,6 +237,7 @@ async fn step(
             })
             .await?;
             res.accept_certificate(generation, key.as_ref(), &issued.certificate_pem)?;
+            key_location = Some(key.location());
             tracing::info!(certificate_id = %issued.certificate_id, "AWS issued a certificate and key");
             Input::CertificateIssued {
                 generation,
@@ -253,6 +257,7 @@ async fn step(
             let issued =
                 crate::fleet::create_certificate_from_csr(s, format, timeout, &csr).await?;
             res.accept_certificate(generation, key.as_ref(), &issued.certificate_pem)?;
+            key_location = Some(key.location());
             tracing::info!(certificate_id = %issued.certificate_id, "AWS issued a certificate for our key");
             Input::CertificateIssued {
                 generation,
@@ -273,6 +278,7 @@ async fn step(
                 format!("not registering certificate {certificate_id}; making a new key");
             let key = existing_key(res, generation, &unregistered).await?;
             certifies(key.as_ref(), &certificate_pem)?;
+            key_location = Some(key.location());
             let provisioning = res.settings.provisioning.clone();
             let parameters = tokio::task::spawn_blocking(move || provisioning.resolve_parameters())
                 .await
@@ -323,7 +329,10 @@ async fn step(
             ));
         }
     };
-    Ok(Produced::Input(input))
+    Ok(Produced::Input {
+        input,
+        key: key_location,
+    })
 }
 
 /// The credentials to connect as the device with `generation`'s key and certificate

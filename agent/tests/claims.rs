@@ -128,3 +128,48 @@ async fn a_claim_handed_over_in_memory_provisions_a_waiting_gateway() {
     );
     run.abort();
 }
+
+/// Claim files installed after iotd started: `Reprovision` (iotctl reprovision) finds them, and
+/// the waiting gateway provisions without a restart.
+#[tokio::test]
+async fn reprovision_finds_claim_files_installed_while_waiting() {
+    let cloud = Cloud::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = cloud.claim();
+    let cert = dir.path().join("claim/claim.pem");
+    let key = dir.path().join("claim/claim.key");
+    let conf = config(&cloud, &dir.path().join("state"), "0081")
+        .replace(&cert_path, cert.to_str().unwrap())
+        .replace(&key_path, key.to_str().unwrap());
+    let (run, handle) = start_core(dir.path(), &conf);
+    let mut snapshot = handle.snapshot.clone();
+    snapshot
+        .wait_for(|s| s.waiting_for.is_some())
+        .await
+        .unwrap();
+    // Asking before the files are there changes nothing and says what is missing.
+    let answer = command(&handle, Command::Reprovision).await;
+    let e = answer.unwrap_err();
+    assert_eq!(e.code, iotd::error::ErrorCode::ClaimMissing, "{e}");
+    assert!(e.message.contains("does not exist"), "{e}");
+
+    std::fs::create_dir_all(cert.parent().unwrap()).unwrap();
+    std::fs::copy(&cert_path, &cert).unwrap();
+    std::fs::copy(&key_path, &key).unwrap();
+    let answer = command(&handle, Command::Reprovision).await;
+    assert!(
+        matches!(&answer, Ok(Outcome::Changed(m)) if m.starts_with(&format!("found claim certificate {}", cert.display()))),
+        "{answer:?}"
+    );
+    let s = snapshot
+        .wait_for(|s| s.state == "provisioned" && s.connected)
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(s.thing_name.as_deref(), Some("gw-0081"));
+    assert!(
+        s.key_reference.as_deref().unwrap().starts_with("file "),
+        "{s:?}"
+    );
+    run.abort();
+}
