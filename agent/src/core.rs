@@ -241,7 +241,7 @@ async fn until(at: Option<tokio::time::Instant>) {
 
 /// What woke the core.
 enum Wake {
-    Work(Done),
+    Work(Box<Done>),
     Retry,
     Command(Command),
     Connection(ConnectionEvent),
@@ -373,7 +373,7 @@ impl Core {
                 crate::notify::test_stall_once();
             }
             let wake = tokio::select! {
-                done = finished(&mut self.work) => Wake::Work(done),
+                done = finished(&mut self.work) => Wake::Work(Box::new(done)),
                 () = until(self.retry_at) => Wake::Retry,
                 // Without a D-Bus API every sender may be gone: the branch is then disabled.
                 Some(c) = self.commands.recv() => Wake::Command(c),
@@ -383,7 +383,7 @@ impl Core {
             match wake {
                 Wake::Work(done) => {
                     self.work = None;
-                    self.finish(done)?;
+                    self.finish(*done)?;
                 }
                 Wake::Retry => self.retry_at = None,
                 Wake::Command(c) => self.command(c)?,
