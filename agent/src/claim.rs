@@ -11,6 +11,7 @@ use std::sync::Arc;
 use rustls::pki_types::CertificateDer;
 
 use crate::config::ClaimPaths;
+use crate::error::ErrorCode;
 use crate::keys::DeviceKey;
 use crate::store::ClaimOrigin;
 use crate::tls;
@@ -72,14 +73,35 @@ impl Claim {
     }
 }
 
+/// What the agent waits for when no claim can be used, and why (the code of the claim problem).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    pub code: ErrorCode,
+    /// "a claim: …", "a new claim: …": what to provide, in words.
+    pub what: String,
+}
+
+impl std::fmt::Display for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+fn waiting(code: ErrorCode, what: String) -> Waiting {
+    Waiting { code, what }
+}
+
+/// How to give the agent a claim, the end of every "waiting for" text.
+const PROVIDE: &str = "then run iotctl reprovision (or restart iotd), or onboard the gateway";
+
 /// The claims the agent knows of.
 #[derive(Debug, Default)]
 pub struct Claims {
     files: Option<ClaimPaths>,
     memory: Option<Claim>,
-    /// The files' claim was used up or refused in this run (deleted after provisioning,
-    /// expired): don't offer it again until iotd restarts.
-    files_spent: Option<String>,
+    /// The files' claim that was used up or refused in this run (its certificate, and why):
+    /// not offered again; other files installed at the same paths are.
+    files_spent: Option<(Vec<u8>, String)>,
 }
 
 impl Claims {
@@ -96,17 +118,20 @@ impl Claims {
         self.memory = Some(claim);
     }
 
-    /// Stops offering the claim of `origin` (used, expired or refused); `why` says so while
-    /// the agent waits for another.
-    pub fn forget(&mut self, origin: ClaimOrigin, why: impl Into<String>) {
-        match origin {
+    /// Stops offering `claim` (expired, refused, or deleted after use); `why` says so while the
+    /// agent waits for another.
+    pub fn forget(&mut self, claim: &Claim, why: impl Into<String>) {
+        match claim.origin {
             ClaimOrigin::Network => self.memory = None,
-            ClaimOrigin::File => self.files_spent = Some(why.into()),
+            ClaimOrigin::File => {
+                let der = claim.chain.first().map(|c| c.to_vec()).unwrap_or_default();
+                self.files_spent = Some((der, why.into()));
+            }
         }
     }
 
     /// The claim to use now at wall-clock time `now`, or what the agent waits for.
-    pub fn current(&mut self, now: i64) -> Result<Claim, String> {
+    pub fn current(&mut self, now: i64) -> Result<Claim, Waiting> {
         if let Some(c) = &self.memory {
             if c.not_after > now {
                 return Ok(c.clone());
@@ -114,42 +139,57 @@ impl Claims {
             self.memory = None;
         }
         let Some(files) = &self.files else {
-            return Err(
+            return Err(waiting(
+                ErrorCode::ClaimMissing,
                 "a claim: none is configured (provisioning.claim_certificate and \
-                        provisioning.claim_key); onboard the gateway from an installer's phone"
+                 provisioning.claim_key); onboard the gateway from an installer's phone"
                     .to_owned(),
-            );
-        };
-        if let Some(why) = &self.files_spent {
-            return Err(format!(
-                "a new claim: {why}; install one and restart iotd, or onboard the gateway"
             ));
-        }
+        };
         let description = files.certificate.display().to_string();
         for (path, what) in [
             (&files.certificate, "provisioning.claim_certificate"),
             (&files.key, "provisioning.claim_key"),
         ] {
             if !path.exists() {
-                return Err(format!(
-                    "a claim: {what} {} does not exist; install the claim and restart iotd, or \
-                     onboard the gateway",
-                    path.display()
+                return Err(waiting(
+                    ErrorCode::ClaimMissing,
+                    format!(
+                        "a claim: {what} {} does not exist; install the claim, {PROVIDE}",
+                        path.display()
+                    ),
                 ));
             }
         }
-        let chain =
-            tls::read_chain(&files.certificate).map_err(|e| format!("a usable claim: {e}"))?;
-        let key = crate::keys::file::load_pem_file(&files.key)
-            .map_err(|e| format!("a usable claim: {e}"))?;
-        let claim = Claim::assemble(ClaimOrigin::File, chain, key, description)
-            .map_err(|e| format!("a usable claim: {e}"))?;
+        let unusable = |e: String| {
+            waiting(
+                ErrorCode::ClaimMissing,
+                format!("a usable claim: {e}; install a good one, {PROVIDE}"),
+            )
+        };
+        let chain = tls::read_chain(&files.certificate).map_err(|e| unusable(e.to_string()))?;
+        if let Some((spent, why)) = &self.files_spent
+            && chain
+                .first()
+                .is_some_and(|c| c.as_ref() == spent.as_slice())
+        {
+            return Err(waiting(
+                ErrorCode::ClaimMissing,
+                format!("a new claim: {why}; install another, {PROVIDE}"),
+            ));
+        }
+        let key =
+            crate::keys::file::load_pem_file(&files.key).map_err(|e| unusable(e.to_string()))?;
+        let claim =
+            Claim::assemble(ClaimOrigin::File, chain, key, description).map_err(unusable)?;
         if claim.not_after <= now {
-            return Err(format!(
-                "a new claim: claim certificate {} expired at {}; install a new one and restart \
-                 iotd, or onboard the gateway",
-                claim.description,
-                crate::cloud::rfc3339(claim.not_after)
+            return Err(waiting(
+                ErrorCode::ClaimExpired,
+                format!(
+                    "a new claim: claim certificate {} expired at {}; install a new one, {PROVIDE}",
+                    claim.description,
+                    crate::cloud::rfc3339(claim.not_after)
+                ),
             ));
         }
         Ok(claim)

@@ -155,6 +155,8 @@ pub struct Core {
     pending: Vec<Action>,
     /// Where the operation's key is, once a unit of work has seen it (for status).
     key_reference: Option<String>,
+    /// Key removals in the background; the next unit of work waits for them.
+    cleanup: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -320,10 +322,11 @@ impl Core {
             backoff: Backoff::default(),
             pending: resumed.actions,
             key_reference: None,
+            cleanup: None,
         };
         if core.machine.work() == Work::WaitForClaim {
             let now = core.clock.now();
-            core.waiting_for_claim = core.claims.current(now).err();
+            core.waiting_for_claim = core.claims.current(now).err().map(|w| w.what);
         }
         core.publish();
         Ok((
@@ -451,7 +454,7 @@ impl Core {
                     // restart reloads what is on disk.
                     let e = store_error(e);
                     tracing::error!("{e}; stopping until iotd is restarted");
-                    self.machine.parked = true;
+                    self.machine.halted = true;
                     self.machine.state.last_error = Some(crate::store::LastError {
                         code: e.code.as_str().to_owned(),
                         message: e.message.clone(),
@@ -495,52 +498,46 @@ impl Core {
                 self.key_reference = None;
             }
             Action::ClaimUsed(origin) => {
-                self.claim = None;
-                if origin == ClaimOrigin::File {
-                    self.delete_claim_files();
-                }
-                self.claims
-                    .forget(origin, "the claim was used to provision this gateway");
-            }
-            Action::RemoveUncertifiedKeys => {
-                // Right here rather than in the background: once per provisioning, a file
-                // removal or one TPM command, and done before anyone is told "provisioned".
-                let store = &self.res.store;
-                let live = self.machine.state.live_generations();
-                let generations = match store.generations() {
-                    Ok(g) => g,
-                    Err(e) => return tracing::warn!("looking for unused keys: {e}"),
+                let claim = self.claim.take();
+                // A claim from the network is used once; the files are used again (a later
+                // `iotctl reprovision`) unless the configuration says to delete them.
+                let spent = match origin {
+                    ClaimOrigin::Network => true,
+                    ClaimOrigin::File => self.delete_claim_files(),
                 };
-                for generation in generations {
-                    if live.contains(&generation) || store.certificate_path(generation).exists() {
-                        continue;
-                    }
-                    match self.res.backend.remove(generation) {
-                        Ok(()) => {
-                            tracing::info!(generation, "removed a key that never got a certificate")
-                        }
-                        Err(e) => tracing::warn!(
-                            "removing the uncertified key of generation {generation}: {e}"
-                        ),
-                    }
+                if spent && let Some(claim) = claim {
+                    self.claims
+                        .forget(&claim, "the claim was used to provision this gateway");
                 }
             }
-            Action::RemoveKey(generation) => {
-                let backend = self.res.backend.clone();
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = backend.remove(generation) {
-                        tracing::warn!("removing the key of generation {generation}: {e}");
-                    }
-                });
-            }
+            Action::RemoveKey(generation) => self.cleanup(move |backend, _| {
+                if let Err(e) = backend.remove(generation) {
+                    tracing::warn!("removing the key of generation {generation}: {e}");
+                }
+            }),
         }
     }
 
-    /// Deletes the claim files when the config asks for it (only after success).
-    fn delete_claim_files(&self) {
+    /// Key removals run in the background, one after the other, and every unit of work waits
+    /// for them first: a new key never races the removal of an old one (a TPM's two slots).
+    fn cleanup(&mut self, job: impl FnOnce(&dyn KeyBackend, &Store) + Send + 'static) {
+        let before = self.cleanup.take();
+        let res = self.res.clone();
+        self.cleanup = Some(tokio::spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            let _ =
+                tokio::task::spawn_blocking(move || job(res.backend.as_ref(), &res.store)).await;
+        }));
+    }
+
+    /// Deletes the claim files when the config asks for it (only after success); says whether
+    /// it did.
+    fn delete_claim_files(&self) -> bool {
         let p = &self.res.settings.provisioning;
         let (true, Some(claim)) = (p.delete_claim, &p.claim) else {
-            return;
+            return false;
         };
         for path in [&claim.certificate, &claim.key] {
             match std::fs::remove_file(path) {
@@ -552,6 +549,7 @@ impl Core {
                 Err(e) => tracing::warn!("deleting claim file {}: {e}", path.display()),
             }
         }
+        true
     }
 
     /// Looks at what the machine wants done and starts it, unless something is in flight or a
@@ -574,7 +572,8 @@ impl Core {
                         self.waiting_for_claim = None;
                         self.apply(Input::ClaimAvailable(origin))?;
                     }
-                    Err(why) => {
+                    Err(waiting) => {
+                        let why = waiting.what;
                         if self.waiting_for_claim.as_ref() != Some(&why) {
                             tracing::info!("waiting for {why}");
                         }
@@ -617,15 +616,17 @@ impl Core {
                     if !matches!(work, Work::CreateKey { .. }) {
                         match self.claims.current(now) {
                             Ok(claim) => self.claim = Some(claim),
-                            Err(why) => {
+                            Err(waiting) => {
                                 self.claim = None;
                                 self.apply(Input::ClaimGone {
-                                    code: ErrorCode::ClaimExpired,
-                                    message: format!("waiting for {why}"),
+                                    code: waiting.code,
+                                    message: format!("waiting for {}", waiting.what),
                                 })?;
                                 continue;
                             }
                         }
+                    } else {
+                        self.remove_uncertified_keys();
                     }
                     self.start(work);
                     return Ok(());
@@ -636,12 +637,40 @@ impl Core {
         Err(CoreError::Unsettled(self.machine.describe()))
     }
 
+    /// Before a new key is made: removes the keys of generations that no state refers to and
+    /// that never got a certificate (a crash before the first certificate leaves one behind):
+    /// worthless, and in the way of a TPM's two persistent slots. Generations with a
+    /// certificate are left alone: they may be an identity whose state.json was lost.
+    fn remove_uncertified_keys(&mut self) {
+        let live = self.machine.state.live_generations();
+        self.cleanup(move |backend, store| {
+            let generations = match store.generations() {
+                Ok(g) => g,
+                Err(e) => return tracing::warn!("looking for unused keys: {e}"),
+            };
+            for generation in generations {
+                if live.contains(&generation) || store.certificate_path(generation).exists() {
+                    continue;
+                }
+                match backend.remove(generation) {
+                    Ok(()) => {
+                        tracing::info!(generation, "removed a key that never got a certificate")
+                    }
+                    Err(e) => {
+                        tracing::warn!("removing the unused key of generation {generation}: {e}")
+                    }
+                }
+            }
+        });
+    }
+
     fn start(&mut self, work: Work) {
         let task = tokio::spawn(work::run(
             self.res.clone(),
             work.clone(),
             self.claim.clone(),
             self.session.take(),
+            self.cleanup.take(),
         ));
         self.work = Some((work, task));
     }
@@ -701,7 +730,7 @@ impl Core {
         ) && let Some(claim) = self.claim.take()
         {
             // This claim won't work again; another one (an installer's) may.
-            self.claims.forget(claim.origin, e.message.clone());
+            self.claims.forget(&claim, e.message.clone());
             if e.code != ErrorCode::ClaimRejected {
                 tracing::warn!(code = e.code.as_str(), "{e}; waiting for another claim");
                 return self.apply(Input::ClaimGone {
@@ -709,6 +738,15 @@ impl Core {
                     message: e.message,
                 });
             }
+            // Refused: provisioning stops, unless another claim was handed over meanwhile.
+            self.apply(Input::Failed(Failure::new(&e, None)))?;
+            if let Ok(other) = self.claims.current(self.clock.now()) {
+                tracing::info!("trying claim certificate {} instead", other.description);
+                let origin = other.origin;
+                self.claim = Some(other);
+                self.apply(Input::ClaimAvailable(origin))?;
+            }
+            return Ok(());
         }
         if e.retry == Retry::NewIdentity
             && self.machine.claim.is_none()
@@ -871,10 +909,12 @@ impl Core {
                 format!("{doing}; try again when it has finished"),
             ));
         }
-        let claim = self.claims.current(self.clock.now()).map_err(|why| {
+        let claim = self.claims.current(self.clock.now()).map_err(|waiting| {
             AgentError::permanent(
                 ErrorCode::ClaimMissing,
-                format!("no claim is at hand to provision a new identity with; iotd needs {why}"),
+                format!(
+                    "no claim is at hand to provision a new identity with; iotd needs {waiting}"
+                ),
             )
         })?;
         let previous = self.machine.describe();

@@ -411,7 +411,8 @@ impl Agent1 {
     #[zbus(signal)]
     async fn session_up(emitter: &SignalEmitter<'_>, certificate_id: &str) -> zbus::Result<()>;
 
-    /// The MQTT session went down; iotd reconnects by itself.
+    /// The MQTT session went down: on an error (its code; iotd reconnects by itself), or
+    /// because iotd stopped it ("" code: its identity was abandoned).
     #[zbus(signal)]
     async fn session_down(
         emitter: &SignalEmitter<'_>,
@@ -484,7 +485,8 @@ async fn emit(emitter: &SignalEmitter<'_>, event: &Event) -> zbus::Result<()> {
         Event::Failed { code, message } => Agent1::failed(emitter, code.as_str(), message).await,
         Event::Connected { certificate_id } => Agent1::session_up(emitter, certificate_id).await,
         Event::Disconnected { code, message } => {
-            Agent1::session_down(emitter, code.as_str(), message).await
+            let code = code.map_or("", |c| c.as_str());
+            Agent1::session_down(emitter, code, message).await
         }
     }
 }

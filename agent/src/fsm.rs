@@ -126,8 +126,12 @@ pub enum Event {
     Failed { code: ErrorCode, message: String },
     /// The production connection is up.
     Connected { certificate_id: String },
-    /// The production connection went down (it reconnects by itself).
-    Disconnected { code: ErrorCode, message: String },
+    /// The production connection went down: on an error (`code`; it reconnects by itself), or
+    /// because iotd stopped it (no code: the identity it used was abandoned).
+    Disconnected {
+        code: Option<ErrorCode>,
+        message: String,
+    },
 }
 
 /// What the core must do after a transition, in order.
@@ -146,10 +150,6 @@ pub enum Action {
     ClaimUsed(ClaimOrigin),
     /// Remove a generation's key, which no state refers to any more.
     RemoveKey(u32),
-    /// Remove the keys of generations that no state refers to and that never got a
-    /// certificate (a crash before the first certificate leaves one): worthless, and in the
-    /// way of a TPM's two persistent slots.
-    RemoveUncertifiedKeys,
 }
 
 /// What the core should be doing now, derived from the state.
@@ -218,8 +218,12 @@ pub struct Machine {
     pub claim: Option<ClaimOrigin>,
     /// The production connection is up with the live identity.
     pub connected: bool,
-    /// The operation stopped on a permanent error; a restart or `Reprovision` tries again.
+    /// The operation stopped on a permanent error; a restart, `Reprovision` or a new claim
+    /// tries again.
     pub parked: bool,
+    /// state.json could not be written: the state in memory is ahead of the disk, so nothing
+    /// more is done until a restart reloads what is on disk (no command clears this).
+    pub halted: bool,
 }
 
 impl Machine {
@@ -233,6 +237,7 @@ impl Machine {
             claim: None,
             connected: false,
             parked: false,
+            halted: false,
         };
         let mut t = Transition::default();
         if let Some(Operation::Rotation {
@@ -245,7 +250,8 @@ impl Machine {
                 machine.state.abandoned_certificates.push(id.to_owned());
             }
             machine.state.operation = None;
-            t.actions.push(Action::Persist(Durability::Atomic));
+            // Durable before the key goes: a TPM eviction cannot be undone by a lost rename.
+            t.actions.push(Action::Persist(Durability::Durable));
             t.actions.push(Action::RemoveKey(staged_generation));
         }
         (machine, t)
@@ -265,7 +271,7 @@ impl Machine {
 
     /// What the core should be doing now.
     pub fn work(&self) -> Work {
-        if self.parked {
+        if self.parked || self.halted {
             return Work::Idle;
         }
         let provisioning_step = match &self.state.operation {
@@ -506,15 +512,16 @@ impl Machine {
                 self.state.operation = None;
                 self.state.last_error = None;
                 self.connected = true;
-                self.claim = None;
+                // The claim that did the work: the one at hand (after a restart it can come
+                // from elsewhere than the one the operation started with).
+                let origin = self.claim.take().unwrap_or(origin);
                 Ok(Transition {
                     actions: vec![
-                        // The claim goes before the commit, so that nobody sees a provisioned
-                        // gateway with the claim still there.
                         Action::DropClaimSession,
+                        // Durable before the claim may be deleted: a restart after a lost commit
+                        // would need it again.
+                        Action::Persist(Durability::Durable),
                         Action::ClaimUsed(origin),
-                        Action::Persist(Durability::Atomic),
-                        Action::RemoveUncertifiedKeys,
                         Action::Emit(Event::Provisioned {
                             thing_name,
                             certificate_id: certificate_id.clone(),
@@ -557,7 +564,7 @@ impl Machine {
                 }
                 if was {
                     t.actions.push(Action::Emit(Event::Disconnected {
-                        code: f.code,
+                        code: Some(f.code),
                         message: f.message.clone(),
                     }));
                 }
@@ -572,7 +579,9 @@ impl Machine {
         let mut t = Transition::default();
         match f.retry {
             Retry::SameConnection | Retry::Reconnect => {
-                if self.state.operation.is_none() {
+                // An operation's step, or the identity's connection being prepared (a TPM
+                // that did not answer): either is tried again.
+                if self.state.operation.is_none() && self.state.identity.is_none() {
                     return Err(self.illegal(&Input::Failed(f.clone())));
                 }
                 self.record(f, false, now);
@@ -627,6 +636,7 @@ impl Machine {
                         if let Some(id) = step.as_ref().and_then(Step::certificate_id) {
                             self.state.abandoned_certificates.push(id.to_owned());
                         }
+                        t.actions[0] = Action::Persist(Durability::Durable);
                         t.actions.push(Action::RemoveKey(staged_generation));
                     }
                     other => {
@@ -649,7 +659,11 @@ impl Machine {
             }
             let lost = step.take().map(|s| s.generation());
             self.record(f, false, now);
-            t.actions.push(Action::Persist(Durability::Atomic));
+            t.actions.push(Action::Persist(if lost.is_some() {
+                Durability::Durable
+            } else {
+                Durability::Atomic
+            }));
             t.actions.push(Action::DropClaimSession);
             // What is left of it (files, a TPM handle) would only be in the way.
             t.actions.extend(lost.map(Action::RemoveKey));
@@ -671,14 +685,14 @@ impl Machine {
                 claim: origin,
                 step: None,
             });
-            self.connected = false;
             let f = Failure {
                 message: format!("{}; provisioning a new identity with a new key", f.message),
                 ..f.clone()
             };
             self.record(&f, false, now);
-            t.actions = vec![Action::StopConnection, Action::Persist(Durability::Atomic)];
+            t.actions = vec![Action::StopConnection, Action::Persist(Durability::Durable)];
             t.actions.extend(lost.map(Action::RemoveKey));
+            t.actions.extend(self.stopped(&f.message));
         } else {
             let why = if self.policy.reprovision_when_key_lost {
                 "no claim is at hand to provision a new identity with: install one or onboard, \
@@ -694,17 +708,24 @@ impl Machine {
             };
             self.record(&f, true, now);
             self.parked = true;
-            self.connected = false;
-            t.actions = vec![
-                Action::StopConnection,
-                Action::Persist(Durability::Atomic),
-                Action::Emit(Event::Failed {
-                    code: f.code,
-                    message: f.message,
-                }),
-            ];
+            t.actions = vec![Action::StopConnection, Action::Persist(Durability::Atomic)];
+            t.actions.extend(self.stopped(&f.message));
+            t.actions.push(Action::Emit(Event::Failed {
+                code: f.code,
+                message: f.message,
+            }));
         }
         t
+    }
+
+    /// The connection was stopped by iotd itself: said once, if it was up.
+    fn stopped(&mut self, why: &str) -> Option<Action> {
+        std::mem::replace(&mut self.connected, false).then(|| {
+            Action::Emit(Event::Disconnected {
+                code: None,
+                message: why.to_owned(),
+            })
+        })
     }
 
     /// Abandons the identity and any operation; provisioning starts over with a new key. The
@@ -753,13 +774,18 @@ impl Machine {
         });
         self.state.last_error = None;
         self.parked = false;
-        self.connected = false;
         let mut actions = vec![
             Action::StopConnection,
             Action::DropClaimSession,
-            Action::Persist(Durability::Atomic),
+            // Durable before a key goes: a TPM eviction cannot be undone by a lost rename.
+            Action::Persist(if removed.is_empty() {
+                Durability::Atomic
+            } else {
+                Durability::Durable
+            }),
         ];
         actions.extend(removed.into_iter().map(Action::RemoveKey));
+        actions.extend(self.stopped("the identity was abandoned (reprovision)"));
         Ok(Transition { actions })
     }
 }
@@ -882,9 +908,9 @@ mod tests {
             t.actions,
             [
                 Action::DropClaimSession,
+                // Durable before the claim may be deleted.
+                Action::Persist(Durability::Durable),
                 Action::ClaimUsed(ClaimOrigin::File),
-                Action::Persist(Durability::Atomic),
-                Action::RemoveUncertifiedKeys,
                 Action::Emit(Event::Provisioned {
                     thing_name: "gw-1".into(),
                     certificate_id: "cert-1".into()
@@ -933,7 +959,6 @@ mod tests {
             issued(2),
             registered(),
             verified(),
-            Input::Failed(failure(Retry::Reconnect, ErrorCode::Network)),
             Input::Failed(failure(Retry::RestartFromCsr, ErrorCode::Rejected)),
         ] {
             let e = m.apply(input, NOW).unwrap_err();
@@ -1109,13 +1134,17 @@ mod tests {
             )
             .unwrap();
         assert_eq!(
-            t.actions,
+            t.actions[..3],
             [
                 Action::StopConnection,
-                Action::Persist(Durability::Atomic),
+                Action::Persist(Durability::Durable),
                 Action::RemoveKey(1)
             ]
         );
+        assert!(matches!(
+            t.actions[3],
+            Action::Emit(Event::Disconnected { code: None, .. })
+        ));
         assert_eq!(m.state.identity, None);
         assert_eq!(m.state.abandoned_certificates, ["cert-1"]);
         assert_eq!(m.work(), Work::CreateKey { generation: 2 });
@@ -1204,7 +1233,7 @@ mod tests {
             [
                 Action::Persist(Durability::Atomic),
                 Action::Emit(Event::Disconnected {
-                    code: ErrorCode::Network,
+                    code: Some(ErrorCode::Network),
                     message: f.message.clone()
                 })
             ]
@@ -1262,8 +1291,13 @@ mod tests {
             [
                 Action::StopConnection,
                 Action::DropClaimSession,
-                Action::Persist(Durability::Atomic),
-                Action::RemoveKey(1)
+                // Durable before the old key goes.
+                Action::Persist(Durability::Durable),
+                Action::RemoveKey(1),
+                Action::Emit(Event::Disconnected {
+                    code: None,
+                    message: "the identity was abandoned (reprovision)".into()
+                })
             ]
         );
         assert_eq!(m.state.identity, None);
@@ -1293,13 +1327,145 @@ mod tests {
             step: Some(Step::KeyReady { generation: 2 }),
         });
         let (m, t) = Machine::resume(state, Policy::default());
+        // Durable before the key goes: an eviction can't be undone by a lost rename.
         assert_eq!(
             t.actions,
-            [Action::Persist(Durability::Atomic), Action::RemoveKey(2)]
+            [Action::Persist(Durability::Durable), Action::RemoveKey(2)]
         );
         assert_eq!(m.state.operation, None);
         assert_eq!(m.state.identity.unwrap().certificate_id, "cert-1");
         let (_, t) = Machine::resume(State::default(), Policy::default());
         assert!(!t.changed());
+    }
+
+    #[test]
+    fn a_live_identity_whose_connection_cannot_be_prepared_is_retried() {
+        let mut m = provisioned();
+        m.apply(
+            Input::Disconnected(failure(Retry::Reconnect, ErrorCode::Network)),
+            NOW,
+        )
+        .unwrap();
+        let t = m
+            .apply(
+                Input::Failed(failure(Retry::Reconnect, ErrorCode::Key)),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(t.actions[0], Action::Persist(Durability::Atomic));
+        assert!(!m.parked);
+        assert_eq!(m.work(), Work::Serve);
+        assert_eq!(m.state.last_error.clone().unwrap().retry_at, Some(NOW + 3));
+        // Neither identity nor operation: nothing to retry.
+        let mut m = fresh(Policy::default());
+        assert!(
+            m.apply(
+                Input::Failed(failure(Retry::Reconnect, ErrorCode::Network)),
+                NOW
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_permanent_failure_of_the_identity_itself_parks_it() {
+        let mut m = provisioned();
+        let t = m
+            .apply(
+                Input::Failed(failure(Retry::Permanent, ErrorCode::Store)),
+                NOW,
+            )
+            .unwrap();
+        assert!(m.parked);
+        assert_eq!(m.work(), Work::Idle);
+        assert!(
+            t.actions
+                .iter()
+                .any(|a| matches!(a, Action::Emit(Event::Failed { .. })))
+        );
+        assert!(m.state.identity.is_some(), "the identity is kept on disk");
+    }
+
+    #[test]
+    fn a_claim_from_elsewhere_drops_the_claim_connection() {
+        let mut m = fresh(Policy::default());
+        m.apply(Input::ClaimAvailable(ClaimOrigin::File), NOW)
+            .unwrap();
+        let t = m
+            .apply(Input::ClaimAvailable(ClaimOrigin::File), NOW)
+            .unwrap();
+        assert!(t.actions.is_empty(), "the same claim: the connection stays");
+        let t = m
+            .apply(Input::ClaimAvailable(ClaimOrigin::Network), NOW)
+            .unwrap();
+        assert_eq!(t.actions, [Action::DropClaimSession]);
+        // The claim that finishes provisioning is the one reported as used.
+        for input in [Input::KeyCreated { generation: 1 }, issued(1), registered()] {
+            m.apply(input, NOW).unwrap();
+        }
+        let t = m.apply(verified(), NOW).unwrap();
+        assert!(t.actions.contains(&Action::ClaimUsed(ClaimOrigin::Network)));
+    }
+
+    #[test]
+    fn a_lost_key_with_cloud_generated_keys_asks_for_another() {
+        let mut m = fresh(Policy {
+            cloud_generated_keys: true,
+            ..Policy::default()
+        });
+        m.apply(Input::ClaimAvailable(ClaimOrigin::File), NOW)
+            .unwrap();
+        m.apply(issued(1), NOW).unwrap();
+        let t = m
+            .apply(
+                Input::Failed(failure(Retry::NewIdentity, ErrorCode::KeyLost)),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(t.actions[0], Action::Persist(Durability::Durable));
+        assert!(t.actions.contains(&Action::RemoveKey(1)));
+        assert_eq!(m.work(), Work::CreateKeysAndCertificate { generation: 2 });
+    }
+
+    #[test]
+    fn the_claim_going_away_after_registration_does_not_matter() {
+        let mut m = fresh(Policy::default());
+        for input in [
+            Input::ClaimAvailable(ClaimOrigin::Network),
+            Input::KeyCreated { generation: 1 },
+            issued(1),
+            registered(),
+        ] {
+            m.apply(input, NOW).unwrap();
+        }
+        m.apply(
+            Input::ClaimGone {
+                code: ErrorCode::ClaimExpired,
+                message: "expired".into(),
+            },
+            NOW,
+        )
+        .unwrap();
+        // Connecting as the thing needs no claim.
+        assert!(matches!(m.work(), Work::VerifyIdentity { .. }));
+    }
+
+    #[test]
+    fn a_rotation_with_a_certificate_is_rolled_back_and_recorded() {
+        let mut state = provisioned().state;
+        state.operation = Some(Operation::Rotation {
+            staged_generation: 2,
+            trigger: Trigger::Job { job_id: "j".into() },
+            step: Some(Step::CertificateIssued {
+                generation: 2,
+                certificate_id: "cert-2".into(),
+                certificate_pem: "PEM 2".into(),
+                ownership_token: "t".into(),
+                issued_at: NOW,
+            }),
+        });
+        let (m, _) = Machine::resume(state, Policy::default());
+        assert_eq!(m.state.abandoned_certificates, ["cert-2"]);
+        assert_eq!(m.work(), Work::Serve);
     }
 }

@@ -78,7 +78,7 @@ pub fn snapshot(machine: &Machine, cx: &Context) -> Snapshot {
         (None, None) => "waiting-for-claim",
     };
     let api_state = match (&state.identity, &state.operation) {
-        _ if machine.parked => iotd_api::state::FAILED,
+        _ if machine.parked || machine.halted => iotd_api::state::FAILED,
         (Some(_), _) => iotd_api::state::PROVISIONED,
         (None, Some(_)) => iotd_api::state::PROVISIONING,
         (None, None) => iotd_api::state::UNPROVISIONED,
@@ -134,7 +134,7 @@ pub fn snapshot(machine: &Machine, cx: &Context) -> Snapshot {
 fn status_line(machine: &Machine, snap: &Snapshot) -> String {
     let state = &machine.state;
     let error = state.last_error.as_ref();
-    if machine.parked {
+    if machine.parked || machine.halted {
         let message = error.map_or("stopped", |e| e.message.as_str());
         return format!("Failed at {}: {message}", snap.step);
     }

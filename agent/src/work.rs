@@ -177,7 +177,9 @@ fn certifies(key: &dyn DeviceKey, pem: &str) -> Result<(), AgentError> {
 }
 
 /// The key of `generation`, which must be there; when it is gone the error (a lost key: the
-/// state machine decides about a new identity) says so and `then` what happens.
+/// state machine decides about a new identity) says so and `then` what happens. A key that
+/// can't be loaded right now (the TPM did not answer, a read failed) is tried again with
+/// backoff: a hiccup must not take a working identity offline.
 async fn existing_key(
     res: &Arc<Resources>,
     generation: u32,
@@ -185,7 +187,11 @@ async fn existing_key(
 ) -> Result<Arc<dyn DeviceKey>, AgentError> {
     let r = res.clone();
     blocking("loading the device key", move || r.load_key(generation))
-        .await?
+        .await
+        .map_err(|e| match e.retry {
+            Retry::Permanent => AgentError::new(e.code, Retry::Reconnect, e.message),
+            _ => e,
+        })?
         .ok_or_else(|| {
             AgentError::new(
                 ErrorCode::KeyLost,
@@ -202,7 +208,12 @@ pub async fn run(
     work: Work,
     claim: Option<Claim>,
     mut session: Option<Session>,
+    cleanup: Option<tokio::task::JoinHandle<()>>,
 ) -> Done {
+    // Key removals first: a new key never races the removal of an old one.
+    if let Some(cleanup) = cleanup {
+        let _ = cleanup.await;
+    }
     let result = step(&res, work, claim.as_ref(), &mut session).await;
     Done { result, session }
 }
@@ -277,6 +288,14 @@ async fn step(
             let unregistered =
                 format!("not registering certificate {certificate_id}; making a new key");
             let key = existing_key(res, generation, &unregistered).await?;
+            // A state migrated from schema 1 may lack the PEM: the file has it.
+            let certificate_pem = if certificate_pem.is_empty() {
+                res.store
+                    .read_certificate(generation)
+                    .map_err(store_error)?
+            } else {
+                certificate_pem
+            };
             certifies(key.as_ref(), &certificate_pem)?;
             key_location = Some(key.location());
             let provisioning = res.settings.provisioning.clone();

@@ -12,6 +12,13 @@ use iotd::fsm::Event;
 use iotd::keys::file::FileBackend;
 use iotd_testkit::*;
 
+/// Waits for `what` for at most `WAIT`: a regression fails the test instead of hanging it.
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not happen in time"))
+}
+
 fn start_core(
     dir: &std::path::Path,
     conf: &str,
@@ -33,7 +40,7 @@ async fn command(
 ) -> Result<Outcome, iotd::error::AgentError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     handle.commands.send(make(tx)).await.unwrap();
-    rx.await.unwrap()
+    within("the answer", rx).await.unwrap()
 }
 
 #[tokio::test]
@@ -49,8 +56,7 @@ async fn a_claim_handed_over_in_memory_provisions_a_waiting_gateway() {
     let (run, handle) = start_core(dir.path(), &conf);
     let mut events = handle.subscribe();
     let mut snapshot = handle.snapshot.clone();
-    let waiting = snapshot
-        .wait_for(|s| s.waiting_for.is_some())
+    let waiting = within("waiting", snapshot.wait_for(|s| s.waiting_for.is_some()))
         .await
         .unwrap()
         .clone();
@@ -84,7 +90,7 @@ async fn a_claim_handed_over_in_memory_provisions_a_waiting_gateway() {
     assert!(matches!(answer, Ok(Outcome::Changed(_))), "{answer:?}");
 
     let provisioned = loop {
-        match events.recv().await.unwrap() {
+        match within("an event", events.recv()).await.unwrap() {
             e @ Event::Provisioned { .. } => break e,
             Event::Failed { code, message } => panic!("{code:?}: {message}"),
             _ => {}
@@ -99,16 +105,18 @@ async fn a_claim_handed_over_in_memory_provisions_a_waiting_gateway() {
     };
     assert_eq!(thing_name, "gw-0080");
     assert_eq!(
-        events.recv().await.unwrap(),
+        within("Connected", events.recv()).await.unwrap(),
         Event::Connected {
             certificate_id: certificate_id.clone()
         }
     );
-    let s = snapshot
-        .wait_for(|s| s.state == "provisioned" && s.connected)
-        .await
-        .unwrap()
-        .clone();
+    let s = within(
+        "provisioned and connected",
+        snapshot.wait_for(|s| s.state == "provisioned" && s.connected),
+    )
+    .await
+    .unwrap()
+    .clone();
     assert_eq!(s.certificate_id.as_deref(), Some(certificate_id.as_str()));
     assert_eq!(s.waiting_for, None);
     assert_eq!(cloud.principals("gw-0080"), vec![certificate_id]);
@@ -143,8 +151,7 @@ async fn reprovision_finds_claim_files_installed_while_waiting() {
         .replace(&key_path, key.to_str().unwrap());
     let (run, handle) = start_core(dir.path(), &conf);
     let mut snapshot = handle.snapshot.clone();
-    snapshot
-        .wait_for(|s| s.waiting_for.is_some())
+    within("waiting", snapshot.wait_for(|s| s.waiting_for.is_some()))
         .await
         .unwrap();
     // Asking before the files are there changes nothing and says what is missing.
@@ -161,11 +168,13 @@ async fn reprovision_finds_claim_files_installed_while_waiting() {
         matches!(&answer, Ok(Outcome::Changed(m)) if m.starts_with(&format!("found claim certificate {}", cert.display()))),
         "{answer:?}"
     );
-    let s = snapshot
-        .wait_for(|s| s.state == "provisioned" && s.connected)
-        .await
-        .unwrap()
-        .clone();
+    let s = within(
+        "provisioned and connected",
+        snapshot.wait_for(|s| s.state == "provisioned" && s.connected),
+    )
+    .await
+    .unwrap()
+    .clone();
     assert_eq!(s.thing_name.as_deref(), Some("gw-0081"));
     assert!(
         s.key_reference.as_deref().unwrap().starts_with("file "),

@@ -64,17 +64,24 @@ async fn start(cloud: &Cloud, dir: &std::path::Path, serial: &str) -> Gateway {
     }
 }
 
-/// Each request the cloud holds for a moment is a provisioning step in flight: `Rotate` and
-/// `Reprovision` called then are refused with the reason, the step completes, and in the end
-/// the fake saw one claim connection, one request of each kind and one connection as the
-/// thing. On the provisioned gateway a `Rotate` (not built yet) is refused without a
-/// reconnect.
+/// Each request the cloud holds is a provisioning step in flight: `Rotate` and `Reprovision`
+/// called then are refused with the reason, and the step completes. While the new identity is
+/// being verified (its first CONNECT refused once), a `Rotate` is refused too. In the end the
+/// fake saw one claim connection and one request of each kind. On the provisioned gateway a
+/// `Rotate` (not built yet) is refused, and the production session stays: no disconnect and no
+/// second CONNECT within the 1 s a reconnect would take at most (iotd's CONNECT pacing).
 #[tokio::test]
 async fn commands_during_each_step_neither_break_it_nor_reconnect() {
     let cloud = Cloud::start().await;
+    // Long enough for three D-Bus round trips on a loaded machine; the step waits for nothing
+    // else.
     for api in ["CreateCertificateFromCsr", "RegisterThing"] {
-        cloud.add_fault(json!({"api": api, "action": "delay", "delayMs": 1500, "count": 1}));
+        cloud.add_fault(json!({"api": api, "action": "delay", "delayMs": 4000, "count": 1}));
     }
+    cloud.add_fault(
+        json!({"api": "Connect", "clientId": "gw-0070", "action": "reject",
+        "statusCode": 503, "errorCode": "x", "errorMessage": "held", "count": 1}),
+    );
     let dir = tempfile::tempdir().unwrap();
     let mut gw = start(&cloud, dir.path(), "0070").await;
     for (topic, step) in [
@@ -97,19 +104,42 @@ async fn commands_during_each_step_neither_break_it_nor_reconnect() {
         );
         assert_eq!(gw.proxy.step().await.unwrap(), step);
     }
+    // Verifying the new identity: its first CONNECT was refused, the connection retries.
+    gw.iotd
+        .wait_status("Provisioning (thing-registered); retrying")
+        .await;
+    let (name, text) = method_error(gw.proxy.rotate().await.unwrap_err());
+    assert_eq!(name, iotd_api::errors::NOT_PROVISIONED, "{text}");
     gw.iotd
         .wait_status("Provisioned as gw-0070; certificate")
         .await;
     assert!(gw.proxy.connected().await.unwrap());
+    // One CONNECT refused (the fault), one session kept.
+    assert!(
+        cloud
+            .log()
+            .iter()
+            .any(|e| e.kind == "refused" && e.client_id == "gw-0070"),
+        "{:#?}",
+        cloud.log()
+    );
+    assert_eq!(connects(&cloud, "gw-0070"), 1, "{:#?}", cloud.log());
 
+    let seen = cloud.log().iter().map(|e| e.seq).max().unwrap_or(0);
     let (name, text) = method_error(gw.proxy.rotate().await.unwrap_err());
     assert_eq!(name, iotd_api::errors::NOT_SUPPORTED, "{text}");
-    // The refusal went through the core's loop; a reconnect would have been started by then.
-    assert_eq!(gw.proxy.state().await.unwrap(), "provisioned");
+    let changed = cloud
+        .shared()
+        .wait_for_log(std::time::Duration::from_millis(1500), |e| {
+            e.seq > seen
+                && e.client_id == "gw-0070"
+                && (e.kind == "disconnect" || e.kind == "connect")
+        })
+        .await;
+    assert!(changed.is_none(), "the session was touched: {changed:?}");
     assert!(gw.proxy.connected().await.unwrap());
 
     assert_eq!(connects(&cloud, "claim-0070"), 1, "{:#?}", cloud.log());
-    assert_eq!(connects(&cloud, "gw-0070"), 1, "{:#?}", cloud.log());
     assert_eq!(
         requests(&cloud, "$aws/certificates/create-from-csr/json"),
         1

@@ -771,7 +771,7 @@ async fn events_become_signals() {
             certificate_id: "c0ffee".into(),
         },
         Event::Disconnected {
-            code: ErrorCode::Network,
+            code: Some(ErrorCode::Network),
             message: "the connection closed".into(),
         },
         Event::Connected {
@@ -831,7 +831,7 @@ async fn events_become_signals() {
         .unwrap();
     f.events
         .send(Event::Disconnected {
-            code: ErrorCode::CertificateMismatch,
+            code: Some(ErrorCode::CertificateMismatch),
             message: "m".into(),
         })
         .unwrap();

@@ -257,7 +257,8 @@ pub trait Agent1 {
     /// The MQTT session with the device's identity is up.
     #[zbus(signal)]
     fn session_up(&self, certificate_id: &str) -> zbus::Result<()>;
-    /// The MQTT session went down; iotd reconnects by itself.
+    /// The MQTT session went down: on an error (its code; iotd reconnects by itself), or
+    /// because iotd stopped it ("" code: its identity was abandoned).
     #[zbus(signal)]
     fn session_down(&self, code: &str, message: &str) -> zbus::Result<()>;
 }
