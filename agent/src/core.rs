@@ -157,6 +157,8 @@ pub struct Core {
     key_reference: Option<String>,
     /// Key removals in the background; the next unit of work waits for them.
     cleanup: Option<tokio::task::JoinHandle<()>>,
+    /// Something may have changed the claims since the agent last looked (see `schedule`).
+    look_for_claims: bool,
 }
 
 impl std::fmt::Debug for Core {
@@ -323,6 +325,7 @@ impl Core {
             pending: resumed.actions,
             key_reference: None,
             cleanup: None,
+            look_for_claims: true,
         };
         if core.machine.work() == Work::WaitForClaim {
             let now = core.clock.now();
@@ -565,6 +568,11 @@ impl Core {
             let work = self.machine.work();
             match &work {
                 Work::Idle => return Ok(()),
+                // Waiting is not polling: the claims are looked at again when something may
+                // have changed them (a start, a command, a claim that went away).
+                Work::WaitForClaim if !std::mem::take(&mut self.look_for_claims) => {
+                    return Ok(());
+                }
                 Work::WaitForClaim => match self.claims.current(now) {
                     Ok(claim) => {
                         let origin = claim.origin;
@@ -618,6 +626,7 @@ impl Core {
                             Ok(claim) => self.claim = Some(claim),
                             Err(waiting) => {
                                 self.claim = None;
+                                self.look_for_claims = true;
                                 self.apply(Input::ClaimGone {
                                     code: waiting.code,
                                     message: format!("waiting for {}", waiting.what),
@@ -724,6 +733,7 @@ impl Core {
     }
 
     fn failed(&mut self, e: AgentError) -> Result<(), CoreError> {
+        self.look_for_claims = true;
         if matches!(
             e.code,
             ErrorCode::ClaimExpired | ErrorCode::ClaimMissing | ErrorCode::ClaimRejected
@@ -842,6 +852,7 @@ impl Core {
     }
 
     fn command(&mut self, command: Command) -> Result<(), CoreError> {
+        self.look_for_claims = true;
         match command {
             Command::Rotate(reply) => {
                 let answer = match &self.machine.state.identity {
