@@ -137,16 +137,17 @@ async fn provision(cloud: &Cloud, watch: &mut Watch) -> Result<()> {
     let text = std::fs::read_to_string(&state_path);
     let text = text.with_context(|| format!("reading {}", state_path.display()))?;
     let state: serde_json::Value = serde_json::from_str(&text)?;
-    let cert = state["certificateId"].as_str().unwrap_or_default();
-    if state["step"] != "provisioned" || state["thingName"] != thing.as_str() {
-        bail!("iotd's state.json is not provisioned as {thing}: {state}");
+    let identity = &state["identity"];
+    let cert = identity["certificateId"].as_str().unwrap_or_default();
+    if !state["operation"].is_null() || identity["thingName"] != thing.as_str() {
+        bail!("iotd's state.json has no identity as {thing}: {state}");
     }
     let status = cloud.registry()["certificates"][cert]["status"].clone();
     let principals = cloud.principals(&thing);
     if status != "ACTIVE" || principals != [cert] {
         bail!("the cloud has certificate {cert} {status} and {thing} attached to {principals:?}");
     }
-    let generation = &state["generation"];
+    let generation = &identity["generation"];
     let blobs = state_dir.join(format!("gen/{generation}"));
     for blob in ["key.pub", "key.priv"] {
         let path = blobs.join(blob);
