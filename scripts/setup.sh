@@ -7,11 +7,13 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 # Debian packages the build needs (tss-esapi links libtss2) and the tests start or call
 # (swtpm per test, tpm2-tools for the interop check, openssl for TLS probes).
 # D-Bus tests run a private dbus-daemon with the shipped policy (busctl, gdbus, setpriv); the
-# packaging tests lint, install and boot the .deb in a debootstrap root.
+# packaging tests lint, install and boot the .deb in a debootstrap root. `make bench` counts
+# iotd's fsyncs per provisioning and simulates a slow disk with strace (fault injection delays
+# every fsync; dm-delay would need device-mapper and a block device, which CI containers lack).
 packages=(openssl ca-certificates pkg-config libtss2-dev libtss2-tcti-swtpm0 libtss2-tcti-device0
           swtpm swtpm-tools tpm2-tools
           dbus dbus-daemon libglib2.0-bin util-linux passwd systemd
-          lintian debootstrap piuparts systemd-container binutils man-db python3-venv)
+          lintian debootstrap piuparts systemd-container binutils man-db python3-venv strace)
 
 missing=()
 for p in "${packages[@]}"; do

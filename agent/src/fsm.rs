@@ -476,9 +476,9 @@ impl Machine {
                     thing_name: thing_name.clone(),
                     device_configuration: device_configuration.clone(),
                 };
-                // Atomic is enough: lost in a crash, RegisterThing is refused (the token was
-                // used) and the certificate is recorded as abandoned on the way back to the CSR.
-                self.advance(&input, |_| true, next, Some(Durability::Atomic))
+                // Durable: from here on a restart needs no claim (connecting as the thing
+                // completes it), so the claim may be deleted once the commit is written.
+                self.advance(&input, |_| true, next, Some(Durability::Durable))
             }
             Input::IdentityVerified {
                 not_before,
@@ -518,9 +518,9 @@ impl Machine {
                 Ok(Transition {
                     actions: vec![
                         Action::DropClaimSession,
-                        // Durable before the claim may be deleted: a restart after a lost commit
-                        // would need it again.
-                        Action::Persist(Durability::Durable),
+                        // Atomic is enough: lost in a crash, the gateway connects as the thing
+                        // again (thing-registered is durable) and commits; no claim needed.
+                        Action::Persist(Durability::Atomic),
                         Action::ClaimUsed(origin),
                         Action::Emit(Event::Provisioned {
                             thing_name,
@@ -892,7 +892,9 @@ mod tests {
             }
         );
 
-        m.apply(registered(), NOW).unwrap();
+        let t = m.apply(registered(), NOW).unwrap();
+        // Durable: a restart from here needs no claim.
+        assert_eq!(t.actions, [Action::Persist(Durability::Durable)]);
         assert_eq!(
             m.work(),
             Work::VerifyIdentity {
@@ -908,8 +910,7 @@ mod tests {
             t.actions,
             [
                 Action::DropClaimSession,
-                // Durable before the claim may be deleted.
-                Action::Persist(Durability::Durable),
+                Action::Persist(Durability::Atomic),
                 Action::ClaimUsed(ClaimOrigin::File),
                 Action::Emit(Event::Provisioned {
                     thing_name: "gw-1".into(),

@@ -1,6 +1,7 @@
 //! The tpm backend's files: TPM2B_PUBLIC / TPM2B_PRIVATE in tpm2-tools' framing (what
 //! `tpm2_create -u key.pub -r key.priv` writes: a 2-byte big-endian size, then the structure),
-//! written the way the file backend writes keys: temporary file, fsync, rename, fsync the dir.
+//! written the way the file backend writes keys: temporary file, fsync, rename; the directory
+//! is synced once for all of a generation's files (`Store::sync_generation`).
 //!
 //! tss-esapi marshals a `Public` as TPMT_PUBLIC and gives a `Private` as its bare buffer; the
 //! size prefix is added and checked here, so that the files are byte for byte what tpm2-tools
@@ -134,8 +135,8 @@ pub(crate) fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
 }
 
 /// Creates `<state>/gen/` and `<state>/gen/<n>/` (0700, like the file backend's: the
-/// certificate lands there too) if missing, making each new entry durable. Errors come with
-/// the path that failed.
+/// certificate lands there too) if missing; the new entries become durable with the
+/// generation's files (`Store::sync_generation`). Errors come with the path that failed.
 pub(crate) fn ensure_generation_dir(
     state_dir: &Path,
     generation_dir: &Path,
@@ -146,12 +147,10 @@ pub(crate) fn ensure_generation_dir(
         .create(state_dir)
         .map_err(|e| (state_dir.to_path_buf(), e))?;
     let gen_root = state_dir.join("gen");
-    for (dir, parent) in [
-        (gen_root.as_path(), state_dir),
-        (generation_dir, gen_root.as_path()),
-    ] {
+    for dir in [gen_root.as_path(), generation_dir] {
         match fs::DirBuilder::new().mode(0o700).create(dir) {
-            Ok(()) => sync_dir(parent).map_err(|e| (parent.to_path_buf(), e))?,
+            // Made durable with the generation's files by `Store::sync_generation`.
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
             Err(e) => return Err((dir.to_path_buf(), e)),
         }

@@ -316,13 +316,19 @@ impl TpmBackend {
     /// first (`key.handle`, then `key.pub`), so that no crash leaves an old and a new file
     /// paired; then makes the removals durable.
     fn remove_files(&self, gen_dir: &Path, action: &'static str) -> Result<(), KeyError> {
+        let mut removed = false;
         for name in blobs::ALL_FILES {
             let path = gen_dir.join(name);
+            removed |= path.exists();
             blobs::remove_if_exists(&path).map_err(|source| KeyError::Io {
                 action,
                 path,
                 source,
             })?;
+        }
+        if !removed {
+            // Nothing was there (a new generation): nothing to make durable.
+            return Ok(());
         }
         match blobs::sync_dir(gen_dir) {
             Ok(()) => Ok(()),
@@ -488,7 +494,8 @@ impl KeyBackend for TpmBackend {
                 Material::Persistent { handle, name }
             }
         };
-        blobs::sync_dir(&gen_dir).map_err(|e| io_error((gen_dir.clone(), e)))?;
+        // The files' data is synced; their entries become durable with the generation's
+        // other files (`Store::sync_generation`), before any state refers to the key.
         tracing::info!(key = %location, "created ECDSA P-256 device key in the TPM");
         Ok(self.key(material, spki, location))
     }
