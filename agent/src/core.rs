@@ -423,14 +423,17 @@ impl Core {
         };
         let snap = snapshot::snapshot(&self.machine, &cx);
         let line = snap.status_line.clone();
-        let changed = self.snapshot.send_if_modified(|s| {
+        let mut line_changed = false;
+        self.snapshot.send_if_modified(|s| {
             if *s == snap {
                 return false;
             }
+            line_changed = s.status_line != snap.status_line;
             *s = snap;
             true
         });
-        if changed {
+        // systemd hears a line when the line changes, not when another field does.
+        if line_changed {
             crate::notify::status(&line);
         }
     }
