@@ -287,6 +287,7 @@ impl Core {
             cloud_generated_keys: settings.provisioning.certificate_source
                 == CertificateSource::CloudGenerated,
             reprovision_when_key_lost: settings.provisioning.reprovision_when_key_lost,
+            delete_claim: settings.provisioning.delete_claim,
         };
         let (machine, resumed) = Machine::resume(state, policy);
         let claims = Claims::new(settings.provisioning.claim.clone());

@@ -35,6 +35,8 @@ pub struct Policy {
     pub cloud_generated_keys: bool,
     /// `provisioning.reprovision_when_key_lost`.
     pub reprovision_when_key_lost: bool,
+    /// `provisioning.delete_claim`: the claim files go once provisioned.
+    pub delete_claim: bool,
 }
 
 /// A failed unit of work or a lost connection, as the state machine sees it.
@@ -460,12 +462,15 @@ impl Machine {
                 thing_name,
                 device_configuration,
             } => {
-                let Some(Some(Step::CertificateIssued {
-                    generation,
-                    certificate_id,
-                    certificate_pem,
-                    ..
-                })) = self.provisioning().map(|(s, _)| s.clone())
+                let Some((
+                    Some(Step::CertificateIssued {
+                        generation,
+                        certificate_id,
+                        certificate_pem,
+                        ..
+                    }),
+                    origin,
+                )) = self.provisioning().map(|(s, o)| (s.clone(), o))
                 else {
                     return Err(self.illegal(&input));
                 };
@@ -476,9 +481,17 @@ impl Machine {
                     thing_name: thing_name.clone(),
                     device_configuration: device_configuration.clone(),
                 };
-                // Durable: from here on a restart needs no claim (connecting as the thing
-                // completes it), so the claim may be deleted once the commit is written.
-                self.advance(&input, |_| true, next, Some(Durability::Durable))
+                // From here on a restart needs no claim: connecting as the thing completes it.
+                // Durable when a restart from certificate-issued would find no claim (it is
+                // in memory, or its files go after the commit); otherwise atomic is enough: a
+                // rename lost in a crash sends the agent back there, where the token is refused
+                // (used) and it starts again from the CSR with the claim files, recording this
+                // certificate as abandoned.
+                let durability = match (origin, self.policy.delete_claim) {
+                    (ClaimOrigin::File, false) => Durability::Atomic,
+                    _ => Durability::Durable,
+                };
+                self.advance(&input, |_| true, next, Some(durability))
             }
             Input::IdentityVerified {
                 not_before,
@@ -893,8 +906,8 @@ mod tests {
         );
 
         let t = m.apply(registered(), NOW).unwrap();
-        // Durable: a restart from here needs no claim.
-        assert_eq!(t.actions, [Action::Persist(Durability::Durable)]);
+        // The claim files stay: atomic is enough (see `thing_registered_is_durable_when_…`).
+        assert_eq!(t.actions, [Action::Persist(Durability::Atomic)]);
         assert_eq!(
             m.work(),
             Work::VerifyIdentity {
@@ -1468,5 +1481,32 @@ mod tests {
         let (m, _) = Machine::resume(state, Policy::default());
         assert_eq!(m.state.abandoned_certificates, ["cert-2"]);
         assert_eq!(m.work(), Work::Serve);
+    }
+
+    #[test]
+    fn thing_registered_is_durable_when_a_restart_would_find_no_claim() {
+        for (origin, delete_claim, durability) in [
+            (ClaimOrigin::File, false, Durability::Atomic),
+            (ClaimOrigin::File, true, Durability::Durable),
+            (ClaimOrigin::Network, false, Durability::Durable),
+        ] {
+            let mut m = fresh(Policy {
+                delete_claim,
+                ..Policy::default()
+            });
+            for input in [
+                Input::ClaimAvailable(origin),
+                Input::KeyCreated { generation: 1 },
+                issued(1),
+            ] {
+                m.apply(input, NOW).unwrap();
+            }
+            let t = m.apply(registered(), NOW).unwrap();
+            assert_eq!(
+                t.actions,
+                [Action::Persist(durability)],
+                "{origin:?} {delete_claim}"
+            );
+        }
     }
 }
