@@ -348,11 +348,6 @@ impl Core {
         self.snapshot.borrow().status_line.clone()
     }
 
-    /// The state machine, for tests and benchmarks.
-    pub fn machine(&self) -> &Machine {
-        &self.machine
-    }
-
     /// Runs until shutdown (the caller drops this future on SIGTERM: every write is atomic and
     /// synchronous, so dropping it between awaits leaves a consistent state). Returns only on a
     /// bug, for the caller to exit non-zero.

@@ -61,15 +61,6 @@ pub enum ClaimOrigin {
     Network,
 }
 
-impl ClaimOrigin {
-    pub fn name(self) -> &'static str {
-        match self {
-            ClaimOrigin::File => "file",
-            ClaimOrigin::Network => "network",
-        }
-    }
-}
-
 /// The steps that take a new key to a registered certificate; provisioning and rotation share
 /// them. Each carries what the next one needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
