@@ -627,7 +627,14 @@ impl Machine {
                 }
                 self.state.abandoned_certificates.push(certificate_id);
                 self.record(f, false, now);
-                t.actions.insert(0, Action::Persist(Durability::Atomic));
+                // Durable before a key goes (cloud-generated keys): a lost rename must not
+                // bring back a step whose key was removed.
+                let durability = if cloud {
+                    Durability::Durable
+                } else {
+                    Durability::Atomic
+                };
+                t.actions.insert(0, Action::Persist(durability));
             }
             Retry::NewIdentity => return Ok(self.key_lost(f, now)),
             Retry::Permanent => {
@@ -860,6 +867,18 @@ mod tests {
         ] {
             m.apply(input, NOW).unwrap();
         }
+        m
+    }
+
+    /// A machine with cloud-generated keys at certificate-issued (generation 1).
+    fn cloud_generated_issued() -> Machine {
+        let mut m = fresh(Policy {
+            cloud_generated_keys: true,
+            ..Policy::default()
+        });
+        m.apply(Input::ClaimAvailable(ClaimOrigin::File), NOW)
+            .unwrap();
+        m.apply(issued(1), NOW).unwrap();
         m
     }
 
@@ -1097,13 +1116,7 @@ mod tests {
         assert_eq!(m.state.abandoned_certificates, ["cert-1"]);
 
         // With cloud-generated keys the key goes with its certificate.
-        let mut m = fresh(Policy {
-            cloud_generated_keys: true,
-            ..Policy::default()
-        });
-        m.apply(Input::ClaimAvailable(ClaimOrigin::File), NOW)
-            .unwrap();
-        m.apply(issued(1), NOW).unwrap();
+        let mut m = cloud_generated_issued();
         let t = m
             .apply(
                 Input::Failed(failure(Retry::RestartFromCsr, ErrorCode::Rejected)),
@@ -1112,7 +1125,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             t.actions,
-            [Action::Persist(Durability::Atomic), Action::RemoveKey(1)]
+            [Action::Persist(Durability::Durable), Action::RemoveKey(1)]
         );
         assert_eq!(step(&m), None);
         assert_eq!(m.work(), Work::CreateKeysAndCertificate { generation: 2 });
@@ -1423,13 +1436,7 @@ mod tests {
 
     #[test]
     fn a_lost_key_with_cloud_generated_keys_asks_for_another() {
-        let mut m = fresh(Policy {
-            cloud_generated_keys: true,
-            ..Policy::default()
-        });
-        m.apply(Input::ClaimAvailable(ClaimOrigin::File), NOW)
-            .unwrap();
-        m.apply(issued(1), NOW).unwrap();
+        let mut m = cloud_generated_issued();
         let t = m
             .apply(
                 Input::Failed(failure(Retry::NewIdentity, ErrorCode::KeyLost)),
