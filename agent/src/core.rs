@@ -197,13 +197,13 @@ fn target(settings: &Settings) -> Target {
 /// Waits for the unit of work in flight (forever when there is none).
 async fn finished(work: &mut Option<(Work, tokio::task::JoinHandle<Done>)>) -> Done {
     match work {
-        Some((_, handle)) => match handle.await {
+        Some((work, handle)) => match handle.await {
             Ok(done) => done,
             Err(e) => Done {
                 result: Err(AgentError::new(
                     ErrorCode::Store,
                     Retry::SameConnection,
-                    format!("a unit of work stopped: {e}"),
+                    format!("running {work:?}: the task stopped: {e}"),
                 )),
                 session: None,
             },
@@ -619,8 +619,10 @@ impl Core {
                 | Work::CreateKeysAndCertificate { .. }
                 | Work::RequestCertificate { .. }
                 | Work::RegisterThing { .. } => {
-                    // The claim must still be usable (a claim from an installer lasts minutes).
-                    if !matches!(work, Work::CreateKey { .. }) {
+                    // The claim must still be usable (a claim from an installer lasts minutes);
+                    // the one at hand is checked by its date, without reading its files again.
+                    let usable = self.claim.as_ref().is_some_and(|c| c.not_after > now);
+                    if !matches!(work, Work::CreateKey { .. }) && !usable {
                         match self.claims.current(now) {
                             Ok(claim) => self.claim = Some(claim),
                             Err(waiting) => {

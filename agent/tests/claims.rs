@@ -34,6 +34,19 @@ fn start_core(
     (run, handle)
 }
 
+/// The snapshot once the core is provisioned and connected.
+async fn connected(
+    snapshot: &mut tokio::sync::watch::Receiver<iotd::snapshot::Snapshot>,
+) -> iotd::snapshot::Snapshot {
+    within(
+        "provisioned and connected",
+        snapshot.wait_for(|s| s.state == "provisioned" && s.connected),
+    )
+    .await
+    .unwrap()
+    .clone()
+}
+
 async fn command(
     handle: &iotd::core::Handle,
     make: impl FnOnce(iotd::core::Reply) -> Command,
@@ -110,13 +123,7 @@ async fn a_claim_handed_over_in_memory_provisions_a_waiting_gateway() {
             certificate_id: certificate_id.clone()
         }
     );
-    let s = within(
-        "provisioned and connected",
-        snapshot.wait_for(|s| s.state == "provisioned" && s.connected),
-    )
-    .await
-    .unwrap()
-    .clone();
+    let s = connected(&mut snapshot).await;
     assert_eq!(s.certificate_id.as_deref(), Some(certificate_id.as_str()));
     assert_eq!(s.waiting_for, None);
     assert_eq!(cloud.principals("gw-0080"), vec![certificate_id]);
@@ -168,13 +175,7 @@ async fn reprovision_finds_claim_files_installed_while_waiting() {
         matches!(&answer, Ok(Outcome::Changed(m)) if m.starts_with(&format!("found claim certificate {}", cert.display()))),
         "{answer:?}"
     );
-    let s = within(
-        "provisioned and connected",
-        snapshot.wait_for(|s| s.state == "provisioned" && s.connected),
-    )
-    .await
-    .unwrap()
-    .clone();
+    let s = connected(&mut snapshot).await;
     assert_eq!(s.thing_name.as_deref(), Some("gw-0081"));
     assert!(
         s.key_reference.as_deref().unwrap().starts_with("file "),

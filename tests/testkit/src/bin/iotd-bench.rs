@@ -1038,6 +1038,24 @@ async fn provision_traced(
         _ => [vec!["strace".to_owned()], strace_args(tracing, &trace)].concat(),
     };
     let (script, log) = wrapped_iotd(&wrapper, exe, dir.path())?;
+    // strace writes into a FIFO that a reader drains until strace closes it on exit: the
+    // trace is whole when the read ends, with nothing to poll for.
+    let reader = match tracing {
+        Tracing::Off => None,
+        _ => {
+            let made = std::process::Command::new("mkfifo").arg(&trace).status();
+            if !made.is_ok_and(|s| s.success()) {
+                bail!(
+                    "making the FIFO {} for strace's trace (mkfifo)",
+                    trace.display()
+                );
+            }
+            let path = trace.clone();
+            Some(tokio::task::spawn_blocking(move || {
+                std::fs::read_to_string(path)
+            }))
+        }
+    };
     let conf = config(cloud, &dir.path().join("state"), serial);
     let done = format!("STATUS=Provisioned as gw-{serial}; certificate valid until");
     let started = Instant::now();
@@ -1048,28 +1066,20 @@ async fn provision_traced(
     if exit.code() != Some(0) {
         bail!("iotd exited with {exit} on SIGTERM, not 0");
     }
-    if let Tracing::Off = tracing {
+    let Some(reader) = reader else {
         return Ok((elapsed, None));
-    }
-    // strace (-D: not our child) writes iotd's end last: the trace is whole once that is in it.
-    // strace pads the pid column ("4782  +++ exited with 0 +++").
-    let pid = pid.to_string();
-    let is_end = |line: &str| {
-        line.split_once(' ').is_some_and(|(p, rest)| {
-            let rest = rest.trim_start();
-            p == pid && (rest.starts_with("+++ exited with ") || rest.starts_with("+++ killed by "))
-        })
     };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let text = loop {
-        let text = std::fs::read_to_string(&trace).unwrap_or_default();
-        if text.lines().any(is_end) {
-            break text;
-        }
-        if Instant::now() > deadline {
+    // strace (-D: not our child) closes the FIFO when iotd, its only tracee, has exited.
+    let text = match tokio::time::timeout(Duration::from_secs(5), reader).await {
+        Ok(read) => read
+            .context("the reader of strace's trace stopped")?
+            .with_context(|| format!("reading strace's trace {}", trace.display()))?,
+        Err(_) => {
+            // Unblock the reader (its open waits for a writer) before giving up.
+            let _ = std::fs::OpenOptions::new().write(true).open(&trace);
             bail!(
-                "{} has no end of iotd (pid {pid}) 5 s after it exited; the end of its log \
-                 (strace's messages too):\n{}",
+                "strace did not finish its trace {} within 5 s of iotd's exit (pid {pid}); the \
+                 end of its log (strace's messages too):\n{}",
                 trace.display(),
                 std::fs::read_to_string(&log)
                     .unwrap_or_default()
@@ -1083,7 +1093,6 @@ async fn provision_traced(
                     .join("\n")
             );
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let calls = count_calls(&text, &done)?;
     Ok((elapsed, Some(calls)))
