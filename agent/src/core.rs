@@ -159,6 +159,8 @@ pub struct Core {
     cleanup: Option<tokio::task::JoinHandle<()>>,
     /// Something may have changed the claims since the agent last looked (see `schedule`).
     look_for_claims: bool,
+    /// The identity whose `gen/<n>/identity.json` is known to be written.
+    recorded_identity: Option<(u32, String)>,
 }
 
 impl std::fmt::Debug for Core {
@@ -236,6 +238,85 @@ fn repair_certificates(store: &Store, state: &crate::store::State) {
     }
 }
 
+/// Why the agent could not start, and whether a restart could help (for the exit status:
+/// systemd does not restart iotd after an error only a person can fix).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StartError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub restart_helps: bool,
+}
+
+impl From<crate::store::StoreError> for StartError {
+    fn from(e: crate::store::StoreError) -> Self {
+        Self {
+            code: ErrorCode::Store,
+            restart_helps: e.fixed_by_restart(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Reads state.json; when it is damaged (moved aside, for a person to look at) or missing
+/// while `gen/` holds generations, rebuilds it from `gen/` (see `recover`) and writes it.
+fn load_or_rebuild(
+    store: &Store,
+    backend: &dyn KeyBackend,
+) -> Result<crate::store::State, crate::store::StoreError> {
+    use crate::store::StoreError;
+    let why = match store.load() {
+        Ok(state) if store.state_path().exists() => return Ok(state),
+        Ok(state) => {
+            if store.generations()?.is_empty() {
+                return Ok(state);
+            }
+            format!(
+                "{} is missing but gen/ is not empty",
+                store.state_path().display()
+            )
+        }
+        Err(StoreError::Corrupt { path, message }) => {
+            let aside = store.set_aside_damaged()?;
+            format!(
+                "{} was damaged ({message}); kept it as {}",
+                path.display(),
+                aside.display()
+            )
+        }
+        Err(e) => return Err(e),
+    };
+    let rebuilt = crate::recover::rebuild(store, backend, &why)?;
+    if rebuilt.state.identity.is_some() || !rebuilt.state.abandoned_certificates.is_empty() {
+        tracing::warn!("{}", rebuilt.report);
+    } else {
+        tracing::info!("{}", rebuilt.report);
+    }
+    store.save(&rebuilt.state, crate::store::Durability::Durable)?;
+    Ok(rebuilt.state)
+}
+
+/// Writes the identity's `gen/<n>/identity.json` unless `recorded` says it is written; returns
+/// what is recorded now. A failure is only logged: the record is a spare (see `recover`).
+fn record_identity(
+    store: &Store,
+    state: &crate::store::State,
+    recorded: Option<(u32, String)>,
+) -> Option<(u32, String)> {
+    let identity = state.identity.as_ref()?;
+    let key = (identity.generation, identity.certificate_id.clone());
+    if recorded.as_ref() == Some(&key) {
+        return recorded;
+    }
+    match store.write_identity_record(identity) {
+        Ok(_) => Some(key),
+        Err(e) => {
+            tracing::warn!("recording the identity in gen/{}: {e}", identity.generation);
+            None
+        }
+    }
+}
+
 async fn until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -257,7 +338,7 @@ impl Core {
     pub fn new(
         settings: Settings,
         backend: Arc<dyn KeyBackend>,
-    ) -> Result<(Self, Handle), AgentError> {
+    ) -> Result<(Self, Handle), StartError> {
         Self::with_clock(settings, backend, Arc::new(SystemClock::new()))
     }
 
@@ -265,19 +346,35 @@ impl Core {
         settings: Settings,
         backend: Arc<dyn KeyBackend>,
         clock: Arc<dyn Clock>,
-    ) -> Result<(Self, Handle), AgentError> {
-        let store = Store::open(&settings.state_dir).map_err(store_error)?;
-        let mut state = store.load().map_err(store_error)?;
+    ) -> Result<(Self, Handle), StartError> {
+        let store = Store::open(&settings.state_dir)?;
+        store.secure()?;
+        let mut state = load_or_rebuild(&store, backend.as_ref())?;
         // A key made but never recorded (key-ready is not persisted) keeps its generation: the
         // next key goes into a directory nothing ever used.
-        let on_disk = store.highest_generation().map_err(store_error)?;
+        let on_disk = store.highest_generation()?;
         state.last_generation = state.last_generation.max(on_disk);
         repair_certificates(&store, &state);
+        let recorded_identity = record_identity(&store, &state, None);
         let trust = match &settings.cloud.ca_bundle {
-            Some(path) => ServerTrust::from_pem_file(path),
-            None => ServerTrust::system(),
-        }
-        .map_err(|e| AgentError::permanent(ErrorCode::Config, e.to_string()))?;
+            Some(path) => ServerTrust::from_pem_file(path).map_err(|e| StartError {
+                code: ErrorCode::Config,
+                message: format!(
+                    "cloud.ca_bundle: {e}; point cloud.ca_bundle at a readable PEM file of the \
+                     CA that signs the endpoint's certificate, or remove it to use the system \
+                     trust store"
+                ),
+                restart_helps: false,
+            }),
+            None => ServerTrust::system().map_err(|e| StartError {
+                code: ErrorCode::Config,
+                message: format!(
+                    "{e}; install the ca-certificates package or set cloud.ca_bundle to the CA \
+                     that signs the endpoint's certificate"
+                ),
+                restart_helps: false,
+            }),
+        }?;
         let claim_client_id = settings
             .provisioning
             .claim_client_id
@@ -327,6 +424,7 @@ impl Core {
             key_reference: None,
             cleanup: None,
             look_for_claims: true,
+            recorded_identity,
         };
         if core.machine.work() == Work::WaitForClaim {
             let now = core.clock.now();
@@ -451,7 +549,15 @@ impl Core {
     fn act(&mut self, action: Action) {
         match action {
             Action::Persist(durability) => {
-                if let Err(e) = self.res.store.save(&self.machine.state, durability) {
+                let saved = self.res.store.save(&self.machine.state, durability);
+                if saved.is_ok() {
+                    self.recorded_identity = record_identity(
+                        &self.res.store,
+                        &self.machine.state,
+                        self.recorded_identity.take(),
+                    );
+                }
+                if let Err(e) = saved {
                     // The state on disk is behind the one in memory: stop working until a
                     // restart reloads what is on disk.
                     let e = store_error(e);

@@ -1,12 +1,23 @@
 //! `iotd`: the gateway identity daemon. See the library docs for what it does and which files
-//! it uses. Exit codes: 0 after SIGTERM/SIGINT, 1 when it cannot run (state, trust store) or
-//! one of its tasks died, 2 for a configuration error.
+//! it uses. Exit codes (`iotd::exit`): 0 after SIGTERM/SIGINT; 1 when a restart may help (one
+//! of its tasks died, the TPM did not answer, another iotd holds the state directory); 2 for a
+//! configuration error; 3 for a state directory or state it cannot use as they are. The unit
+//! does not restart iotd after 2 or 3.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use iotd::config::{self, ConfigPaths, KeySettings};
+use iotd::error::ErrorCode;
+use iotd::exit;
+
+/// Says why iotd stops (stderr, and `exit.json` for `iotctl status`) and exits with `status`.
+fn stop(status: u8, code: ErrorCode, message: &str) -> ExitCode {
+    eprintln!("iotd: {message}");
+    exit::write(status, code.as_str(), message);
+    ExitCode::from(status)
+}
 
 const USAGE: &str = "\
 Owns this gateway's AWS IoT identity: device key, fleet provisioning, MQTT session.
@@ -128,7 +139,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("iotd: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::CONFIG);
         }
     };
     init_logging();
@@ -138,9 +149,18 @@ fn main() -> ExitCode {
     };
     let settings = match config::load(&paths) {
         Ok(s) => s,
+        Err(e) => return stop(exit::CONFIG, ErrorCode::Config, &e.to_string()),
+    };
+    // Before anything touches the state directory: one agent per directory.
+    let _lock = match iotd::store::Store::open(&settings.state_dir).and_then(|s| s.lock()) {
+        Ok(lock) => lock,
         Err(e) => {
-            eprintln!("iotd: {e}");
-            return ExitCode::from(2);
+            let status = if e.fixed_by_restart() {
+                exit::FAILURE
+            } else {
+                exit::STATE
+            };
+            return stop(status, ErrorCode::Store, &e.to_string());
         }
     };
     let backend: Arc<dyn iotd::keys::KeyBackend> = match &settings.key {
@@ -152,10 +172,7 @@ fn main() -> ExitCode {
             // Opening talks to the TPM (blocking); done once, before the runtime starts.
             match iotd::keys::tpm::TpmBackend::open(tcti, &settings.state_dir, *persistent_handle) {
                 Ok(b) => Arc::new(b),
-                Err(e) => {
-                    eprintln!("iotd: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(e) => return stop(exit::FAILURE, ErrorCode::Key, &e.to_string()),
             }
         }
     };
@@ -166,8 +183,11 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("iotd: starting the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return stop(
+                exit::FAILURE,
+                ErrorCode::Store,
+                &format!("starting the async runtime: {e}"),
+            );
         }
     };
     runtime.block_on(serve(settings, backend))
@@ -180,8 +200,12 @@ async fn serve(settings: config::Settings, backend: Arc<dyn iotd::keys::KeyBacke
     let (core, handle) = match iotd::core::Core::new(settings, backend) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("iotd: {e}");
-            return ExitCode::FAILURE;
+            let status = match (e.restart_helps, e.code) {
+                (true, _) => exit::FAILURE,
+                (false, ErrorCode::Config) => exit::CONFIG,
+                (false, _) => exit::STATE,
+            };
+            return stop(status, e.code, &e.message);
         }
     };
     // READY=1 only once the bus name is owned: systemd then knows that iotctl can talk to us.
@@ -190,8 +214,7 @@ async fn serve(settings: config::Settings, backend: Arc<dyn iotd::keys::KeyBacke
         Ok(server) => Some(server),
         // Another iotd owns the name: two agents on one state directory would fight.
         Err(e @ iotd::dbus::ServeError::NameTaken { .. }) => {
-            eprintln!("iotd: {e}");
-            return ExitCode::FAILURE;
+            return stop(exit::FAILURE, ErrorCode::Store, &e.to_string());
         }
         Err(e) => {
             tracing::error!("{e}; running without the D-Bus API (iotctl cannot reach this agent)");
@@ -205,11 +228,15 @@ async fn serve(settings: config::Settings, backend: Arc<dyn iotd::keys::KeyBacke
     ) {
         (Ok(t), Ok(i)) => (t, i),
         (Err(e), _) | (_, Err(e)) => {
-            eprintln!("iotd: installing signal handlers: {e}");
-            return ExitCode::FAILURE;
+            return stop(
+                exit::FAILURE,
+                ErrorCode::Store,
+                &format!("installing signal handlers: {e}"),
+            );
         }
     };
     iotd::notify::ready(&core.status());
+    exit::clear();
     let mut core_task = tokio::spawn(core.run());
     let (_bus, mut dbus_task) = match dbus {
         Some(server) => (Some(server.connection), Some(server.task)),
@@ -223,20 +250,23 @@ async fn serve(settings: config::Settings, backend: Arc<dyn iotd::keys::KeyBacke
     };
     tokio::select! {
         ended = &mut core_task => {
-            match ended {
-                Ok(Ok(())) => tracing::error!("the core task stopped; exiting for systemd to restart iotd"),
-                Ok(Err(e)) => tracing::error!("the core task stopped: {e}; exiting for systemd to restart iotd"),
-                Err(e) => tracing::error!("the core task failed: {e}; exiting for systemd to restart iotd"),
-            }
-            return ExitCode::FAILURE;
+            let why = match ended {
+                Ok(Ok(())) => "the core task stopped".to_owned(),
+                Ok(Err(e)) => format!("the core task stopped: {e}"),
+                Err(e) => format!("the core task failed: {e}"),
+            };
+            tracing::error!("{why}; exiting for systemd to restart iotd");
+            exit::write(exit::FAILURE, ErrorCode::Store.as_str(), &why);
+            return ExitCode::from(exit::FAILURE);
         }
         ended = dbus_ended => {
             let why = match ended {
-                Ok(()) => "it ended".to_owned(),
-                Err(e) => e.to_string(),
+                Ok(()) => "the D-Bus server task stopped (it ended)".to_owned(),
+                Err(e) => format!("the D-Bus server task stopped ({e})"),
             };
-            tracing::error!("the D-Bus server task stopped ({why}); exiting for systemd to restart iotd");
-            return ExitCode::FAILURE;
+            tracing::error!("{why}; exiting for systemd to restart iotd");
+            exit::write(exit::FAILURE, ErrorCode::Store.as_str(), &why);
+            return ExitCode::from(exit::FAILURE);
         }
         _ = term.recv() => {}
         _ = int.recv() => {}

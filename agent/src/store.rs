@@ -446,6 +446,81 @@ pub enum StoreError {
         version = env!("CARGO_PKG_VERSION")
     )]
     Newer { path: PathBuf, schema: u64 },
+    /// Another process holds the state directory's lock.
+    #[error(
+        "state directory {dir} is in use by {holder} (it holds the lock on {lock}); two agents \
+         on one state directory would make two identities. Stop the other one first",
+        dir = lock.parent().map(|p| p.display().to_string()).unwrap_or_default(),
+        lock = lock.display(),
+        holder = holder.map_or_else(|| "another process".to_owned(), |pid| format!("another iotd (PID {pid})"))
+    )]
+    Locked { lock: PathBuf, holder: Option<u32> },
+    /// The state directory is open to others and could not be closed.
+    #[error(
+        "state directory {dir} has mode {mode:04o}, open to other users, and iotd could not \
+         change it to 0700 ({source}); it holds the device key. Run: chmod 0700 {dir} (as its \
+         owner or root)",
+        dir = dir.display()
+    )]
+    Exposed {
+        dir: PathBuf,
+        mode: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether restarting iotd could get past this error: not for a damaged or newer state,
+    /// nor for a state directory iotd may not use; yes for a disk that failed for a moment or
+    /// another iotd that may go away.
+    pub fn fixed_by_restart(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => !matches!(
+                source.kind(),
+                std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+                    | std::io::ErrorKind::NotADirectory
+                    | std::io::ErrorKind::IsADirectory
+                    | std::io::ErrorKind::InvalidData
+            ),
+            StoreError::Locked { .. } => true,
+            StoreError::Corrupt { .. } | StoreError::Newer { .. } | StoreError::Exposed { .. } => {
+                false
+            }
+        }
+    }
+}
+
+/// What `gen/<n>/identity.json` holds: what the certificate and key beside it do not say about
+/// the identity they make. Written when an identity is committed, so that a `state.json` that
+/// is lost or damaged can be rebuilt from `gen/` (see `recover`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityRecord {
+    pub certificate_id: String,
+    pub thing_name: String,
+    #[serde(default)]
+    pub device_configuration: BTreeMap<String, String>,
+    pub committed_at: i64,
+}
+
+impl From<&Identity> for IdentityRecord {
+    fn from(i: &Identity) -> Self {
+        Self {
+            certificate_id: i.certificate_id.clone(),
+            thing_name: i.thing_name.clone(),
+            device_configuration: i.device_configuration.clone(),
+            committed_at: i.committed_at,
+        }
+    }
+}
+
+/// The exclusive lock on a state directory; released when dropped (or when the process ends,
+/// however it ends: the kernel drops a `flock` with its file).
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
 }
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -526,6 +601,61 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Takes the exclusive lock on the state directory (`flock` on its `lock` file), which the
+    /// agent holds for as long as it runs: a second iotd on the same directory (possible without
+    /// a system bus, whose name would otherwise tell) is refused, with the holder's PID.
+    pub fn lock(&self) -> Result<StateLock, StoreError> {
+        let path = self.dir.join("lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io("opening lock file", &path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok());
+                return Err(StoreError::Locked { lock: path, holder });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io("locking", &path)(e)),
+        }
+        // The PID is for the message a second iotd prints; the lock itself is the flock.
+        file.set_len(0)
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .map_err(io("writing lock file", &path))?;
+        Ok(StateLock { _file: file })
+    }
+
+    /// Makes sure the state directory is closed to other users (it holds the device key): a
+    /// directory made by hand or by an installer with 0755 is changed to 0700, with a warning
+    /// that says so; one that cannot be changed is refused.
+    pub fn secure(&self) -> Result<(), StoreError> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = fs::metadata(&self.dir).map_err(io("reading the mode of", &self.dir))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 == 0 {
+            return Ok(());
+        }
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            StoreError::Exposed {
+                dir: self.dir.clone(),
+                mode,
+                source,
+            }
+        })?;
+        tracing::warn!(
+            "state directory {} had mode {mode:04o}, open to other users; changed it to 0700 \
+             (it holds the device key)",
+            self.dir.display()
+        );
+        Ok(())
     }
 
     pub fn state_path(&self) -> PathBuf {
@@ -684,6 +814,59 @@ impl Store {
         }
         self.write_certificate(generation, pem)?;
         Ok(true)
+    }
+
+    pub fn identity_record_path(&self, generation: u32) -> PathBuf {
+        self.dir
+            .join("gen")
+            .join(generation.to_string())
+            .join("identity.json")
+    }
+
+    /// Writes `gen/<n>/identity.json` for `identity` unless it already says the same; says
+    /// whether it wrote. Like `cert.pem`, renamed into place but not synced on its own: it is a
+    /// spare for when state.json is lost, and is checked (and rewritten) at every start.
+    pub fn write_identity_record(&self, identity: &Identity) -> Result<bool, StoreError> {
+        let record = IdentityRecord::from(identity);
+        if self
+            .read_identity_record(identity.generation)
+            .is_ok_and(|r| r == record)
+        {
+            return Ok(false);
+        }
+        let dir = self.generation_dir(identity.generation)?;
+        let path = self.identity_record_path(identity.generation);
+        let text = serde_json::to_vec_pretty(&record).map_err(|e| StoreError::Corrupt {
+            path: path.clone(),
+            message: format!("serialising: {e}"),
+        })?;
+        let tmp = dir.join(".identity.json.tmp");
+        fs::write(&tmp, text).map_err(io("writing", &tmp))?;
+        fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
+        Ok(true)
+    }
+
+    pub fn read_identity_record(&self, generation: u32) -> Result<IdentityRecord, StoreError> {
+        let path = self.identity_record_path(generation);
+        let bytes = fs::read(&path).map_err(io("reading", &path))?;
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+            path,
+            message: e.to_string(),
+        })
+    }
+
+    /// Moves a damaged `state.json` aside as `state.json.damaged` (or `.damaged.<n>` when one
+    /// is there already), for a person to look at; returns where it went.
+    pub fn set_aside_damaged(&self) -> Result<PathBuf, StoreError> {
+        let from = self.state_path();
+        let mut to = self.dir.join("state.json.damaged");
+        let mut n = 1u32;
+        while to.exists() {
+            n = n.saturating_add(1);
+            to = self.dir.join(format!("state.json.damaged.{n}"));
+        }
+        fs::rename(&from, &to).map_err(io("moving aside", &from))?;
+        Ok(to)
     }
 
     pub fn read_certificate(&self, generation: u32) -> Result<String, StoreError> {

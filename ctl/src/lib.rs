@@ -71,7 +71,9 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> anyhow::Result<u8> {
     let paths = config_paths(cli.config.as_deref());
     match cli.command {
         Command::Status(args) if args.watch => runtime.block_on(bus::watch(args.json))?,
-        Command::Status(args) => runtime.block_on(bus::status(args.json))?,
+        Command::Status(args) => runtime
+            .block_on(bus::status(args.json))
+            .map_err(|e| why_not_running(e, &paths))?,
         Command::Rotate => runtime.block_on(bus::rotate())?,
         Command::Reprovision => runtime.block_on(bus::reprovision())?,
         Command::Check(args) => return run_check(args, paths, runtime),
@@ -159,4 +161,51 @@ fn config_check(paths: &ConfigPaths, explicit: bool) -> anyhow::Result<u8> {
             Ok(exit::FAILURE)
         }
     }
+}
+
+/// When iotd is not running, what it left behind says why: the reason it gave when it last
+/// stopped (`exit.json`), else the last error in state.json.
+fn why_not_running(error: anyhow::Error, paths: &ConfigPaths) -> anyhow::Error {
+    let Some(not_reachable) = error.downcast_ref::<bus::NotReachable>() else {
+        return error;
+    };
+    let mut lines: Vec<String> = not_reachable.detail.iter().cloned().collect();
+    if let Some(record) = iotd::exit::read() {
+        lines.push(format!(
+            "it stopped at {} (exit status {}, PID {}): {}",
+            status::rfc3339(record.at),
+            record.status,
+            record.pid,
+            record.message
+        ));
+        lines.push(if record.restarted_by_systemd() {
+            "systemd restarts it after this error; journalctl -u iotd shows how it goes".to_owned()
+        } else {
+            "systemd does not restart it after this error: fix the cause, then run \
+             systemctl restart iotd"
+                .to_owned()
+        });
+    } else if let Some(last) = last_error_on_disk(paths) {
+        lines.push(format!(
+            "its last recorded error ({}, at {}): {}",
+            last.code,
+            status::rfc3339(last.at),
+            last.message
+        ));
+        lines.push("journalctl -u iotd says why it stopped".to_owned());
+    } else {
+        lines.push("journalctl -u iotd says why it stopped".to_owned());
+    }
+    bus::NotReachable {
+        detail: Some(lines.join("\n  ")),
+    }
+    .into()
+}
+
+/// state.json's last error, read without writing anything (no migration, no directory made).
+fn last_error_on_disk(paths: &ConfigPaths) -> Option<iotd::store::LastError> {
+    let settings = iotd::config::load(paths).ok()?;
+    let bytes = std::fs::read(settings.state_dir.join("state.json")).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    serde_json::from_value(value.get("lastError")?.clone()).ok()
 }
