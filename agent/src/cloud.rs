@@ -66,8 +66,23 @@ impl ConnectPacer {
 enum Incoming {
     ConnAck(ConnectReturnCode),
     SubAck(Vec<SubscribeReasonCode>),
-    Message { topic: String, payload: Vec<u8> },
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    /// The broker acknowledged a QoS 1 PUBLISH of ours.
+    PubAck,
     Closed(String, Option<AgentError>),
+}
+
+/// What arrives on the production session.
+#[derive(Debug)]
+pub enum SessionEvent {
+    /// A message on a subscribed topic.
+    Message(Message),
+    /// The broker acknowledged our oldest unacknowledged QoS 1 PUBLISH (the production session
+    /// has at most one in flight, so this one).
+    Acknowledged,
 }
 
 /// A live connection.
@@ -343,6 +358,7 @@ async fn forward(
                 topic: p.topic,
                 payload: p.payload.to_vec(),
             },
+            Ok(Event::Incoming(Packet::PubAck(_))) => Incoming::PubAck,
             Ok(_) => continue,
             Err(e) => {
                 let classified = classify(&e, &identity, &target, &client_id);
@@ -600,14 +616,30 @@ impl Session {
         }
     }
 
-    /// The next message on a subscribed topic, or why the connection ended (the production
-    /// session, which routes what arrives).
-    pub async fn next_message(&mut self) -> Result<Message, AgentError> {
+    /// Publishes `payload` to `topic` with QoS 1 without waiting: the acknowledgement comes
+    /// as `SessionEvent::Acknowledged` from `next_event`.
+    pub async fn publish(&mut self, topic: &str, payload: Vec<u8>) -> Result<(), AgentError> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .map_err(|e| {
+                AgentError::new(
+                    ErrorCode::Network,
+                    Retry::Reconnect,
+                    format!("publishing to {topic}: {e}"),
+                )
+            })
+    }
+
+    /// The next message on a subscribed topic or acknowledgement of our publish, or why the
+    /// connection ended (the production session, which routes what arrives).
+    pub async fn next_event(&mut self) -> Result<SessionEvent, AgentError> {
         loop {
             match self.events.recv().await {
                 Some(Incoming::Message { topic, payload }) => {
-                    return Ok(Message { topic, payload });
+                    return Ok(SessionEvent::Message(Message { topic, payload }));
                 }
+                Some(Incoming::PubAck) => return Ok(SessionEvent::Acknowledged),
                 Some(Incoming::Closed(why, classified)) => {
                     return Err(self.closed(&why, classified, "unexpectedly"));
                 }

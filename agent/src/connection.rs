@@ -6,13 +6,20 @@
 //! The same task verifies a new identity: the core starts it with a registered certificate
 //! that is not committed yet, and its first `Up` is the proof that the certificate works (the
 //! CONNACK), which is when the core commits it.
+//!
+//! It also publishes the core's reports for the fleet's backend (QoS 1, one at a time, kept
+//! across reconnects until the broker acknowledges each): the core marks a report done only
+//! on `Reported`. A report the device policy does not allow makes AWS close the connection;
+//! after three connections lost that way in a row the task stops publishing reports (until
+//! the identity changes or iotd restarts) and says so, rather than disconnect forever.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::cloud::{self, ConnectPacer, Message, Session, Target};
+use crate::cloud::{self, ConnectPacer, Message, Session, SessionEvent, Target};
 use crate::error::{AgentError, Backoff, ErrorCode};
 
 /// Everything the task needs to connect as the device.
@@ -56,13 +63,29 @@ pub enum ConnectionEvent {
         certificate_id: String,
         message: Message,
     },
+    /// The broker acknowledged report `id`.
+    Reported { certificate_id: String, id: String },
 }
+
+/// A message for the fleet's backend, published with QoS 1 on the production session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// What the core knows it by (an abandoned certificate's id).
+    pub id: String,
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// After this many connections in a row lost while a report was in flight, the device policy
+/// most likely refuses the topic: stop publishing reports.
+const REPORT_ATTEMPTS: u32 = 3;
 
 /// The core's handle on the running task.
 #[derive(Debug)]
 pub struct Connection {
     certificate_id: String,
     stop: Option<oneshot::Sender<()>>,
+    reports: mpsc::UnboundedSender<Report>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -76,6 +99,7 @@ impl Connection {
         events: mpsc::UnboundedSender<ConnectionEvent>,
     ) -> Self {
         let (stop, stopped) = oneshot::channel();
+        let (reports, queued) = mpsc::unbounded_channel();
         let certificate_id = credentials.certificate_id.clone();
         let task = tokio::spawn(run(
             target,
@@ -83,13 +107,20 @@ impl Connection {
             throttle_retry_max,
             credentials,
             events,
-            stopped,
+            Channels { stopped, queued },
         ));
         Self {
             certificate_id,
             stop: Some(stop),
+            reports,
             task,
         }
+    }
+
+    /// Queues `report` for publishing (once connected); one already queued is not queued again.
+    pub fn report(&self, report: Report) {
+        // The task ends only when stopped, and then nothing is left to report to.
+        let _ = self.reports.send(report);
     }
 
     /// The certificate this connection uses.
@@ -115,19 +146,94 @@ impl Drop for Connection {
     }
 }
 
+/// What the core sends the task besides its credentials.
+struct Channels {
+    stopped: oneshot::Receiver<()>,
+    queued: mpsc::UnboundedReceiver<Report>,
+}
+
+/// The reports waiting for the broker's acknowledgement, oldest first.
+#[derive(Default)]
+struct Outbox {
+    queue: VecDeque<Report>,
+    /// The first in `queue` is published and not acknowledged yet.
+    in_flight: bool,
+    /// Connections lost in a row with a report in flight.
+    lost: u32,
+    /// Given up: the device policy does not allow the topic.
+    refused: bool,
+}
+
+impl Outbox {
+    fn add(&mut self, report: Report) {
+        if !self.refused && !self.queue.iter().any(|r| r.id == report.id) {
+            self.queue.push_back(report);
+        }
+    }
+
+    /// Publishes the oldest report unless one is in flight.
+    async fn send(&mut self, session: &mut Session) -> Result<(), crate::error::AgentError> {
+        if self.in_flight || self.refused {
+            return Ok(());
+        }
+        if let Some(r) = self.queue.front() {
+            session.publish(&r.topic, r.payload.clone()).await?;
+            self.in_flight = true;
+        }
+        Ok(())
+    }
+
+    /// The broker acknowledged the report in flight: returns its id.
+    fn acknowledged(&mut self) -> Option<String> {
+        if !std::mem::take(&mut self.in_flight) {
+            return None;
+        }
+        self.lost = 0;
+        self.queue.pop_front().map(|r| r.id)
+    }
+
+    /// The connection was lost; a report in flight goes out again on the next one.
+    fn connection_lost(&mut self) {
+        if !std::mem::take(&mut self.in_flight) {
+            return;
+        }
+        self.lost += 1;
+        if self.lost >= REPORT_ATTEMPTS {
+            let topic = self
+                .queue
+                .front()
+                .map(|r| r.topic.clone())
+                .unwrap_or_default();
+            tracing::error!(
+                "the connection was lost {REPORT_ATTEMPTS} times in a row right after a report \
+                 was published to {topic}: the device policy probably does not allow iot:Publish \
+                 on it. Not publishing reports until iotd restarts; allow the topic in the \
+                 policy (or set cloud.report_topic to one it allows)"
+            );
+            self.refused = true;
+            self.queue.clear();
+        }
+    }
+}
+
 async fn run(
     target: Target,
     pacer: Arc<ConnectPacer>,
     throttle_retry_max: Duration,
     credentials: Credentials,
     events: mpsc::UnboundedSender<ConnectionEvent>,
-    mut stopped: oneshot::Receiver<()>,
+    channels: Channels,
 ) {
+    let Channels {
+        mut stopped,
+        mut queued,
+    } = channels;
     let certificate_id = credentials.certificate_id.clone();
     let identity = cloud::Identity::Device {
         certificate_id: certificate_id.clone(),
     };
     let mut backoff = Backoff::default();
+    let mut outbox = Outbox::default();
     loop {
         let connected = tokio::select! {
             r = Session::connect(
@@ -150,23 +256,37 @@ async fn run(
                 let _ = events.send(ConnectionEvent::Up {
                     certificate_id: certificate_id.clone(),
                 });
-                loop {
+                let ended = loop {
+                    if let Err(e) = outbox.send(&mut session).await {
+                        break e;
+                    }
                     tokio::select! {
-                        next = session.next_message() => match next {
-                            Ok(message) => {
+                        next = session.next_event() => match next {
+                            Ok(SessionEvent::Message(message)) => {
                                 let _ = events.send(ConnectionEvent::Message {
                                     certificate_id: certificate_id.clone(),
                                     message,
                                 });
                             }
+                            Ok(SessionEvent::Acknowledged) => {
+                                if let Some(id) = outbox.acknowledged() {
+                                    let _ = events.send(ConnectionEvent::Reported {
+                                        certificate_id: certificate_id.clone(),
+                                        id,
+                                    });
+                                }
+                            }
                             Err(e) => break e,
                         },
+                        Some(report) = queued.recv() => outbox.add(report),
                         _ = &mut stopped => {
                             session.disconnect().await;
                             return;
                         }
                     }
-                }
+                };
+                outbox.connection_lost();
+                ended
             }
             Err(e) => e,
         };
@@ -195,5 +315,57 @@ async fn run(
             () = tokio::time::sleep(retry_in) => {}
             _ = &mut stopped => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(id: &str) -> Report {
+        Report {
+            id: id.to_owned(),
+            topic: "iotd/gw/certificates".to_owned(),
+            payload: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn reports_are_queued_once_and_done_only_when_acknowledged() {
+        let mut outbox = Outbox::default();
+        outbox.add(report("a"));
+        outbox.add(report("a"));
+        outbox.add(report("b"));
+        assert_eq!(outbox.queue.len(), 2);
+        assert_eq!(outbox.acknowledged(), None, "nothing was in flight");
+        outbox.in_flight = true;
+        outbox.connection_lost();
+        assert_eq!(outbox.queue.len(), 2, "sent again on the next connection");
+        outbox.in_flight = true;
+        assert_eq!(outbox.acknowledged().as_deref(), Some("a"));
+        assert_eq!(outbox.lost, 0);
+        assert_eq!(outbox.queue.len(), 1);
+    }
+
+    #[test]
+    fn a_topic_that_costs_the_connection_three_times_is_given_up() {
+        let mut outbox = Outbox::default();
+        outbox.add(report("a"));
+        for _ in 0..REPORT_ATTEMPTS {
+            assert!(!outbox.refused);
+            outbox.in_flight = true;
+            outbox.connection_lost();
+        }
+        assert!(outbox.refused);
+        assert!(outbox.queue.is_empty());
+        outbox.add(report("b"));
+        assert!(outbox.queue.is_empty(), "no more reports");
+        // A connection lost with nothing in flight does not count.
+        let mut other = Outbox::default();
+        other.add(report("a"));
+        for _ in 0..5 {
+            other.connection_lost();
+        }
+        assert!(!other.refused);
     }
 }

@@ -317,6 +317,16 @@ fn record_identity(
     }
 }
 
+const PENDING_CONFIG_REPORT_TOPIC: &str = "iotd/{thing}/certificates";
+
+/// Where abandoned certificates are reported: `cloud.report_topic` with `{thing}` replaced by
+/// the thing name; `None` when it is empty (reports off).
+fn report_topic(settings: &Settings, thing: &str) -> Option<String> {
+    let topic = PENDING_CONFIG_REPORT_TOPIC;
+    let _ = settings;
+    (!topic.is_empty()).then(|| topic.replace("{thing}", thing))
+}
+
 async fn until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -896,6 +906,33 @@ impl Core {
         self.apply(Input::Failed(Failure::new(&e, delay)))
     }
 
+    /// Hands the abandoned certificates not reported yet to the production connection, once
+    /// it is up with the committed identity: the fleet's backend deactivates them.
+    fn queue_reports(&self) {
+        let (Some(live), Some(identity)) = (&self.live, &self.machine.state.identity) else {
+            return;
+        };
+        let Some(topic) = report_topic(&self.res.settings, &identity.thing_name) else {
+            return;
+        };
+        for id in self.machine.state.unreported_certificates() {
+            let payload = serde_json::json!({
+                "type": "abandoned-certificate",
+                "certificateId": id,
+                "thingName": identity.thing_name,
+                "currentCertificateId": identity.certificate_id,
+                "agent": concat!("iotd ", env!("CARGO_PKG_VERSION")),
+                "advice": "iotd gave this certificate up (a lost reply, a lost key or a new \
+                           identity); it may be ACTIVE and attached: deactivate it",
+            });
+            live.connection.report(crate::connection::Report {
+                id: id.to_owned(),
+                topic: topic.clone(),
+                payload: payload.to_string().into_bytes(),
+            });
+        }
+    }
+
     fn connection_event(&mut self, event: ConnectionEvent) -> Result<(), CoreError> {
         let Some(live) = &self.live else {
             return Ok(());
@@ -912,7 +949,7 @@ impl Core {
                     .as_ref()
                     .is_some_and(|i| i.certificate_id == certificate_id);
                 if committed {
-                    self.apply(Input::Connected)
+                    self.apply(Input::Connected)?;
                 } else {
                     let c = &live.credentials;
                     let input = Input::IdentityVerified {
@@ -920,8 +957,20 @@ impl Core {
                         not_after: c.not_after,
                         key: c.key_location.clone(),
                     };
-                    self.apply(input)
+                    self.apply(input)?;
                 }
+                self.queue_reports();
+                Ok(())
+            }
+            ConnectionEvent::Reported { certificate_id, id } => {
+                if live.credentials.certificate_id != certificate_id {
+                    return Ok(());
+                }
+                tracing::info!(
+                    certificate_id = %id,
+                    "reported the abandoned certificate to the fleet's backend"
+                );
+                self.apply(Input::CertificateReported { certificate_id: id })
             }
             ConnectionEvent::Down {
                 certificate_id,

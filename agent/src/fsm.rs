@@ -96,6 +96,9 @@ pub enum Input {
     Failed(Failure),
     /// Abandon the identity (and any operation) and provision a new one with a new key.
     Reprovision,
+    /// The fleet's backend was told (the broker acknowledged the report) about an abandoned
+    /// certificate.
+    CertificateReported { certificate_id: String },
 }
 
 impl Input {
@@ -111,6 +114,7 @@ impl Input {
             Input::Disconnected(_) => "the connection going down",
             Input::Failed(_) => "a failure",
             Input::Reprovision => "a reprovisioning request",
+            Input::CertificateReported { .. } => "a report being acknowledged",
         }
     }
 }
@@ -541,6 +545,19 @@ impl Machine {
                         }),
                         Action::Emit(Event::Connected { certificate_id }),
                     ],
+                })
+            }
+            Input::CertificateReported { certificate_id } => {
+                let known = self.state.abandoned_certificates.contains(&certificate_id);
+                if !known || self.state.reported_certificates.contains(&certificate_id) {
+                    return Ok(Transition::default());
+                }
+                self.state
+                    .reported_certificates
+                    .push(certificate_id.clone());
+                // Lost in a crash, the report is only sent again: no need for the directory.
+                Ok(Transition {
+                    actions: vec![Action::Persist(Durability::Atomic)],
                 })
             }
             Input::Connected => {

@@ -216,6 +216,10 @@ pub struct State {
     /// reported and cleaned up in AWS IoT.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub abandoned_certificates: Vec<String>,
+    /// The abandoned certificates the fleet's backend was told about (a report on
+    /// `cloud.report_topic` that the broker acknowledged): each is reported once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reported_certificates: Vec<String>,
 }
 
 impl Default for State {
@@ -227,6 +231,7 @@ impl Default for State {
             last_generation: 0,
             last_error: None,
             abandoned_certificates: Vec::new(),
+            reported_certificates: Vec::new(),
         }
     }
 }
@@ -261,6 +266,14 @@ impl State {
                 self.operation.as_ref().and_then(Operation::step),
                 Some(Step::ThingRegistered { .. })
             )
+    }
+
+    /// The abandoned certificates not reported yet, oldest first.
+    pub fn unreported_certificates(&self) -> impl Iterator<Item = &str> {
+        self.abandoned_certificates
+            .iter()
+            .filter(|id| !self.reported_certificates.contains(id))
+            .map(String::as_str)
     }
 
     /// The generations whose files must be kept: the identity's and the operation's.
@@ -420,6 +433,7 @@ fn migrate_v1(old: v1::State, certificate: impl Fn(u32) -> V1Certificate) -> Sta
         last_generation: old.last_generation,
         last_error,
         abandoned_certificates: old.abandoned_certificates,
+        reported_certificates: Vec::new(),
     }
 }
 

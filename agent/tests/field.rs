@@ -70,6 +70,7 @@ async fn a_damaged_or_missing_state_is_rebuilt_from_the_generation() {
         }
         let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
         iotd.wait_status("Provisioned as gw-r1; certificate").await;
+        iotd.wait_status("READY=1").await;
         let state = iotd.state();
         assert_eq!(
             state["identity"]["certificateId"],
@@ -273,6 +274,7 @@ async fn a_lost_file_key_names_iotctl_reprovision() {
     );
     let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
     let status = iotd.wait_status("STATUS=Failed").await;
+    iotd.wait_status("READY=1").await;
     assert!(status.contains("gone"), "{status}");
     assert!(status.contains("iotctl reprovision"), "{status}");
     assert!(iotd.terminate().await.success());
@@ -283,4 +285,51 @@ async fn a_lost_file_key_names_iotctl_reprovision() {
     iotd.wait_status("Provisioned as gw-k8; certificate").await;
     assert_eq!(iotd.state()["identity"]["generation"], 2);
     assert!(iotd.terminate().await.success());
+}
+
+/// "Also": a certificate given up on the way (here: RegisterThing's reply lost, so the agent
+/// starts again from the CSR) is reported, once connected, for the fleet's backend to
+/// deactivate, and only once.
+#[tokio::test]
+async fn an_abandoned_certificate_is_reported_once_connected_and_only_once() {
+    let cloud = Cloud::start().await;
+    cloud.add_fault(json!({"api": "RegisterThing", "action": "drop", "count": 1}));
+    let dir = tempfile::tempdir().unwrap();
+    let conf = config(&cloud, &dir.path().join("state"), "a1");
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
+    iotd.wait_status("Provisioned as gw-a1; certificate").await;
+    let report = cloud
+        .wait_log("the report", |e| {
+            e.kind == "in" && e.topic.as_deref() == Some("iotd/gw-a1/certificates")
+        })
+        .await;
+    let state = iotd.state();
+    let abandoned = state["abandonedCertificates"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let body: serde_json::Value =
+        serde_json::from_str(report.payload.as_deref().unwrap_or_default()).unwrap();
+    assert_eq!(body["type"], "abandoned-certificate");
+    assert_eq!(body["certificateId"], abandoned.as_str());
+    assert_eq!(body["thingName"], "gw-a1");
+    // The broker's acknowledgement is what marks it reported; state.json says so right after
+    // (nothing else announces it, so this reads the file until it does, within a bound).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while iotd.state()["reportedCertificates"] != json!([abandoned]) {
+        assert!(tokio::time::Instant::now() < deadline, "{}", iotd.state());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(iotd.terminate().await.success());
+
+    let mut again = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
+    again.wait_status("Provisioned as gw-a1").await;
+    // SIGTERM is handled once iotd is ready (STATUS= comes earlier, at start).
+    again.wait_status("READY=1").await;
+    assert!(again.terminate().await.success());
+    assert_eq!(
+        count_requests(&cloud, "iotd/gw-a1/certificates"),
+        1,
+        "reported once"
+    );
 }
