@@ -161,7 +161,15 @@ pub struct Core {
     look_for_claims: bool,
     /// The identity whose `gen/<n>/identity.json` is known to be written.
     recorded_identity: Option<(u32, String)>,
+    /// The template parameter values of the provisioning in progress, once resolved.
+    parameters: Option<work::Parameters>,
+    /// Resolving them failed this many times in a row.
+    parameter_failures: u32,
 }
+
+/// How many times in a row resolving the template parameters may fail before provisioning
+/// stops (with backoff: about a minute in all).
+const PARAMETER_ATTEMPTS: u32 = 6;
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -208,6 +216,7 @@ async fn finished(work: &mut Option<(Work, tokio::task::JoinHandle<Done>)>) -> D
                     format!("running {work:?}: the task stopped: {e}"),
                 )),
                 session: None,
+                parameters: None,
             },
         },
         None => std::future::pending().await,
@@ -317,13 +326,10 @@ fn record_identity(
     }
 }
 
-const PENDING_CONFIG_REPORT_TOPIC: &str = "iotd/{thing}/certificates";
-
 /// Where abandoned certificates are reported: `cloud.report_topic` with `{thing}` replaced by
 /// the thing name; `None` when it is empty (reports off).
 fn report_topic(settings: &Settings, thing: &str) -> Option<String> {
-    let topic = PENDING_CONFIG_REPORT_TOPIC;
-    let _ = settings;
+    let topic = &settings.cloud.report_topic;
     (!topic.is_empty()).then(|| topic.replace("{thing}", thing))
 }
 
@@ -435,6 +441,8 @@ impl Core {
             cleanup: None,
             look_for_claims: true,
             recorded_identity,
+            parameters: None,
+            parameter_failures: 0,
         };
         if core.machine.work() == Work::WaitForClaim {
             let now = core.clock.now();
@@ -681,6 +689,10 @@ impl Core {
             }
             let now = self.clock.now();
             let work = self.machine.work();
+            if self.machine.state.operation.is_none() {
+                // The next provisioning reads its parameters again.
+                self.parameters = None;
+            }
             match &work {
                 Work::Idle => return Ok(()),
                 // Waiting is not polling: the claims are looked at again when something may
@@ -791,13 +803,13 @@ impl Core {
     }
 
     fn start(&mut self, work: Work) {
-        let task = tokio::spawn(work::run(
-            self.res.clone(),
-            work.clone(),
-            self.claim.clone(),
-            self.session.take(),
-            self.cleanup.take(),
-        ));
+        let carried = work::Carried {
+            claim: self.claim.clone(),
+            session: self.session.take(),
+            parameters: self.parameters.clone(),
+            cleanup: self.cleanup.take(),
+        };
+        let task = tokio::spawn(work::run(self.res.clone(), work.clone(), carried));
         self.work = Some((work, task));
     }
 
@@ -822,6 +834,10 @@ impl Core {
     fn finish(&mut self, done: Done) -> Result<(), CoreError> {
         if let Some(session) = done.session {
             self.session = Some(session);
+        }
+        if done.parameters.is_some() {
+            self.parameters = done.parameters;
+            self.parameter_failures = 0;
         }
         match done.result {
             Ok(Produced::Input { input, key }) => {
@@ -849,8 +865,24 @@ impl Core {
         }
     }
 
-    fn failed(&mut self, e: AgentError) -> Result<(), CoreError> {
+    fn failed(&mut self, mut e: AgentError) -> Result<(), CoreError> {
         self.look_for_claims = true;
+        if e.code == ErrorCode::Parameter && !e.is_permanent() {
+            // A parameter source that fails at boot (a device node not there yet) gets a few
+            // tries with backoff; one that keeps failing is a person's to fix.
+            self.parameter_failures += 1;
+            if self.parameter_failures >= PARAMETER_ATTEMPTS {
+                self.parameter_failures = 0;
+                e = AgentError::permanent(
+                    e.code,
+                    format!(
+                        "{}; failed {PARAMETER_ATTEMPTS} times, not trying again: fix it \
+                         (iotctl check runs it), then run iotctl reprovision",
+                        e.message
+                    ),
+                );
+            }
+        }
         if matches!(
             e.code,
             ErrorCode::ClaimExpired | ErrorCode::ClaimMissing | ErrorCode::ClaimRejected

@@ -82,6 +82,7 @@ pub fn to_dbus_error(e: AgentError) -> Error {
         ErrorCode::NotSupported => Error::NotSupported(message),
         ErrorCode::Throttled | ErrorCode::Busy => Error::Busy(message),
         ErrorCode::Config
+        | ErrorCode::Parameter
         | ErrorCode::ClaimMissing
         | ErrorCode::ClaimExpired
         | ErrorCode::ClaimRejected

@@ -119,6 +119,16 @@ impl Input {
     }
 }
 
+/// `f`, its message naming `iotctl reprovision` (see `Machine::key_lost`).
+fn naming_reprovision(f: &Failure) -> Failure {
+    let mut f = f.clone();
+    if !f.message.contains("iotctl reprovision") {
+        f.message
+            .push_str(" (iotctl reprovision starts over with a new identity at any time)");
+    }
+    f
+}
+
 /// An event for the outside world (D-Bus signals, later the onboarding page): said once, when it
 /// happens, never derived from comparing snapshots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -548,8 +558,8 @@ impl Machine {
                 })
             }
             Input::CertificateReported { certificate_id } => {
-                let known = self.state.abandoned_certificates.contains(&certificate_id);
-                if !known || self.state.reported_certificates.contains(&certificate_id) {
+                let known = self.state.abandoned_certificates.contains(certificate_id);
+                if !known || self.state.reported_certificates.contains(certificate_id) {
                     return Ok(Transition::default());
                 }
                 self.state
@@ -686,7 +696,8 @@ impl Machine {
         Ok(t)
     }
 
-    /// The device key is gone for good (a cleared TPM, a deleted file).
+    /// The device key is gone for good (a cleared TPM, a deleted file). Every message about it
+    /// names `iotctl reprovision`, the one remedy a person has when it keeps happening.
     fn key_lost(&mut self, f: &Failure, now: i64) -> Transition {
         let mut t = Transition::default();
         if let Some(Operation::Provisioning { step, .. }) = &mut self.state.operation {
@@ -695,7 +706,7 @@ impl Machine {
                 self.state.abandoned_certificates.push(id.to_owned());
             }
             let lost = step.take().map(|s| s.generation());
-            self.record(f, false, now);
+            self.record(&naming_reprovision(f), false, now);
             t.actions.push(Action::Persist(if lost.is_some() {
                 Durability::Durable
             } else {
@@ -722,10 +733,10 @@ impl Machine {
                 claim: origin,
                 step: None,
             });
-            let f = Failure {
+            let f = naming_reprovision(&Failure {
                 message: format!("{}; provisioning a new identity with a new key", f.message),
                 ..f.clone()
-            };
+            });
             self.record(&f, false, now);
             t.actions = vec![Action::StopConnection, Action::Persist(Durability::Durable)];
             t.actions.extend(lost.map(Action::RemoveKey));
@@ -1162,6 +1173,8 @@ mod tests {
         .unwrap();
         assert_eq!(step(&m), None);
         assert_eq!(m.state.abandoned_certificates, ["cert-1"]);
+        let said = m.state.last_error.clone().unwrap().message;
+        assert!(said.contains("iotctl reprovision"), "{said}");
         // Never the same generation again.
         assert_eq!(m.work(), Work::CreateKey { generation: 2 });
     }
@@ -1192,6 +1205,8 @@ mod tests {
         assert_eq!(m.state.identity, None);
         assert_eq!(m.state.abandoned_certificates, ["cert-1"]);
         assert_eq!(m.work(), Work::CreateKey { generation: 2 });
+        let said = m.state.last_error.clone().unwrap().message;
+        assert!(said.contains("iotctl reprovision"), "{said}");
 
         let mut m = provisioned();
         let t = m

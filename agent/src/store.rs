@@ -447,10 +447,11 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    /// Damaged: iotd leaves it (and the key generations) as they are.
+    /// Damaged: iotd sets it aside and rebuilds it from `gen/` when it starts (see `recover`).
     #[error(
-        "reading {path}: {message}; iotd leaves it as it is. Keep {dir}/gen/: it holds the \
-         device key and certificate of this gateway's identity",
+        "reading {path}: {message}. iotd keeps it as state.json.damaged and rebuilds it from \
+         {dir}/gen/ when it starts; never delete gen/: it holds the device key and certificate \
+         of this gateway's identity",
         dir = path.parent().map(|p| p.display().to_string()).unwrap_or_default()
     )]
     Corrupt { path: PathBuf, message: String },
@@ -966,7 +967,7 @@ mod tests {
     }
 
     #[test]
-    fn damaged_state_is_named_left_alone_and_gen_is_kept() {
+    fn damaged_state_is_named_left_alone_by_load_and_gen_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         for (bytes, says) in [
@@ -979,7 +980,7 @@ mod tests {
             fs::write(dir.path().join("state.json"), bytes).unwrap();
             let err = store.load().unwrap_err().to_string();
             assert!(err.contains("state.json") && err.contains(says), "{err}");
-            assert!(err.contains("Keep") && err.contains("gen/"), "{err}");
+            assert!(err.contains("never delete gen/"), "{err}");
             assert!(!err.contains("move it away"), "{err}");
             assert_eq!(fs::read(dir.path().join("state.json")).unwrap(), bytes);
         }
@@ -1093,5 +1094,77 @@ mod tests {
             step: Some(Step::KeyReady { generation: 4 }),
         });
         assert_eq!(s.live_generations(), [4]);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod directory_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_lock_is_exclusive_and_names_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let held = store.lock().unwrap();
+        let err = store.lock().unwrap_err();
+        assert!(
+            matches!(err, StoreError::Locked { holder: Some(pid), .. } if pid == std::process::id()),
+            "{err}"
+        );
+        assert!(err.fixed_by_restart());
+        drop(held);
+        store.lock().unwrap();
+    }
+
+    #[test]
+    fn an_open_directory_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let store = Store::open(&path).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        store.secure().unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn identity_records_round_trip_and_are_written_only_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut identity = Identity {
+            generation: 3,
+            certificate_id: "ab".into(),
+            certificate_pem: "PEM".into(),
+            thing_name: "gw-1".into(),
+            key: None,
+            not_before: 1,
+            not_after: 2,
+            device_configuration: BTreeMap::new(),
+            committed_at: 3,
+        };
+        assert!(store.write_identity_record(&identity).unwrap());
+        assert!(!store.write_identity_record(&identity).unwrap());
+        identity.thing_name = "gw-2".into();
+        assert!(store.write_identity_record(&identity).unwrap());
+        let record = store.read_identity_record(3).unwrap();
+        assert_eq!(record, IdentityRecord::from(&identity));
+    }
+
+    #[test]
+    fn a_damaged_state_is_set_aside_without_overwriting_an_earlier_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for (n, name) in ["state.json.damaged", "state.json.damaged.2"]
+            .iter()
+            .enumerate()
+        {
+            fs::write(store.state_path(), format!("bad {n}")).unwrap();
+            let aside = store.set_aside_damaged().unwrap();
+            assert_eq!(aside, dir.path().join(name));
+            assert_eq!(fs::read_to_string(&aside).unwrap(), format!("bad {n}"));
+        }
+        assert!(!store.state_path().exists());
     }
 }

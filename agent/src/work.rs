@@ -8,6 +8,7 @@
 //! certificate is stored in its generation's directory before the step that names it is
 //! written, and a request to the cloud is made again only after its step failed.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::claim::Claim;
@@ -45,11 +46,17 @@ pub enum Produced {
     Credentials(Credentials),
 }
 
-/// A finished unit of work; the claim connection comes back to the core for the next step.
+/// Template parameter values, resolved once per provisioning (before its first request to the
+/// cloud) and kept by the core for the steps after it.
+pub type Parameters = Arc<BTreeMap<String, String>>;
+
+/// A finished unit of work; the claim connection and the parameter values come back to the
+/// core for the next step.
 #[derive(Debug)]
 pub struct Done {
     pub result: Result<Produced, AgentError>,
     pub session: Option<Session>,
+    pub parameters: Option<Parameters>,
 }
 
 pub fn store_error(e: crate::store::StoreError) -> AgentError {
@@ -201,21 +208,78 @@ async fn existing_key(
         })
 }
 
-/// Runs one unit of work. `claim` is the claim at hand (for the steps that talk to the cloud
-/// with it), `session` the claim connection if one is open.
-pub async fn run(
-    res: Arc<Resources>,
-    work: Work,
-    claim: Option<Claim>,
-    mut session: Option<Session>,
-    cleanup: Option<tokio::task::JoinHandle<()>>,
-) -> Done {
+/// What a unit of work starts with besides the work itself.
+#[derive(Debug, Default)]
+pub struct Carried {
+    /// The claim at hand (for the steps that talk to the cloud with it).
+    pub claim: Option<Claim>,
+    /// The claim connection, if one is open.
+    pub session: Option<Session>,
+    /// The parameter values, once resolved.
+    pub parameters: Option<Parameters>,
+    /// Key removals the unit waits for first.
+    pub cleanup: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Runs one unit of work.
+pub async fn run(res: Arc<Resources>, work: Work, carried: Carried) -> Done {
+    let Carried {
+        claim,
+        mut session,
+        mut parameters,
+        cleanup,
+    } = carried;
     // Key removals first: a new key never races the removal of an old one.
     if let Some(cleanup) = cleanup {
         let _ = cleanup.await;
     }
-    let result = step(&res, work, claim.as_ref(), &mut session).await;
-    Done { result, session }
+    let result = step(&res, work, claim.as_ref(), &mut session, &mut parameters).await;
+    Done {
+        result,
+        session,
+        parameters,
+    }
+}
+
+/// Resolves the template parameters (files read, commands run) unless they are: before the
+/// first request of a provisioning to the cloud, so that a parameter that can't be read costs
+/// no certificate. A failure that may pass (a command that failed, a file not there yet at
+/// boot) is retried with backoff; a missing executable or a configuration mistake is not.
+async fn parameters<'a>(
+    res: &Arc<Resources>,
+    slot: &'a mut Option<Parameters>,
+) -> Result<&'a Parameters, AgentError> {
+    if slot.is_none() {
+        let provisioning = res.settings.provisioning.clone();
+        let resolved = tokio::task::spawn_blocking(move || provisioning.resolve_parameters())
+            .await
+            .map_err(|e| {
+                AgentError::new(
+                    ErrorCode::Parameter,
+                    Retry::SameConnection,
+                    format!("resolving template parameters: the worker stopped: {e}"),
+                )
+            })?
+            .map_err(|e| {
+                let code = if e.parameter().is_some() {
+                    ErrorCode::Parameter
+                } else {
+                    ErrorCode::Config
+                };
+                let retry = if e.is_transient() {
+                    Retry::SameConnection
+                } else {
+                    Retry::Permanent
+                };
+                AgentError::new(code, retry, e.to_string())
+            })?;
+        if !resolved.is_empty() {
+            tracing::info!(count = resolved.len(), "resolved the template parameters");
+        }
+        *slot = Some(Arc::new(resolved));
+    }
+    slot.as_ref()
+        .ok_or_else(|| AgentError::permanent(ErrorCode::Parameter, "template parameters vanished"))
 }
 
 async fn step(
@@ -223,6 +287,7 @@ async fn step(
     work: Work,
     claim: Option<&Claim>,
     session: &mut Option<Session>,
+    resolved: &mut Option<Parameters>,
 ) -> Result<Produced, AgentError> {
     let p = &res.settings.provisioning;
     let (format, timeout) = (p.format, res.settings.cloud.reply_timeout);
@@ -239,6 +304,7 @@ async fn step(
             Input::KeyCreated { generation }
         }
         Work::CreateKeysAndCertificate { generation } => {
+            parameters(res, resolved).await?;
             let s = res.claim_session(session, claim).await?;
             let issued = crate::fleet::create_keys_and_certificate(s, format, timeout).await?;
             let pem = issued.private_key.clone().unwrap_or_default();
@@ -264,6 +330,7 @@ async fn step(
                 crate::csr::build_csr(k.as_ref()).map_err(key_error)
             })
             .await?;
+            parameters(res, resolved).await?;
             let s = res.claim_session(session, claim).await?;
             let issued =
                 crate::fleet::create_certificate_from_csr(s, format, timeout, &csr).await?;
@@ -298,16 +365,7 @@ async fn step(
             };
             certifies(key.as_ref(), &certificate_pem)?;
             key_location = Some(key.location());
-            let provisioning = res.settings.provisioning.clone();
-            let parameters = tokio::task::spawn_blocking(move || provisioning.resolve_parameters())
-                .await
-                .map_err(|e| {
-                    AgentError::permanent(
-                        ErrorCode::Config,
-                        format!("resolving template parameters: {e}"),
-                    )
-                })?
-                .map_err(|e| AgentError::permanent(ErrorCode::Config, e.to_string()))?;
+            let parameters = parameters(res, resolved).await?.clone();
             let template = &res.settings.provisioning.template;
             let s = res.claim_session(session, claim).await?;
             let registered = crate::fleet::register_thing(

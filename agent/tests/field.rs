@@ -333,3 +333,56 @@ async fn an_abandoned_certificate_is_reported_once_connected_and_only_once() {
         "reported once"
     );
 }
+
+/// Defect 4: a parameter command that fails at boot (its device node not there yet) is
+/// retried with backoff, before any request to the cloud; the status names the parameter.
+#[tokio::test]
+async fn a_parameter_command_that_fails_at_first_is_retried_before_any_cloud_request() {
+    let cloud = Cloud::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let count = dir.path().join("count");
+    let script = format!(
+        "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; \
+         if [ $n -ge 3 ]; then echo p1; else echo 'cannot open /dev/mtd0' >&2; exit 1; fi",
+        c = count.display()
+    );
+    let conf = config(&cloud, &dir.path().join("state"), "p1").replace(
+        "SerialNumber = \"p1\"",
+        &format!("SerialNumber = {{ command = [\"/bin/sh\", \"-c\", {script:?}] }}"),
+    );
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
+    let status = iotd.wait_status("; retrying").await;
+    assert!(status.contains("SerialNumber"), "{status}");
+    assert!(status.contains("cannot open /dev/mtd0"), "{status}");
+    assert_eq!(
+        count_requests(&cloud, "$aws/"),
+        0,
+        "no request before the parameters"
+    );
+    iotd.wait_status("Provisioned as gw-p1; certificate").await;
+    assert_eq!(std::fs::read_to_string(&count).unwrap().trim(), "3");
+    assert!(iotd.terminate().await.success());
+}
+
+/// Defect 4: a parameter command whose executable is missing is a configuration mistake:
+/// provisioning stops at once, before any request to the cloud, and says which parameter.
+#[tokio::test]
+async fn a_missing_parameter_executable_stops_before_any_cloud_request() {
+    let cloud = Cloud::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = config(&cloud, &dir.path().join("state"), "p2").replace(
+        "SerialNumber = \"p2\"",
+        "SerialNumber = { command = [\"/usr/bin/no-such-fw_printenv\", \"serial\"] }",
+    );
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
+    let status = iotd.wait_status("STATUS=Failed").await;
+    assert!(status.contains("SerialNumber"), "{status}");
+    assert!(status.contains("no-such-fw_printenv"), "{status}");
+    assert_eq!(
+        count_requests(&cloud, "$aws/"),
+        0,
+        "no request, no certificate"
+    );
+    assert_eq!(iotd.state()["lastError"]["code"], "parameter");
+    assert!(iotd.terminate().await.success());
+}

@@ -4,7 +4,10 @@
 //!
 //! Sections: versions; status (from iotd over D-Bus, or why not); the checks; the config files
 //! (redacted) and whether they load; state.json (redacted) and a listing of the state directory
-//! (names, modes and sizes, never contents); the last 200 journal lines of iotd.
+//! (names, modes and sizes, never contents); the last 200 journal lines of iotd. Every section
+//! that carries text iotd, a command or a person wrote (the config, iotd's last error, the
+//! checks' findings, the journal) goes through `redact`, and the whole bundle is scrubbed of the
+//! secret values found on the way. The environment is not collected.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -78,25 +81,42 @@ fn list_dir(root: &Path, dir: &Path, out: &mut String) {
     }
 }
 
-async fn status_section() -> (String, Option<String>) {
+/// iotd's status as JSON, redacted (its last error quotes commands and their stderr), and its
+/// version; or why there is none. Secrets found are added to `secrets`.
+async fn status_section(secrets: &mut Vec<String>) -> (String, Option<String>) {
     let proxy = match crate::bus::connect().await {
         Ok(p) => p,
-        Err(e) => return (format!("{e:#}\n"), None),
+        Err(e) => return (redact::redact_text(&format!("{e:#}\n")), None),
     };
     match StatusView::fetch(&proxy).await {
         Ok(view) => {
-            let text = serde_json::to_string_pretty(&status_json(&view))
+            let mut value = status_json(&view);
+            redact::redact_json(&mut value, secrets);
+            let text = serde_json::to_string_pretty(&value)
                 .unwrap_or_else(|e| format!("serialising the status: {e}"));
             (format!("{text}\n"), view.version)
         }
         Err(e) => (
-            format!(
+            redact::redact_text(&format!(
                 "{:#}\n",
                 crate::bus::call_error("reading iotd's properties", e)
-            ),
+            )),
             None,
         ),
     }
+}
+
+/// The base64 lines of the file backend's device keys (`gen/<n>/key.pem`), for scrubbing: the
+/// bundle never reads a key in, but a log line might quote one. TPM keys are not text.
+fn device_key_lines(state_dir: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(state_dir.join("gen")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| fs::read_to_string(entry.path().join("key.pem")).ok())
+        .flat_map(|pem| redact::pem_secret_lines(&pem))
+        .collect()
 }
 
 fn first_line(path: &str) -> Option<String> {
@@ -110,13 +130,13 @@ pub fn build(paths: &ConfigPaths, runtime: &tokio::runtime::Runtime) -> String {
     let now = OffsetDateTime::now_utc();
     let mut secrets: Vec<String> = Vec::new();
     let mut out = format!(
-        "iotd support bundle, made {} by iotctl {}\nSecrets (keys, tokens, passwords, claim_key) are replaced by {}.\n",
+        "iotd support bundle, made {} by iotctl {}\nSecrets (keys, tokens, passwords, claim_key, secret command arguments, URL passwords) are replaced by {}.\n",
         rfc3339(now.unix_timestamp()),
         env!("CARGO_PKG_VERSION"),
         redact::REDACTED
     );
 
-    let (status, iotd_version) = runtime.block_on(status_section());
+    let (status, iotd_version) = runtime.block_on(status_section(&mut secrets));
 
     section(&mut out, "versions");
     let _ = writeln!(out, "iotctl {}", env!("CARGO_PKG_VERSION"));
@@ -154,7 +174,11 @@ pub fn build(paths: &ConfigPaths, runtime: &tokio::runtime::Runtime) -> String {
             }
         }
         Err(e) => {
-            let _ = writeln!(out, "config invalid: {e}");
+            let _ = writeln!(
+                out,
+                "config invalid: {}",
+                redact::redact_text(&e.to_string())
+            );
         }
     }
     for file in config_files(paths) {
@@ -162,7 +186,7 @@ pub fn build(paths: &ConfigPaths, runtime: &tokio::runtime::Runtime) -> String {
         match fs::read_to_string(&file) {
             Ok(text) => {
                 secrets.extend(redact::toml_secrets(&text));
-                out.push_str(&redact::redact_toml(&text));
+                out.push_str(&redact::redact_config(&text));
             }
             Err(e) => {
                 let _ = writeln!(out, "(cannot be read: {e})");
@@ -183,9 +207,10 @@ pub fn build(paths: &ConfigPaths, runtime: &tokio::runtime::Runtime) -> String {
     section(&mut out, "checks (iotctl check)");
     let mut ctx = Context::new(paths.clone(), now, runtime);
     let outcomes = check::run_checks(&mut ctx, &[]);
-    out.push_str(&render_outcomes(&outcomes, false));
+    out.push_str(&redact::redact_text(&render_outcomes(&outcomes, false)));
 
     if let Ok(s) = &settings {
+        secrets.extend(device_key_lines(&s.state_dir));
         let state_path = s.state_dir.join("state.json");
         section(&mut out, &format!("state ({})", state_path.display()));
         match fs::read_to_string(&state_path) {
@@ -224,7 +249,7 @@ pub fn build(paths: &ConfigPaths, runtime: &tokio::runtime::Runtime) -> String {
         ],
         JOURNAL_TIMEOUT,
     ) {
-        Ok((_, text)) if !text.trim().is_empty() => out.push_str(&text),
+        Ok((_, text)) if !text.trim().is_empty() => out.push_str(&redact::redact_text(&text)),
         Ok((_, _)) => {
             out.push_str("(journalctl printed nothing: no journal access, or no entries)\n")
         }

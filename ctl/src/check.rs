@@ -332,12 +332,26 @@ impl<'a> Context<'a> {
         Ok(format!("{}:{}", s.cloud.endpoint, s.cloud.port))
     }
 
+    /// The trust anchors for the endpoint's certificate; errors name the key and the remedy
+    /// as iotd does when it starts.
     fn trust(&mut self) -> Result<ServerTrust, String> {
         match &self.settings()?.cloud.ca_bundle {
-            Some(path) => ServerTrust::from_pem_file(path),
-            None => ServerTrust::system(),
+            Some(path) => ServerTrust::from_pem_file(path).map_err(|e| {
+                format!(
+                    "cloud.ca_bundle: {}; point cloud.ca_bundle at a readable PEM file of the CA \
+                     that signs the endpoint's certificate, or remove it to use the system trust \
+                     store",
+                    error_chain(&e)
+                )
+            }),
+            None => ServerTrust::system().map_err(|e| {
+                format!(
+                    "{}; install the ca-certificates package or set cloud.ca_bundle to the CA \
+                     that signs the endpoint's certificate",
+                    error_chain(&e)
+                )
+            }),
         }
-        .map_err(|e| error_chain(&e))
     }
 
     fn run_command(&self, program: &str, args: &[&str]) -> clock::Probe {
@@ -467,20 +481,37 @@ fn open_backend(key: KeySettings, state_dir: PathBuf) -> Result<Arc<dyn KeyBacke
     }
 }
 
+/// Resolves the template parameters as iotd does before it provisions: files read, commands
+/// run. Says how many resolved, never their values, which may be secrets; or the first error,
+/// which names the parameter and the cause.
+pub fn resolve_parameters(settings: &Settings) -> Result<String, String> {
+    let values = settings
+        .provisioning
+        .resolve_parameters()
+        .map_err(|e| e.to_string())?;
+    Ok(match values.len() {
+        0 => "no template parameters".to_owned(),
+        1 => "1 template parameter resolved".to_owned(),
+        n => format!("{n} template parameters resolved"),
+    })
+}
+
 fn config_valid(ctx: &mut Context<'_>) -> CheckResult {
-    match ctx.settings() {
-        Ok(s) => {
-            let files = if s.sources.is_empty() {
-                "no files".to_owned()
-            } else {
-                s.sources
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            CheckResult::Ok(format!("read {files}"))
-        }
+    let s = match ctx.settings() {
+        Ok(s) => s,
+        Err(e) => return CheckResult::Failed(e),
+    };
+    let files = if s.sources.is_empty() {
+        "no files".to_owned()
+    } else {
+        s.sources
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match resolve_parameters(s) {
+        Ok(parameters) => CheckResult::Ok(format!("read {files}; {parameters}")),
         Err(e) => CheckResult::Failed(e),
     }
 }
@@ -724,6 +755,10 @@ fn endpoint_tls(ctx: &mut Context<'_>) -> CheckResult {
     }
 }
 
+/// What to do about a claim file that is missing or unusable.
+const CLAIM_REMEDY: &str = "install the claim (certificate and key, PEM) there, or onboard the \
+                            gateway";
+
 fn claim_validity(ctx: &mut Context<'_>) -> CheckResult {
     let (step, registered) = match ctx.state() {
         Ok(s) => (s.step_name(), s.registered()),
@@ -745,13 +780,34 @@ fn claim_validity(ctx: &mut Context<'_>) -> CheckResult {
                 .into(),
         );
     };
+    for (key, path) in [
+        ("provisioning.claim_certificate", &claim.certificate),
+        ("provisioning.claim_key", &claim.key),
+    ] {
+        if !path.exists() {
+            return CheckResult::Failed(format!(
+                "{key} {} does not exist; {CLAIM_REMEDY}",
+                path.display()
+            ));
+        }
+    }
     let chain = match iotd::tls::read_chain(&claim.certificate) {
         Ok(c) => c,
-        Err(e) => return CheckResult::Failed(error_chain(&e)),
+        Err(e) => {
+            return CheckResult::Failed(format!(
+                "provisioning.claim_certificate: {}; {CLAIM_REMEDY}",
+                error_chain(&e)
+            ));
+        }
     };
     let key = match iotd::keys::file::load_pem_file(&claim.key) {
         Ok(k) => k,
-        Err(e) => return CheckResult::Failed(error_chain(&e)),
+        Err(e) => {
+            return CheckResult::Failed(format!(
+                "provisioning.claim_key: {}; {CLAIM_REMEDY}",
+                error_chain(&e)
+            ));
+        }
     };
     let what = format!("claim certificate {}", claim.certificate.display());
     let validity = match chain.first() {
@@ -899,6 +955,7 @@ pub fn render_list() -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -943,6 +1000,176 @@ mod tests {
     fn unknown_dont_run_ids_are_named() {
         let ids = vec!["endpoint-tcp".to_owned(), "nope".to_owned()];
         assert_eq!(unknown_ids(&ids), vec!["nope"]);
+    }
+
+    /// A config with the required keys (dotted, so that `extra` may add keys to their tables
+    /// the same way, or open sub-tables), the state in `dir`, and `extra` after them.
+    fn write_config(dir: &Path, extra: &str) -> ConfigPaths {
+        let path = dir.join("config.toml");
+        let text = format!(
+            "cloud.endpoint = \"127.0.0.1\"\nprovisioning.template = \"gw\"\n\
+             state.dir = \"{}\"\n{extra}",
+            dir.join("state").display()
+        );
+        std::fs::write(&path, text).unwrap();
+        ConfigPaths::for_main(&path)
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Runs the check `id` alone against `paths`.
+    fn run_one(paths: ConfigPaths, id: &str) -> CheckResult {
+        let runtime = runtime();
+        let mut ctx = Context::new(paths, OffsetDateTime::now_utc(), &runtime);
+        let check = CHECKS.iter().find(|c| c.id == id).unwrap();
+        (check.run)(&mut ctx)
+    }
+
+    #[test]
+    fn config_valid_resolves_the_parameters_without_showing_their_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let serial = dir.path().join("serial");
+        std::fs::write(&serial, "SN-SECRET-0042\n").unwrap();
+        let paths = write_config(
+            dir.path(),
+            &format!(
+                "[provisioning.parameters]\nSite = \"berlin-secret\"\n\
+                 Serial = {{ file = \"{}\" }}\nModel = {{ command = [\"echo\", \"model-secret\"] }}\n",
+                serial.display()
+            ),
+        );
+        let main = paths.main.clone();
+        let result = run_one(paths, "config-valid");
+        assert_eq!(
+            result,
+            CheckResult::Ok(format!(
+                "read {}; 3 template parameters resolved",
+                main.display()
+            ))
+        );
+        assert!(!result.message().contains("secret"), "{result:?}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_config(dir.path(), "");
+        assert!(
+            run_one(paths, "config-valid")
+                .message()
+                .ends_with("; no template parameters")
+        );
+    }
+
+    #[test]
+    fn config_valid_fails_naming_the_parameter_and_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-serial");
+        let paths = write_config(
+            dir.path(),
+            &format!(
+                "[provisioning.parameters]\nSite = \"berlin\"\nSerial = {{ file = \"{}\" }}\n",
+                missing.display()
+            ),
+        );
+        assert_eq!(
+            run_one(paths, "config-valid"),
+            CheckResult::Failed(format!(
+                "resolving template parameter provisioning.parameters.Serial: reading file {}: \
+                 No such file or directory (os error 2)",
+                missing.display()
+            ))
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_config(
+            dir.path(),
+            "[provisioning.parameters]\nModel = { command = [\"sh\", \"-c\", \"echo no model >&2; exit 4\"] }\n",
+        );
+        let result = run_one(paths, "config-valid");
+        assert!(matches!(result, CheckResult::Failed(_)), "{result:?}");
+        assert!(
+            result
+                .message()
+                .starts_with("resolving template parameter provisioning.parameters.Model: "),
+            "{result:?}"
+        );
+        assert!(
+            result
+                .message()
+                .ends_with("failed (exit status: 4): no model"),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_ca_bundle_is_named_by_its_key_with_the_remedy() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("AmazonRootCA1.pem");
+        let paths = write_config(
+            dir.path(),
+            &format!("cloud.ca_bundle = \"{}\"\n", bundle.display()),
+        );
+        let runtime = runtime();
+        let mut ctx = Context::new(paths, OffsetDateTime::now_utc(), &runtime);
+        let error = ctx.trust().err().unwrap();
+        assert_eq!(
+            error,
+            format!(
+                "cloud.ca_bundle: reading CA bundle {}: No such file or directory (os error 2); \
+                 point cloud.ca_bundle at a readable PEM file of the CA that signs the \
+                 endpoint's certificate, or remove it to use the system trust store",
+                bundle.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_missing_claim_file_is_named_by_its_key_with_the_remedy() {
+        let dir = tempfile::tempdir().unwrap();
+        let certificate = dir.path().join("claim.pem");
+        let key = dir.path().join("claim.key");
+        let paths = write_config(
+            dir.path(),
+            &format!(
+                "provisioning.claim_certificate = \"{}\"\nprovisioning.claim_key = \"{}\"\n",
+                certificate.display(),
+                key.display()
+            ),
+        );
+        assert_eq!(
+            run_one(paths.clone(), "claim-validity"),
+            CheckResult::Failed(format!(
+                "provisioning.claim_certificate {} does not exist; install the claim \
+                 (certificate and key, PEM) there, or onboard the gateway",
+                certificate.display()
+            ))
+        );
+        std::fs::write(&certificate, "not PEM\n").unwrap();
+        let result = run_one(paths.clone(), "claim-validity");
+        assert!(
+            result.message().starts_with("provisioning.claim_key ")
+                && result
+                    .message()
+                    .contains("does not exist; install the claim"),
+            "{result:?}"
+        );
+        std::fs::write(&key, "not PEM\n").unwrap();
+        let result = run_one(paths, "claim-validity");
+        assert!(
+            result
+                .message()
+                .starts_with("provisioning.claim_certificate: "),
+            "{result:?}"
+        );
+        assert!(
+            result.message().ends_with(
+                "; install the claim (certificate and key, PEM) there, or onboard the gateway"
+            ),
+            "{result:?}"
+        );
     }
 
     #[test]

@@ -46,7 +46,9 @@ pub enum Command {
     /// TCP, TLS with the device identity), claim. Works while iotd is stopped.
     ///
     /// The checks, by id (for --dont-run): config-valid (the configuration loads, as iotd
-    /// would load it); tpm-reachable (the TPM opens through key.tcti; skipped for the file
+    /// would load it, and the template parameters resolve: their files are read and their
+    /// commands run, as iotd does before it provisions; the values are not shown);
+    /// tpm-reachable (the TPM opens through key.tcti; skipped for the file
     /// backend); key-certificate-match (the device certificate certifies the device key);
     /// certificate-validity (warning under 30 days left, failure when expired or not yet
     /// valid); clock-synchronised; endpoint-resolves; endpoint-tcp; endpoint-tls (a TLS
@@ -107,8 +109,9 @@ pub struct CheckArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Read, merge and validate the configuration iotd would use, and list the files it is
-    /// made of. With FILE, check FILE and the `config.d/` beside it, as `iotd --config FILE`
+    /// Read, merge and validate the configuration iotd would use, list the files it is made
+    /// of, and run the template parameter sources (files read, commands run; values are not
+    /// shown). With FILE, check FILE and the `config.d/` beside it, as `iotd --config FILE`
     /// would read them.
     #[command(after_help = EXIT_CODES_HELP)]
     Check {

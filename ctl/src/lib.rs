@@ -82,7 +82,7 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> anyhow::Result<u8> {
                 Some(f) => config_paths(Some(f)),
                 None => paths,
             };
-            return config_check(&paths, file.is_some());
+            return config_check(&paths);
         }
         Command::SupportBundle(args) => {
             if let Some(path) = bundle::write(&paths, args.output.as_deref(), runtime)? {
@@ -136,22 +136,22 @@ fn run_check(
     })
 }
 
-/// `iotctl config check [FILE]`.
-fn config_check(paths: &ConfigPaths, explicit: bool) -> anyhow::Result<u8> {
-    // iotd accepts a missing main file (an image may ship only drop-ins); a FILE named on the
-    // command line that is not there is a typo.
-    if explicit && !paths.main.exists() {
-        eprintln!(
-            "iotctl: reading config file {}: no such file",
-            paths.main.display()
-        );
-        return Ok(exit::FAILURE);
-    }
+/// `iotctl config check [FILE]`: loads the configuration as iotd does (a FILE named on the
+/// command line must exist; iotd accepts a missing main file only when it is the system default),
+/// then runs the template parameter sources, as iotd does before its first request.
+fn config_check(paths: &ConfigPaths) -> anyhow::Result<u8> {
     match iotd::config::load(paths) {
         Ok(settings) => {
             println!("read, in order:");
             for source in &settings.sources {
                 println!("  {}", source.display());
+            }
+            match check::resolve_parameters(&settings) {
+                Ok(summary) => println!("{summary}"),
+                Err(e) => {
+                    eprintln!("iotctl: {e}");
+                    return Ok(exit::FAILURE);
+                }
             }
             println!("config ok");
             Ok(exit::OK)

@@ -221,6 +221,9 @@ pub fn remedy(code: ErrorCode) -> &'static str {
         }
         ErrorCode::NotSupported => "this iotd can't do that; a newer iotd may",
         ErrorCode::Busy => "iotd is busy with another operation; try again when it has finished",
+        ErrorCode::Parameter => {
+            "a template parameter's file or command failed (the message says which); iotctl check runs them all. Fix it, then iotctl reprovision"
+        }
     }
 }
 

@@ -126,6 +126,30 @@ fn config_check_of_a_missing_file_fails() {
     );
 }
 
+/// `config check` runs the parameter sources as iotd does before its first request: a failing
+/// command is reported (naming the parameter), and values are never printed.
+#[test]
+fn config_check_runs_the_parameter_sources() {
+    let dir = Dir::new();
+    for (command, code, says) in [
+        ("echo SN-0042-SECRETISH", 0, "1 template parameter resolved"),
+        ("echo 'no /dev/mtd0' >&2; exit 1", 1, "Serial"),
+    ] {
+        let parameters = format!(
+            "[provisioning.parameters]\nSerial = {{ command = [\"/bin/sh\", \"-c\", {command:?}] }}\n"
+        );
+        dir.write_config("a-ats.iot.eu-west-1.amazonaws.com", 8883, "", &parameters);
+        let out = dir.run(&["config", "check"]);
+        assert_eq!(out.status.code(), Some(code), "{}", describe(&out));
+        let all = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(all.contains(says), "{all}");
+        assert!(!all.contains("SN-0042"), "values are not shown: {all}");
+        if code == 1 {
+            assert!(all.contains("no /dev/mtd0"), "{all}");
+        }
+    }
+}
+
 #[test]
 fn completions_for_bash() {
     let out = Command::new(iotctl())

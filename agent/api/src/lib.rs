@@ -97,6 +97,8 @@ pub enum ErrorCode {
     KeyLost,
     /// The request can't run now (work in progress); try again when it has finished.
     Busy,
+    /// A template parameter's file or command failed (retried a few times, then given up).
+    Parameter,
 }
 
 impl ErrorCode {
@@ -125,6 +127,7 @@ impl ErrorCode {
         ErrorCode::NotSupported,
         ErrorCode::KeyLost,
         ErrorCode::Busy,
+        ErrorCode::Parameter,
     ];
 
     /// The code as scripts and D-Bus see it ("claim-expired").
@@ -153,6 +156,7 @@ impl ErrorCode {
             ErrorCode::NotSupported => "not-supported",
             ErrorCode::KeyLost => "key-lost",
             ErrorCode::Busy => "busy",
+            ErrorCode::Parameter => "parameter",
         }
     }
 
@@ -297,9 +301,10 @@ mod tests {
             ErrorCode::NotSupported => "not-supported",
             ErrorCode::KeyLost => "key-lost",
             ErrorCode::Busy => "busy",
+            ErrorCode::Parameter => "parameter",
         }
     }
-    const WRITTEN_HERE: usize = 23;
+    const WRITTEN_HERE: usize = 24;
 
     #[test]
     fn all_has_every_code_exactly_once() {

@@ -14,36 +14,58 @@ use std::path::{Path, PathBuf};
 
 use super::{ConfigError, ConfigPaths};
 
-/// The (path, text) of every file that applies, main first; masks are left out. A missing main
-/// file or drop-in directory is not an error; an unreadable one is.
+/// The (path, text) of every file that applies, main first; masks are left out. A missing
+/// drop-in directory is not an error, and neither is a missing main file unless
+/// [`ConfigPaths::main_required`]; an unreadable one is.
 pub(super) fn read_all(paths: &ConfigPaths) -> Result<Vec<(PathBuf, String)>, ConfigError> {
     let mut out = Vec::new();
-    match fs::read_to_string(&paths.main) {
+    match read_text(&paths.main) {
         Ok(text) => out.push((paths.main.clone(), text)),
-        // An image may ship only drop-ins.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            tracing::debug!(path = %paths.main.display(), "no main config file");
-        }
-        Err(source) => {
-            return Err(ConfigError::ReadFile {
+        Err(ConfigError::ReadFile { error, .. })
+            if error.kind() == io::ErrorKind::NotFound && paths.main_required =>
+        {
+            return Err(ConfigError::MissingFile {
                 path: paths.main.clone(),
-                source,
             });
         }
+        // An image may ship only drop-ins.
+        Err(ConfigError::ReadFile { error, .. }) if error.kind() == io::ErrorKind::NotFound => {
+            tracing::debug!(path = %paths.main.display(), "no main config file");
+        }
+        Err(error) => return Err(error),
     }
     for dropin in dropins(&paths.dropin_dirs)? {
         match dropin {
             Dropin::Mask(path) => tracing::debug!(path = %path.display(), "config drop-in masked"),
             Dropin::File(path) => {
-                let text = fs::read_to_string(&path).map_err(|source| ConfigError::ReadFile {
-                    path: path.clone(),
-                    source,
-                })?;
+                let text = read_text(&path)?;
                 out.push((path, text));
             }
         }
     }
     Ok(out)
+}
+
+/// A file's text. Not UTF-8 is reported with the place of the first bad byte: an editor set
+/// to Latin-1 changes only the odd character, which is hard to find from "invalid data".
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    let bytes = fs::read(path).map_err(|error| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    String::from_utf8(bytes).map_err(|error| {
+        let bytes = error.as_bytes();
+        let valid_up_to = error.utf8_error().valid_up_to();
+        // The prefix up to the bad byte is valid UTF-8 by definition.
+        let before = std::str::from_utf8(&bytes[..valid_up_to]).unwrap_or_default();
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        ConfigError::NotUtf8 {
+            path: path.to_path_buf(),
+            byte: bytes.get(valid_up_to).copied().unwrap_or_default(),
+            line: before.matches('\n').count() + 1,
+            column: before[line_start..].chars().count() + 1,
+        }
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,17 +82,17 @@ fn dropins(dirs: &[PathBuf]) -> Result<Vec<Dropin>, ConfigError> {
         let listing = match fs::read_dir(dir) {
             Ok(listing) => listing,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(source) => {
+            Err(error) => {
                 return Err(ConfigError::ReadDir {
                     path: dir.clone(),
-                    source,
+                    error,
                 });
             }
         };
         for entry in listing {
-            let entry = entry.map_err(|source| ConfigError::ReadDir {
+            let entry = entry.map_err(|error| ConfigError::ReadDir {
                 path: dir.clone(),
-                source,
+                error,
             })?;
             let name = entry.file_name();
             let visible_toml = name

@@ -61,6 +61,7 @@ pub(super) struct CloudFragment {
     pub keep_alive_secs: Option<Spanned<i64>>,
     pub reply_timeout_secs: Option<Spanned<i64>>,
     pub throttle_retry_max_secs: Option<Spanned<i64>>,
+    pub report_topic: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -40,6 +40,7 @@ pub(super) struct Layer {
     pub keep_alive: Option<Located<Duration>>,
     pub reply_timeout: Option<Located<Duration>>,
     pub throttle_retry_max: Option<Located<Duration>>,
+    pub report_topic: Option<Located<String>>,
     pub template: Option<Located<String>>,
     pub certificate_source: Option<Located<CertificateSource>>,
     pub claim_certificate: Option<Located<PathBuf>>,
@@ -67,6 +68,7 @@ impl Layer {
             keep_alive,
             reply_timeout,
             throttle_retry_max,
+            report_topic,
             template,
             certificate_source,
             claim_certificate,
@@ -88,6 +90,7 @@ impl Layer {
         over(&mut self.keep_alive, keep_alive);
         over(&mut self.reply_timeout, reply_timeout);
         over(&mut self.throttle_retry_max, throttle_retry_max);
+        over(&mut self.report_topic, report_topic);
         over(&mut self.template, template);
         over(&mut self.certificate_source, certificate_source);
         over(&mut self.claim_certificate, claim_certificate);
@@ -134,6 +137,7 @@ impl Layer {
             keep_alive_secs,
             reply_timeout_secs,
             throttle_retry_max_secs,
+            report_topic,
         } = cloud;
         self.endpoint = check.opt("cloud.endpoint", endpoint, host_name)?;
         self.port = check.opt("cloud.port", port, |p| {
@@ -157,6 +161,7 @@ impl Layer {
             throttle_retry_max_secs,
             |s| seconds(s, 1, 300),
         )?;
+        self.report_topic = check.opt("cloud.report_topic", report_topic, report_topic_value)?;
         Ok(())
     }
 
@@ -457,4 +462,37 @@ fn tpm_handle(value: toml::Value) -> Result<u32, String> {
         )),
         None => Err(format!("{value} is not a TPM handle")),
     }
+}
+
+/// `cloud.report_topic`: empty (reports off), or an MQTT topic the device may publish to, with
+/// `{thing}` for the thing name. AWS IoT allows at most 7 slashes and 256 bytes, no wildcards,
+/// and reserves topics starting with `$`.
+fn report_topic_value(topic: String) -> Result<String, String> {
+    if topic.is_empty() {
+        return Ok(topic);
+    }
+    let without = topic.replace("{thing}", "");
+    if topic.starts_with('$') {
+        return Err(format!("{topic:?} starts with $, which AWS IoT reserves"));
+    }
+    if without.contains(['+', '#']) {
+        return Err(format!(
+            "{topic:?} has a wildcard (+ or #); a report goes to one topic"
+        ));
+    }
+    if without.contains(['{', '}']) {
+        return Err(format!("{topic:?}: the only placeholder is {{thing}}"));
+    }
+    if topic.matches('/').count() > 7 {
+        return Err(format!(
+            "{topic:?} has more than 7 slashes, more than AWS IoT allows"
+        ));
+    }
+    // A thing name is at most 128 bytes.
+    if without.len() + 128 * (topic.len() - without.len()) / "{thing}".len() > 256 {
+        return Err(format!(
+            "{topic:?} can be longer than the 256 bytes AWS IoT allows"
+        ));
+    }
+    Ok(topic)
 }

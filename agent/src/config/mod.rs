@@ -62,27 +62,33 @@ const DEFAULT_THROTTLE_RETRY_MAX_SECS: u64 = 10;
 /// Which files make up the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigPaths {
-    /// Read first; a missing main file is not an error (an image may ship only drop-ins).
+    /// Read first.
     pub main: PathBuf,
+    /// Whether a missing main file is an error ([`ConfigError::MissingFile`]). The system's
+    /// may be missing, because an image may ship only drop-ins; a file named on the command
+    /// line that is not there is a typo, which would otherwise show up as a missing key.
+    pub main_required: bool,
     /// Drop-in directories, lowest priority first; missing directories are skipped.
     pub dropin_dirs: Vec<PathBuf>,
 }
 
 impl ConfigPaths {
-    /// `/etc/iotd/config.toml` and the three system drop-in directories.
+    /// `/etc/iotd/config.toml` (which may be missing) and the three system drop-in directories.
     pub fn system() -> Self {
         Self {
             main: PathBuf::from(SYSTEM_CONFIG_FILE),
+            main_required: false,
             dropin_dirs: SYSTEM_DROPIN_DIRS.iter().map(PathBuf::from).collect(),
         }
     }
 
-    /// `path` as the main file and `<its directory>/config.d/` as the only drop-in directory
-    /// (`--config PATH`, tests).
+    /// `path` as the main file, which must exist, and `<its directory>/config.d/` as the only
+    /// drop-in directory (`--config PATH`, tests).
     pub fn for_main(path: &Path) -> Self {
         let dir = path.parent().unwrap_or(Path::new(""));
         Self {
             main: path.to_path_buf(),
+            main_required: true,
             dropin_dirs: vec![dir.join("config.d")],
         }
     }
@@ -117,7 +123,13 @@ pub struct CloudSettings {
     /// The longest random part of the wait before retrying a request AWS IoT throttled (the
     /// wait is 1 s plus up to this); other errors back off up to 5 minutes.
     pub throttle_retry_max: Duration,
+    /// Where the fleet's backend is told about certificates iotd gave up (`{thing}` is the
+    /// thing name); empty: nowhere.
+    pub report_topic: String,
 }
+
+/// `cloud.report_topic` when no file sets it.
+pub const DEFAULT_REPORT_TOPIC: &str = "iotd/{thing}/certificates";
 
 /// `[provisioning]`: fleet provisioning by claim.
 #[derive(Debug, Clone)]
@@ -202,20 +214,31 @@ impl fmt::Display for Location {
 }
 
 /// Why the configuration could not be loaded, or a template parameter not resolved.
+///
+/// The message (`Display`) is what reaches users, so it carries the cause, such as the OS
+/// error, itself; no variant also has a `source`, which would print the cause twice in a
+/// chain of causes.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading config file {}", path.display())]
-    ReadFile {
+    #[error("reading config file {}: {error}", path.display())]
+    ReadFile { path: PathBuf, error: io::Error },
+    /// The file is not UTF-8; where the first byte that is not UTF-8 text is.
+    #[error(
+        "reading config file {}: it is not UTF-8 text (byte {byte:#04x} at line {line}, column \
+         {column}); save it as UTF-8",
+        path.display()
+    )]
+    NotUtf8 {
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        byte: u8,
+        line: usize,
+        column: usize,
     },
-    #[error("listing config drop-in directory {}", path.display())]
-    ReadDir {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    /// A main file that must exist ([`ConfigPaths::main_required`]) does not.
+    #[error("config file {} does not exist", path.display())]
+    MissingFile { path: PathBuf },
+    #[error("listing config drop-in directory {}: {error}", path.display())]
+    ReadDir { path: PathBuf, error: io::Error },
     /// The file is not TOML; `key` is the key the error is in, when the parser got that far.
     #[error("{at}: {}invalid TOML: {message}", key.as_deref().map(|k| format!("key {k}: ")).unwrap_or_default())]
     Syntax {
@@ -233,22 +256,30 @@ pub enum ConfigError {
     },
     #[error("missing required key {key} (set it in {} or a config.d drop-in)", main.display())]
     Missing { key: &'static str, main: PathBuf },
-    #[error("resolving template parameter {name}: reading file {}", path.display())]
+    /// Reading a `{ file = "…" }` parameter failed.
+    #[error(
+        "{}: reading file {}: {error}{}",
+        parameter_context(name),
+        path.display(),
+        file_remedy(error)
+    )]
     ParameterFile {
         name: String,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
-    /// Starting or waiting for the command failed.
-    #[error("resolving template parameter {name}: running command {command}")]
+    /// Starting a `{ command = […] }` parameter's command, or waiting for it, failed.
+    #[error(
+        "{}: running command {command}: {error}{}",
+        parameter_context(name),
+        command_remedy(error)
+    )]
     ParameterCommand {
         name: String,
         command: String,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
-    #[error("resolving template parameter {name}: command {command} failed ({status}){}", stderr.as_deref().map(|s| format!(": {s}")).unwrap_or_default())]
+    #[error("{}: command {command} failed ({status}){}", parameter_context(name), stderr.as_deref().map(|s| format!(": {s}")).unwrap_or_default())]
     ParameterCommandFailed {
         name: String,
         command: String,
@@ -257,7 +288,8 @@ pub enum ConfigError {
         stderr: Option<String>,
     },
     #[error(
-        "resolving template parameter {name}: command {command} did not finish within {timeout:?}; killed it"
+        "{}: command {command} did not finish within {timeout:?}; killed it",
+        parameter_context(name)
     )]
     ParameterCommandTimeout {
         name: String,
@@ -265,13 +297,162 @@ pub enum ConfigError {
         timeout: Duration,
     },
     /// The file or command gave something that cannot be a value: nothing, non-UTF-8, too much.
-    #[error("resolving template parameter {name}: {origin} {problem}")]
+    #[error("{}: {}", parameter_context(name), value_problem(origin, *problem))]
     ParameterValue {
         name: String,
-        /// `file /path` or ``command `prog arg` ``.
-        origin: String,
-        problem: String,
+        origin: ValueOrigin,
+        problem: ValueProblem,
     },
+}
+
+/// Where a template parameter's value was read from, for [`ConfigError::ParameterValue`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueOrigin {
+    File(PathBuf),
+    /// The command as [`ConfigError::ParameterCommand`] shows it, in backticks.
+    Command(String),
+}
+
+/// What is wrong with a template parameter's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueProblem {
+    /// Nothing but whitespace and NUL bytes.
+    Empty,
+    NotUtf8,
+    /// Over [`MAX_PARAMETER_BYTES`].
+    TooLong,
+}
+
+/// More than this from a file or command is not a parameter value but a wrong path.
+pub const MAX_PARAMETER_BYTES: usize = 64 * 1024;
+
+/// ENOEXEC on Linux: the kernel cannot execute the file (a script without `#!`, a program for
+/// another architecture). std has no `io::ErrorKind` for it.
+const EXEC_FORMAT_ERROR: i32 = 8;
+
+impl ConfigError {
+    /// Whether trying again later may succeed without anyone changing the gateway: the daemon
+    /// retries transient errors with a backoff and stops, showing the cause, on permanent ones.
+    ///
+    /// Transient, because what a parameter reads may not be ready yet at boot (a sysfs node
+    /// whose driver is still probing, a command whose service has not started):
+    /// - a parameter command that ran but failed: non-zero exit, killed by a signal, timed out,
+    ///   or printed nothing, too much or something that is not UTF-8;
+    /// - a parameter command that could not be started, or waited for, for any other reason
+    ///   than those below (no memory, too many processes);
+    /// - a parameter file that could not be read, missing included, except as below;
+    /// - a parameter file that holds only whitespace (a sysfs value not filled in yet).
+    ///
+    /// Permanent, because only a change to the gateway helps:
+    /// - a parameter command whose program does not exist, may not be executed or is not an
+    ///   executable at all;
+    /// - a parameter file that iotd may not read or that is a directory, or that holds more
+    ///   than 64 KiB or text that is not UTF-8: a wrong path or missing permissions;
+    /// - every error that is not about a template parameter: the configuration itself is
+    ///   wrong, or its files cannot be read.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConfigError::ParameterFile { error, .. } => !matches!(
+                error.kind(),
+                io::ErrorKind::PermissionDenied | io::ErrorKind::IsADirectory
+            ),
+            ConfigError::ParameterCommand { error, .. } => !is_not_runnable(error),
+            ConfigError::ParameterCommandFailed { .. }
+            | ConfigError::ParameterCommandTimeout { .. } => true,
+            ConfigError::ParameterValue {
+                origin: ValueOrigin::Command(_),
+                ..
+            } => true,
+            ConfigError::ParameterValue {
+                origin: ValueOrigin::File(_),
+                problem,
+                ..
+            } => *problem == ValueProblem::Empty,
+            ConfigError::ReadFile { .. }
+            | ConfigError::NotUtf8 { .. }
+            | ConfigError::MissingFile { .. }
+            | ConfigError::ReadDir { .. }
+            | ConfigError::Syntax { .. }
+            | ConfigError::Invalid { .. }
+            | ConfigError::Missing { .. } => false,
+        }
+    }
+
+    /// The name of the template parameter the error is about (as in
+    /// `provisioning.parameters.NAME`), if it is about one.
+    pub fn parameter(&self) -> Option<&str> {
+        match self {
+            ConfigError::ParameterFile { name, .. }
+            | ConfigError::ParameterCommand { name, .. }
+            | ConfigError::ParameterCommandFailed { name, .. }
+            | ConfigError::ParameterCommandTimeout { name, .. }
+            | ConfigError::ParameterValue { name, .. } => Some(name),
+            ConfigError::ReadFile { .. }
+            | ConfigError::NotUtf8 { .. }
+            | ConfigError::MissingFile { .. }
+            | ConfigError::ReadDir { .. }
+            | ConfigError::Syntax { .. }
+            | ConfigError::Invalid { .. }
+            | ConfigError::Missing { .. } => None,
+        }
+    }
+}
+
+/// The spawn errors no retry can cure: the program is missing, not executable, or not a
+/// program (also the empty command, which the config refuses before it gets here).
+fn is_not_runnable(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied | io::ErrorKind::InvalidInput
+    ) || error.raw_os_error() == Some(EXEC_FORMAT_ERROR)
+}
+
+/// The start of every parameter error: the action, named by the key it comes from.
+fn parameter_context(name: &str) -> String {
+    format!(
+        "resolving template parameter provisioning.parameters.{}",
+        fragments::key_segment(name)
+    )
+}
+
+fn file_remedy(error: &io::Error) -> &'static str {
+    match error.kind() {
+        io::ErrorKind::PermissionDenied => "; make it readable by user iotd",
+        _ => "",
+    }
+}
+
+fn command_remedy(error: &io::Error) -> &'static str {
+    match error.kind() {
+        io::ErrorKind::NotFound => "; install it, or give the program's absolute path",
+        io::ErrorKind::PermissionDenied => "; make it executable by user iotd",
+        _ => "",
+    }
+}
+
+fn value_problem(origin: &ValueOrigin, problem: ValueProblem) -> String {
+    let limit = MAX_PARAMETER_BYTES / 1024;
+    match (origin, problem) {
+        (ValueOrigin::File(path), ValueProblem::Empty) => {
+            format!("file {} holds no value (only whitespace)", path.display())
+        }
+        (ValueOrigin::File(path), ValueProblem::NotUtf8) => {
+            format!("file {} holds text that is not UTF-8", path.display())
+        }
+        (ValueOrigin::File(path), ValueProblem::TooLong) => format!(
+            "file {} holds over {limit} KiB; is it the right file?",
+            path.display()
+        ),
+        (ValueOrigin::Command(command), ValueProblem::Empty) => {
+            format!("command {command} printed no value (only whitespace)")
+        }
+        (ValueOrigin::Command(command), ValueProblem::NotUtf8) => {
+            format!("command {command} printed text that is not UTF-8")
+        }
+        (ValueOrigin::Command(command), ValueProblem::TooLong) => {
+            format!("command {command} printed output over {limit} KiB; is it the right command?")
+        }
+    }
 }
 
 /// Reads, merges and validates. Errors name the file, the key and the line (and column).
@@ -320,6 +501,7 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
         keep_alive,
         reply_timeout,
         throttle_retry_max,
+        report_topic,
         template,
         certificate_source,
         claim_certificate,
@@ -376,6 +558,25 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
         });
     }
 
+    // Only when both are written: reprovision_when_key_lost defaults to true, and with the
+    // default a deleted claim is no contradiction (a claim handed over by onboarding is used,
+    // and without one the agent stops and says what to do).
+    if let (Some(delete), Some(reprovision)) = (&delete_claim, &reprovision_when_key_lost)
+        && delete.value
+        && reprovision.value
+    {
+        return Err(ConfigError::Invalid {
+            at: delete.at.clone(),
+            key: "provisioning.delete_claim".to_owned(),
+            message: format!(
+                "true cannot be combined with provisioning.reprovision_when_key_lost = true \
+                 (at {}): deleting the claim after provisioning leaves nothing to provision a new \
+                 identity with when the device key is lost; set one of them to false",
+                reprovision.at
+            ),
+        });
+    }
+
     let claim = match (claim_certificate, claim_key) {
         (None, None) => None,
         (Some(certificate), Some(key)) => Some(ClaimPaths {
@@ -400,6 +601,7 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
                 .map_or(Duration::from_secs(DEFAULT_THROTTLE_RETRY_MAX_SECS), |t| {
                     t.value
                 }),
+            report_topic: report_topic.map_or_else(|| DEFAULT_REPORT_TOPIC.to_owned(), |t| t.value),
         },
         provisioning: ProvisioningSettings {
             template,

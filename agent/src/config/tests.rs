@@ -293,6 +293,49 @@ fn cloud_generated_certificates_need_the_file_backend() {
 }
 
 #[test]
+fn deleting_the_claim_cannot_be_combined_with_provisioning_again_from_it() {
+    let error = load_parts(&[
+        ("/etc/iotd/config.toml", REQUIRED),
+        (
+            "/etc/iotd/config.d/20-site.toml",
+            "[provisioning]\ndelete_claim = true\n",
+        ),
+        (
+            "/run/iotd/config.d/30-tpm.toml",
+            "[provisioning]\nreprovision_when_key_lost = true\n",
+        ),
+    ])
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "/etc/iotd/config.d/20-site.toml:2:16: key provisioning.delete_claim: true cannot be \
+         combined with provisioning.reprovision_when_key_lost = true \
+         (at /run/iotd/config.d/30-tpm.toml:2:29): deleting the claim after provisioning leaves \
+         nothing to provision a new identity with when the device key is lost; set one of them \
+         to false"
+    );
+    assert!(!error.is_transient());
+    // Either one alone is fine, and so is the default of reprovision_when_key_lost.
+    let s = with("[provisioning]\ndelete_claim = true\n");
+    assert!(s.provisioning.delete_claim && s.provisioning.reprovision_when_key_lost);
+    let s = with("[provisioning]\ndelete_claim = true\nreprovision_when_key_lost = false\n");
+    assert!(s.provisioning.delete_claim && !s.provisioning.reprovision_when_key_lost);
+    let s = with("[provisioning]\ndelete_claim = false\nreprovision_when_key_lost = true\n");
+    assert!(!s.provisioning.delete_claim && s.provisioning.reprovision_when_key_lost);
+    // An override that turns one off settles it.
+    let s = load_parts(&[
+        ("/a.toml", REQUIRED),
+        (
+            "/b.toml",
+            "[provisioning]\ndelete_claim = true\nreprovision_when_key_lost = true\n",
+        ),
+        ("/c.toml", "[provisioning]\ndelete_claim = false\n"),
+    ])
+    .unwrap();
+    assert!(!s.provisioning.delete_claim);
+}
+
+#[test]
 fn claim_paths_come_in_pairs() {
     assert_eq!(
         error_of("[provisioning]\nclaim_certificate = \"/c/claim.pem\"\n"),
@@ -334,7 +377,7 @@ fn unknown_nested_key_is_refused() {
         error_of("cloud.keepalive = 30\n"),
         "/d/20-site.toml:1:7: key cloud.keepalive: unknown key (expected one of: \
          endpoint, port, alpn, ca_bundle, keep_alive_secs, reply_timeout_secs, \
-         throttle_retry_max_secs)"
+         throttle_retry_max_secs, report_topic)"
     );
     assert_eq!(
         error_of("[provisioning.parameters]\nSerial = { fil = \"/x\" }\n"),
@@ -641,6 +684,7 @@ fn drop_ins_merge_by_file_name_and_later_directories_mask_earlier_ones() {
     );
     let paths = ConfigPaths {
         main: tmp.path().join("config.toml"),
+        main_required: false,
         dropin_dirs: vec![usr.clone(), etc.clone(), run.clone()],
     };
     write(&paths.main, "[cloud]\nport = 1000\n");
@@ -691,10 +735,19 @@ fn drop_ins_merge_by_file_name_and_later_directories_mask_earlier_ones() {
     );
 }
 
+/// The system's paths, rooted in `dir`: its main file may be missing.
+fn system_like(dir: &Path) -> ConfigPaths {
+    ConfigPaths {
+        main: dir.join("config.toml"),
+        main_required: false,
+        dropin_dirs: vec![dir.join("config.d")],
+    }
+}
+
 #[test]
 fn the_main_file_comes_before_drop_ins_and_may_be_missing() {
     let tmp = tempfile::tempdir().unwrap();
-    let paths = ConfigPaths::for_main(&tmp.path().join("config.toml"));
+    let paths = system_like(tmp.path());
     write(&tmp.path().join("config.d/10-image.toml"), REQUIRED);
     let s = load(&paths).unwrap();
     assert_eq!(s.sources, vec![tmp.path().join("config.d/10-image.toml")]);
@@ -716,7 +769,7 @@ fn the_main_file_comes_before_drop_ins_and_may_be_missing() {
 #[test]
 fn missing_directories_and_files_leave_only_the_required_keys_missing() {
     let tmp = tempfile::tempdir().unwrap();
-    let paths = ConfigPaths::for_main(&tmp.path().join("nothing/config.toml"));
+    let paths = system_like(&tmp.path().join("nothing"));
     let error = load(&paths).unwrap_err();
     assert_eq!(
         error.to_string(),
@@ -725,6 +778,27 @@ fn missing_directories_and_files_leave_only_the_required_keys_missing() {
             paths.main.display()
         )
     );
+}
+
+#[test]
+fn a_main_file_given_by_name_must_exist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let main = tmp.path().join("typo.toml");
+    // Even when drop-ins beside it supply every key: the file named is not what was read.
+    write(&tmp.path().join("config.d/10-image.toml"), REQUIRED);
+    let paths = ConfigPaths::for_main(&main);
+    assert!(paths.main_required);
+    assert!(!ConfigPaths::system().main_required);
+    let error = load(&paths).unwrap_err();
+    assert!(
+        matches!(error, ConfigError::MissingFile { .. }),
+        "{error:?}"
+    );
+    assert_eq!(
+        error.to_string(),
+        format!("config file {} does not exist", main.display())
+    );
+    assert!(!error.is_transient());
 }
 
 #[test]
@@ -745,7 +819,7 @@ fn errors_in_drop_ins_name_the_drop_in() {
 }
 
 #[test]
-fn unreadable_files_and_directories_are_errors_naming_the_path() {
+fn unreadable_files_and_directories_are_errors_naming_the_path_and_the_cause() {
     let tmp = tempfile::tempdir().unwrap();
     // A directory where the main file should be cannot be read, even by root.
     let main = tmp.path().join("config.toml");
@@ -754,30 +828,50 @@ fn unreadable_files_and_directories_are_errors_naming_the_path() {
     assert!(matches!(error, ConfigError::ReadFile { .. }), "{error:?}");
     assert_eq!(
         error.to_string(),
-        format!("reading config file {}", main.display())
+        format!(
+            "reading config file {}: Is a directory (os error 21)",
+            main.display()
+        )
     );
 
     let main = tmp.path().join("ok/config.toml");
     write(&main, REQUIRED);
     let dropin = tmp.path().join("ok/config.d/20-latin1.toml");
     write(&dropin, "");
-    fs::write(&dropin, b"# Gr\xf6\xdfe\n").unwrap();
+    fs::write(&dropin, b"# size\n# Gr\xf6\xdfe\n").unwrap();
     let error = load(&ConfigPaths::for_main(&main)).unwrap_err();
     assert_eq!(
         error.to_string(),
-        format!("reading config file {}", dropin.display())
+        format!(
+            "reading config file {}: it is not UTF-8 text (byte 0xf6 at line 2, column 5); \
+             save it as UTF-8",
+            dropin.display()
+        )
+    );
+    // Columns count characters, as in other errors.
+    fs::write(&dropin, b"# Gr\xc3\xb6\xc3\x9fe \xff").unwrap();
+    let error = load(&ConfigPaths::for_main(&main)).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("(byte 0xff at line 1, column 9)"),
+        "{error}"
     );
 
     let not_a_dir = tmp.path().join("file");
     write(&not_a_dir, "");
     let error = load(&ConfigPaths {
         main: tmp.path().join("absent.toml"),
+        main_required: false,
         dropin_dirs: vec![not_a_dir.clone()],
     })
     .unwrap_err();
     assert_eq!(
         error.to_string(),
-        format!("listing config drop-in directory {}", not_a_dir.display())
+        format!(
+            "listing config drop-in directory {}: Not a directory (os error 20)",
+            not_a_dir.display()
+        )
     );
 }
 
@@ -834,8 +928,16 @@ fn resolve_parameters_uses_the_settings() {
     assert_eq!(resolved.get("Echo").map(String::as_str), Some("hi"));
 }
 
+/// The error of resolving the one parameter `X` from `source`, with a 5 s timeout.
+fn error_resolving(source: ParameterSource) -> ConfigError {
+    match resolve_all(&params(&[("X", source)]), Duration::from_secs(5)) {
+        Ok(values) => panic!("expected an error, got {values:?}"),
+        Err(error) => error,
+    }
+}
+
 #[test]
-fn a_missing_or_empty_file_is_an_error_naming_parameter_and_file() {
+fn a_missing_or_empty_file_is_an_error_naming_parameter_file_and_cause() {
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("missing");
     let error = resolve_all(
@@ -846,10 +948,15 @@ fn a_missing_or_empty_file_is_an_error_naming_parameter_and_file() {
     assert_eq!(
         error.to_string(),
         format!(
-            "resolving template parameter Serial: reading file {}",
+            "resolving template parameter provisioning.parameters.Serial: reading file {}: \
+             No such file or directory (os error 2)",
             missing.display()
         )
     );
+    assert_eq!(error.parameter(), Some("Serial"));
+    // A sysfs node may appear once its driver has probed.
+    assert!(error.is_transient());
+
     let empty = tmp.path().join("empty");
     fs::write(&empty, " \n").unwrap();
     let error = resolve_all(
@@ -860,14 +967,63 @@ fn a_missing_or_empty_file_is_an_error_naming_parameter_and_file() {
     assert_eq!(
         error.to_string(),
         format!(
-            "resolving template parameter Serial: file {} gave an empty value",
+            "resolving template parameter provisioning.parameters.Serial: file {} holds no \
+             value (only whitespace)",
             empty.display()
         )
     );
+    assert!(error.is_transient());
+
+    // A directory is a wrong path: no retry mends it.
+    let error = error_resolving(ParameterSource::File(tmp.path().to_path_buf()));
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "resolving template parameter provisioning.parameters.X: reading file {}: \
+             Is a directory (os error 21)",
+            tmp.path().display()
+        )
+    );
+    assert!(!error.is_transient());
 }
 
 #[test]
-fn a_failing_command_is_an_error_with_status_and_first_stderr_line() {
+fn a_file_over_the_limit_or_not_utf8_is_a_permanent_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let at_limit = tmp.path().join("at-limit");
+    fs::write(&at_limit, "x".repeat(MAX_PARAMETER_BYTES)).unwrap();
+    let values = resolve_all(
+        &params(&[("X", ParameterSource::File(at_limit))]),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(values["X"].len(), MAX_PARAMETER_BYTES);
+
+    let big = tmp.path().join("big");
+    fs::write(&big, "x".repeat(MAX_PARAMETER_BYTES + 1)).unwrap();
+    let error = error_resolving(ParameterSource::File(big.clone()));
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "resolving template parameter provisioning.parameters.X: file {} holds over 64 KiB; \
+             is it the right file?",
+            big.display()
+        )
+    );
+    assert!(!error.is_transient());
+
+    let latin1 = tmp.path().join("latin1");
+    fs::write(&latin1, b"Gr\xf6\xdfe").unwrap();
+    let error = error_resolving(ParameterSource::File(latin1));
+    assert!(
+        error.to_string().ends_with("holds text that is not UTF-8"),
+        "{error}"
+    );
+    assert!(!error.is_transient());
+}
+
+#[test]
+fn a_failing_command_is_a_transient_error_with_status_and_first_stderr_line() {
     let error = resolve_all(
         &params(&[(
             "Serial",
@@ -882,62 +1038,210 @@ fn a_failing_command_is_an_error_with_status_and_first_stderr_line() {
     .unwrap_err();
     assert_eq!(
         error.to_string(),
-        "resolving template parameter Serial: command `sh -c 'echo partial; echo >&2; echo '\\''no \
-         serial: board not ready'\\'' >&2; echo more >&2; exit 3'` failed (exit status: 3): \
-         no serial: board not ready"
+        "resolving template parameter provisioning.parameters.Serial: command `sh -c 'echo \
+         partial; echo >&2; echo '\\''no serial: board not ready'\\'' >&2; echo more >&2; exit \
+         3'` failed (exit status: 3): no serial: board not ready"
     );
-    let error = resolve_all(
-        &params(&[("X", command(&["false"]))]),
-        Duration::from_secs(5),
-    )
-    .unwrap_err();
+    assert!(error.is_transient());
+    assert_eq!(error.parameter(), Some("Serial"));
+    let error = error_resolving(command(&["false"]));
     assert_eq!(
         error.to_string(),
-        "resolving template parameter X: command `false` failed (exit status: 1)"
+        "resolving template parameter provisioning.parameters.X: command `false` failed \
+         (exit status: 1)"
     );
+    assert!(error.is_transient());
 }
 
 #[test]
-fn a_command_that_cannot_start_or_prints_nothing_is_an_error() {
-    let error = resolve_all(
-        &params(&[("X", command(&["/nonexistent/iotd-serial"]))]),
-        Duration::from_secs(5),
-    )
-    .unwrap_err();
+fn a_command_that_cannot_start_is_a_permanent_error_with_the_cause() {
+    let error = error_resolving(command(&["/nonexistent/iotd-serial"]));
     assert!(
         matches!(error, ConfigError::ParameterCommand { .. }),
         "{error:?}"
     );
     assert_eq!(
         error.to_string(),
-        "resolving template parameter X: running command `/nonexistent/iotd-serial`"
+        "resolving template parameter provisioning.parameters.X: running command \
+         `/nonexistent/iotd-serial`: No such file or directory (os error 2); install it, or \
+         give the program's absolute path"
     );
-    let error = resolve_all(
-        &params(&[("X", command(&["true"]))]),
-        Duration::from_secs(5),
-    )
-    .unwrap_err();
-    assert_eq!(
-        error.to_string(),
-        "resolving template parameter X: command `true` gave an empty value"
+    assert!(!error.is_transient());
+    assert_eq!(error.parameter(), Some("X"));
+
+    let tmp = tempfile::tempdir().unwrap();
+    // Not executable.
+    let script = tmp.path().join("serial.sh");
+    fs::write(&script, "#!/bin/sh\necho x\n").unwrap();
+    let error = error_resolving(command(&[script.to_str().unwrap()]));
+    assert!(
+        error
+            .to_string()
+            .ends_with("Permission denied (os error 13); make it executable by user iotd"),
+        "{error}"
     );
+    assert!(!error.is_transient());
+    // Executable, but not a program the kernel can run (no #! line).
+    let script = tmp.path().join("no-interpreter");
+    fs::write(&script, "echo x\n").unwrap();
+    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let error = error_resolving(command(&[script.to_str().unwrap()]));
+    assert!(error.to_string().contains("Exec format error"), "{error}");
+    assert!(!error.is_transient());
 }
 
 #[test]
-fn a_command_that_runs_too_long_is_killed() {
+fn a_command_that_prints_nothing_or_not_utf8_is_a_transient_error() {
+    let error = error_resolving(command(&["true"]));
+    assert_eq!(
+        error.to_string(),
+        "resolving template parameter provisioning.parameters.X: command `true` printed no \
+         value (only whitespace)"
+    );
+    assert!(error.is_transient());
+    let error = error_resolving(command(&["printf", "Gr\\366\\337e"]));
+    assert!(
+        error
+            .to_string()
+            .ends_with("printed text that is not UTF-8"),
+        "{error}"
+    );
+    assert!(error.is_transient());
+}
+
+#[test]
+fn a_command_that_prints_too_much_is_reported_as_such_whatever_its_exit() {
+    // `yes` never ends on its own: it dies of SIGPIPE or is killed, and that is not the
+    // failure to report.
+    let error = error_resolving(command(&["yes", "serial"]));
+    assert_eq!(
+        error.to_string(),
+        "resolving template parameter provisioning.parameters.X: command `yes serial` printed \
+         output over 64 KiB; is it the right command?"
+    );
+    assert!(error.is_transient());
+    // One that ends by itself, successfully, with a byte too many.
+    let error = error_resolving(command(&[
+        "sh",
+        "-c",
+        "head -c 65537 /dev/zero | tr '\\0' x",
+    ]));
+    assert!(
+        error.to_string().contains("printed output over 64 KiB"),
+        "{error}"
+    );
+    let values = resolve_all(
+        &params(&[(
+            "X",
+            command(&["sh", "-c", "head -c 65536 /dev/zero | tr '\\0' x"]),
+        )]),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(values["X"].len(), MAX_PARAMETER_BYTES);
+}
+
+/// Whether process `pid` is still running (not gone, and not a zombie waiting to be reaped by
+/// whoever adopted it). Waits up to 5 s for it to end, since a killed process takes a moment.
+fn still_running_after_a_while(pid: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let running = fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            // The state follows the command name in parentheses, which may contain spaces.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            !matches!(state, Some('Z' | 'X'))
+        });
+        if !running || Instant::now() >= deadline {
+            return running;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_command_that_runs_too_long_is_killed_with_its_process_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pid_file = tmp.path().join("pid");
+    let script = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
     let started = Instant::now();
     let error = resolve_all(
-        &params(&[("X", command(&["sleep", "30"]))]),
+        &params(&[("X", command(&["sh", "-c", &script]))]),
         Duration::from_millis(300),
     )
     .unwrap_err();
     let took = started.elapsed();
     assert_eq!(
         error.to_string(),
-        "resolving template parameter X: command `sleep 30` did not finish within 300ms; killed it"
+        format!(
+            "resolving template parameter provisioning.parameters.X: command `sh -c 'sleep 30 & \
+             echo $! > {}; wait'` did not finish within 300ms; killed it",
+            pid_file.display()
+        )
     );
+    assert!(error.is_transient());
     assert!(took >= Duration::from_millis(300), "{took:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
+    let background = fs::read_to_string(&pid_file).unwrap();
+    assert!(
+        !still_running_after_a_while(background.trim()),
+        "the background sleep {background} outlived the command"
+    );
+}
+
+#[test]
+fn what_a_command_printed_counts_even_if_a_background_process_keeps_its_output_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pid_file = tmp.path().join("pid");
+    let script = format!(
+        "echo serial-123; sleep 30 & echo $! > {}",
+        pid_file.display()
+    );
+    let started = Instant::now();
+    let values = resolve_all(
+        &params(&[("Serial", command(&["sh", "-c", &script]))]),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(values["Serial"], "serial-123");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // The background process was killed with the command's group, not left behind.
+    let background = fs::read_to_string(&pid_file).unwrap();
+    assert!(
+        !still_running_after_a_while(background.trim()),
+        "the background sleep {background} outlived the command"
+    );
+}
+
+#[test]
+fn configuration_errors_are_permanent_and_name_no_parameter() {
+    let errors = [
+        load_parts(&[("/etc/iotd/config.toml", "[cloud]\n")]).unwrap_err(),
+        load_parts(&[("/a.toml", "[cloud]\nport = 0\n")]).unwrap_err(),
+        load_parts(&[("/a.toml", "[cloud\n")]).unwrap_err(),
+    ];
+    for error in errors {
+        assert!(!error.is_transient(), "{error}");
+        assert_eq!(error.parameter(), None, "{error}");
+    }
+}
+
+#[test]
+fn parameter_names_that_are_not_bare_keys_are_quoted_in_messages() {
+    let error = resolve_all(
+        &params(&[("Serial Number", command(&["false"]))]),
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    assert!(
+        error.to_string().starts_with(
+            "resolving template parameter provisioning.parameters.\"Serial Number\": "
+        ),
+        "{error}"
+    );
+    assert_eq!(error.parameter(), Some("Serial Number"));
 }
 
 #[test]
@@ -1068,5 +1372,29 @@ fn the_shipped_file_documents_every_key() {
             };
             assert!(shown, "{table}.{key} is not documented in config/iotd.toml");
         }
+    }
+}
+
+#[test]
+fn the_report_topic_defaults_and_is_checked() {
+    let s = load_parts(&[("/etc/iotd/config.toml", REQUIRED)]).unwrap();
+    assert_eq!(s.cloud.report_topic, "iotd/{thing}/certificates");
+    let s = load_parts(&[
+        ("/etc/iotd/config.toml", REQUIRED),
+        ("/d/20-site.toml", "[cloud]\nreport_topic = \"\"\n"),
+    ])
+    .unwrap();
+    assert_eq!(s.cloud.report_topic, "", "empty: reports off");
+    for (topic, says) in [
+        ("$aws/things/{thing}/x", "starts with $"),
+        ("fleet/+/x", "wildcard"),
+        ("fleet/{name}/x", "only placeholder"),
+        ("a/b/c/d/e/f/g/h/i", "more than 7 slashes"),
+    ] {
+        let e = error_of(&format!("[cloud]\nreport_topic = {topic:?}\n"));
+        assert!(
+            e.contains("cloud.report_topic") && e.contains(says),
+            "{topic}: {e}"
+        );
     }
 }

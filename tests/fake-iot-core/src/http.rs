@@ -219,12 +219,14 @@ async fn advance_clock(
     body: Result<Json<Advance>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     match body {
-        Ok(Json(a)) => {
-            let now = shared.clock.advance(a.advance_seconds);
-            // Expiry is lazy; touch the registry so that it is swept and persisted now.
-            shared.write(|_| ());
-            Json(json!({"now": now, "offsetSeconds": shared.clock.offset()})).into_response()
-        }
+        Ok(Json(a)) => match shared.clock.try_advance(a.advance_seconds) {
+            Ok(now) => {
+                // Expiry is lazy; touch the registry so that it is swept and persisted now.
+                shared.write(|_| ());
+                Json(json!({"now": now, "offsetSeconds": shared.clock.offset()})).into_response()
+            }
+            Err(e) => bad_request(e.to_string()),
+        },
         Err(e) => bad_request(format!("clock: {e}")),
     }
 }

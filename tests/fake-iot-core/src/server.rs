@@ -514,6 +514,11 @@ fn temporary_claim_allows(s: &Settings, template: &str, action: Action, resource
     false
 }
 
+/// How long a client has from its TCP connection to a complete CONNECT: the ClientHello (read
+/// for SNI), the TLS handshake and the CONNECT packet together. A connection that never starts
+/// TLS, or stalls at any point before CONNECT, is closed then, so idle sockets cannot pile up.
+pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Accepts connections on one listener until shutdown.
 pub async fn listen(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAcceptor, alpn: bool) {
     loop {
@@ -596,12 +601,24 @@ async fn serve(
     conn_id: u64,
 ) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
-    if shared.settings.require_sni && wait_for_sni(&tcp).await == Sni::Absent {
-        return Err("TLS ClientHello without SNI (AWS IoT requires it)".to_owned());
+    let deadline = tokio::time::Instant::now() + CONNECT_DEADLINE;
+    let late = |what: &str| {
+        format!(
+            "{what} within {} s of connecting",
+            CONNECT_DEADLINE.as_secs()
+        )
+    };
+    if shared.settings.require_sni {
+        let sni = tokio::time::timeout_at(deadline, wait_for_sni(&tcp))
+            .await
+            .map_err(|_| late("no TLS ClientHello"))?;
+        if sni == Sni::Absent {
+            return Err("TLS ClientHello without SNI (AWS IoT requires it)".to_owned());
+        }
     }
-    let mut stream = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+    let mut stream = tokio::time::timeout_at(deadline, acceptor.accept(tcp))
         .await
-        .map_err(|_| "TLS handshake timed out".to_owned())?
+        .map_err(|_| late("no complete TLS handshake"))?
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
     let (_, conn) = stream.get_ref();
     if alpn_listener && conn.alpn_protocol() != Some(ALPN_MQTT_CA) {
@@ -613,7 +630,7 @@ async fn serve(
         .map(|c| certificate_id(c))
         .ok_or_else(|| "no client certificate".to_owned())?;
 
-    // CONNECT must come first, within the TLS handshake timeout's spirit.
+    // CONNECT must come first, before the deadline that the handshake had too.
     let mut buf = BytesMut::with_capacity(4096);
     let (version, info) = loop {
         match mqtt::decode(None, &mut buf).map_err(|e| e.to_string())? {
@@ -621,9 +638,9 @@ async fn serve(
             Some(_) => return Err("first packet is not CONNECT".to_owned()),
             None => {}
         }
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read_buf(&mut buf))
+        let n = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf))
             .await
-            .map_err(|_| "no CONNECT within 10 s".to_owned())?
+            .map_err(|_| late("no CONNECT"))?
             .map_err(|e| format!("reading CONNECT: {e}"))?;
         if n == 0 {
             return Err("closed before CONNECT".to_owned());

@@ -7,8 +7,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use common::*;
+use fake_iot_core::server::CONNECT_DEADLINE;
 use rustls::pki_types::ServerName;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -208,6 +210,38 @@ async fn alpn_listener_requires_x_amzn_mqtt_ca_and_both_tls_versions_work() {
             .await
             .unwrap();
         assert_eq!(tls.get_ref().1.protocol_version(), Some(version.version));
+    }
+}
+
+/// A TCP connection that never starts TLS is closed at the deadline a client has for the TLS
+/// handshake and CONNECT together: on both listeners, whether SNI is required (the fake waits
+/// for the ClientHello) or not (rustls does).
+#[tokio::test]
+async fn silent_tcp_connections_are_closed_at_the_connect_deadline() {
+    let (fake, sni_off) = tokio::join!(fake(&[]), fake_with_sni_off());
+    let started = Instant::now();
+    let silent = [fake.mqtt_port(), fake.alpn_port(), sni_off.mqtt_port()].map(|port| {
+        tokio::spawn(async move {
+            let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let mut byte = [0u8; 1];
+            // Bounded: without the deadline the read never returns.
+            let read = tokio::time::timeout(CONNECT_DEADLINE + WAIT, tcp.read(&mut byte))
+                .await
+                .map(|r| r.map_err(|e| e.to_string()));
+            (port, read, started.elapsed())
+        })
+    });
+    for connection in silent {
+        let (port, read, elapsed) = connection.await.unwrap();
+        assert_eq!(
+            read,
+            Ok(Ok(0)),
+            "port {port}: the fake closes the connection"
+        );
+        assert!(
+            elapsed >= CONNECT_DEADLINE,
+            "port {port}: closed after {elapsed:?}, before the deadline"
+        );
     }
 }
 

@@ -1,7 +1,8 @@
 //! AWS IoT's REST control plane against the real binary: paths, status codes, the
 //! `x-amzn-ErrorType` header on errors and the response shapes botocore parses; plus the
 //! effects the control plane has on the device side (temporary claims that can provision,
-//! connections closed when a certificate is deactivated, job notifications).
+//! connections closed when a certificate is deactivated, job notifications); and the fake's
+//! clock, which tests move through `/_fake/clock`.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -10,6 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
+use fake_iot_core::clock::MAX_TIME;
 use serde_json::{Value, json};
 
 const ROLE: &str = "arn:aws:iam::123456789012:role/provisioning";
@@ -1055,4 +1057,53 @@ async fn endpoint_and_malformed_requests() {
         "InvalidRequestException",
         "query string",
     );
+}
+
+/// `/_fake/clock` refuses, with a 400 and a message like the rest of the API, a move the clock
+/// cannot show (an overflow, a time before 1970 or after 9999, a number that is no i64), and
+/// leaves the clock where it was; moves within range, back too, are applied.
+#[tokio::test]
+async fn the_clock_refuses_moves_out_of_its_range() {
+    let fake = Fake::start(&[], &[]).await;
+    let (status, _, body) = fake
+        .http(
+            "POST",
+            "/_fake/clock",
+            Some(json!({"advanceSeconds": 3600})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["offsetSeconds"], 3600);
+    let now = now(&fake).await;
+    for (advance, mentions) in [
+        (json!(i64::MAX), "overflows"),
+        (json!(i64::MIN), "outside the range"),
+        (json!(-now - 3600), "outside the range"),
+        (json!(MAX_TIME - now + 3600), "outside the range"),
+        (json!(9_223_372_036_854_775_808_u64), "clock: "),
+        (json!(1e300), "clock: "),
+    ] {
+        let (status, _, body) = fake
+            .http(
+                "POST",
+                "/_fake/clock",
+                Some(json!({"advanceSeconds": advance})),
+            )
+            .await;
+        assert_eq!(status, 400, "{advance}: {body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(mentions), "{advance}: {body}");
+    }
+    let (_, _, clock) = fake.http("GET", "/_fake/clock", None).await;
+    assert_eq!(clock["offsetSeconds"], 3600, "{clock}");
+
+    let (status, _, body) = fake
+        .http(
+            "POST",
+            "/_fake/clock",
+            Some(json!({"advanceSeconds": -7200})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["offsetSeconds"], -3600);
 }
