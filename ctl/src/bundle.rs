@@ -164,6 +164,25 @@ pub fn build(paths: &ConfigPaths, runtime: &tokio::runtime::Runtime) -> String {
     section(&mut out, "status (iotctl status --json)");
     out.push_str(&status);
 
+    // Why iotd last stopped, when it did so on an error (iotd removes it once running again).
+    let record = iotd::exit::record_path();
+    if let Ok(text) = std::fs::read_to_string(&record) {
+        section(&mut out, &format!("last exit ({})", record.display()));
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(mut value) => {
+                redact::redact_json(&mut value, &mut secrets);
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&value).unwrap_or_default()
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(out, "unreadable ({e})");
+            }
+        }
+    }
+
     section(&mut out, "configuration (iotctl config check)");
     let settings = iotd::config::load(paths);
     match &settings {

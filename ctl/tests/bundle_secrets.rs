@@ -194,8 +194,22 @@ async fn no_planted_secret_reaches_the_bundle() {
         Err(e) => panic!("serving: {e}\ndbus-daemon log:\n{}", bus.log()),
     };
 
+    // Why iotd last stopped, quoting a parameter command's failure.
+    let runtime = dir.path().join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    std::fs::write(
+        runtime.join("exit.json"),
+        serde_json::json!({
+            "status": 1, "code": "parameter", "at": 1, "pid": 7,
+            "message": "resolving template parameter Serial: command `/usr/bin/get-serial --password=S3CRET-exit-record` failed",
+        })
+        .to_string(),
+    )
+    .unwrap();
+
     let mut command = dir.command(&["support-bundle", "--output", "-"]);
     command
+        .env("RUNTIME_DIRECTORY", &runtime)
         .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
         .env("AWS_SECRET_ACCESS_KEY", "S3CRET-environment");
     let out = tokio::time::timeout(WAIT, tokio::process::Command::from(command).output())
@@ -216,6 +230,8 @@ async fn no_planted_secret_reaches_the_bundle() {
         "\"state\": \"provisioning\"",
         "50-site.toml",
         "===== journal",
+        "===== last exit",
+        "/usr/bin/get-serial --password=<redacted>",
         // Config: command names, flag names and other values stay.
         "SerialNumber = \"SN-0001\"",
         "ApiToken = \"<redacted>\"",
