@@ -558,9 +558,8 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
         });
     }
 
-    // Only when both are written: reprovision_when_key_lost defaults to true, and with the
-    // default a deleted claim is no contradiction (a claim handed over by onboarding is used,
-    // and without one the agent stops and says what to do).
+    // Refused when both are written; when only delete_claim is, reprovision_when_key_lost
+    // defaults to false (below), so the two never hold together.
     if let (Some(delete), Some(reprovision)) = (&delete_claim, &reprovision_when_key_lost)
         && delete.value
         && reprovision.value
@@ -577,6 +576,7 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
         });
     }
 
+    let deletes_claim = delete_claim.as_ref().is_some_and(|d| d.value);
     let claim = match (claim_certificate, claim_key) {
         (None, None) => None,
         (Some(certificate), Some(key)) => Some(ClaimPaths {
@@ -608,8 +608,9 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
             certificate_source: certificate_source.map_or(CertificateSource::Csr, |c| c.value),
             claim,
             claim_client_id: claim_client_id.map(|c| c.value),
-            delete_claim: delete_claim.is_some_and(|d| d.value),
-            reprovision_when_key_lost: reprovision_when_key_lost.is_none_or(|r| r.value),
+            delete_claim: deletes_claim,
+            reprovision_when_key_lost: reprovision_when_key_lost
+                .map_or(!deletes_claim, |r| r.value),
             format: format.map_or(PayloadFormat::Json, |f| f.value),
             parameters: parameters.into_iter().map(|(k, v)| (k, v.value)).collect(),
         },

@@ -315,9 +315,10 @@ fn deleting_the_claim_cannot_be_combined_with_provisioning_again_from_it() {
          to false"
     );
     assert!(!error.is_transient());
-    // Either one alone is fine, and so is the default of reprovision_when_key_lost.
+    // Either one alone is fine; with delete_claim, reprovision_when_key_lost defaults to false.
     let s = with("[provisioning]\ndelete_claim = true\n");
-    assert!(s.provisioning.delete_claim && s.provisioning.reprovision_when_key_lost);
+    assert!(s.provisioning.delete_claim && !s.provisioning.reprovision_when_key_lost);
+    assert!(with("").provisioning.reprovision_when_key_lost);
     let s = with("[provisioning]\ndelete_claim = true\nreprovision_when_key_lost = false\n");
     assert!(s.provisioning.delete_claim && !s.provisioning.reprovision_when_key_lost);
     let s = with("[provisioning]\ndelete_claim = false\nreprovision_when_key_lost = true\n");
