@@ -36,8 +36,9 @@ demo: setup
 	target/tools/iotd-demo
 
 # Figures, not tests: iotd against AWS's Python SDK client on the same fake (provisioning time),
-# iotd's footprint (memory, size, start-up, idle wake-ups, 500 reconnects), a fleet of 1000
-# gateways under AWS's quotas, and the fake's own capacity. About 20 minutes.
+# iotd's footprint (memory, size, start-up, idle wake-ups, 500 reconnects, fsyncs), 1000
+# provisionings killed with SIGKILL at random instants, a fleet of 1000 gateways under AWS's
+# quotas, and the fake's own capacity. About 20 minutes.
 bench: setup
 	$(CARGO) build --release -p iotd -p iotctl -p fake-iot-core
 	$(CARGO) build --profile tools -p iotd-testkit -p fleet-sim

@@ -399,3 +399,419 @@ impl Iotd {
             .unwrap()
     }
 }
+
+// Crash injection: iotd killed with SIGKILL at random instants of a provisioning, then started
+// again until it is provisioned (agent/tests/crash.rs, a short run; `iotd-bench --only crash`,
+// the long one).
+
+/// A small seedable random source (SplitMix64) for the kill instants: a printed seed gives the
+/// same delays again.
+#[derive(Debug, Clone)]
+pub struct CrashRng(u64);
+
+impl CrashRng {
+    pub fn new(seed: u64) -> CrashRng {
+        CrashRng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A delay drawn uniformly from [0, `max`] (nanosecond steps).
+    pub fn up_to(&mut self, max: Duration) -> Duration {
+        let span = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(self.next_u64() % span.saturating_add(1))
+    }
+}
+
+/// The seed in the environment variable `var` (decimal, or hex with 0x), else a new one from the
+/// clock and the pid. Panics on a value that is not a number.
+pub fn crash_seed(var: &str) -> u64 {
+    match std::env::var(var) {
+        Ok(text) => parse_seed(&text).unwrap_or_else(|e| panic!("{var}: {e}")),
+        Err(_) => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            CrashRng::new(nanos ^ u64::from(std::process::id()).rotate_left(32)).next_u64()
+        }
+    }
+}
+
+/// A seed as printed (decimal) or in hex with 0x.
+pub fn parse_seed(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .map_err(|e| format!("{text:?} is not a seed (a u64, decimal or 0x-hex): {e}"))
+}
+
+/// A fake for crash runs: `Cloud::start` without the one-CONNECT-per-second-per-client-id rule.
+/// The shipped unit restarts a crashed iotd after 5 s (RestartSec=5s), long after that second;
+/// the harness restarts it at once, and the rule would send nearly every restarted iotd into a
+/// 1–2 s backoff (with most second kills landing in that sleep) where a gateway sees none.
+pub async fn crash_cloud() -> Cloud {
+    Cloud::start_with(|s| s.connect_gap = None).await
+}
+
+/// A script that runs `exe` with its log (stderr) appended to a file in `dir`, so that many
+/// runs do not flood the terminal and a failed one's log is at hand. `exec` keeps the pid:
+/// SIGKILL and SIGTERM reach iotd. Returns the script and the log.
+pub fn iotd_with_log(exe: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let (script, log) = (dir.join("iotd.sh"), dir.join("iotd.log"));
+    let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
+    let text = format!("#!/bin/sh\nexec {} \"$@\" 2>>{}\n", quote(exe), quote(&log));
+    std::fs::write(&script, text).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (script, log)
+}
+
+/// How long one crash run waits for the restarted iotd to say it is provisioned.
+pub const CRASH_LIMIT: Duration = Duration::from_secs(20);
+
+/// Waits until iotd says it is provisioned and connected as `thing` ("Provisioned as THING;
+/// certificate valid until …", sent once connected with the certificate); an error when it
+/// gives up ("Failed at …") or does not get there within `limit`.
+pub async fn wait_provisioned(iotd: &mut Iotd, thing: &str, limit: Duration) -> Result<(), String> {
+    let done = format!("STATUS=Provisioned as {thing}; certificate valid until");
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match iotd.next_line(left).await {
+            Some((_, line)) if line.starts_with(&done) => return Ok(()),
+            Some((_, line)) if line.starts_with("STATUS=Failed at ") => {
+                return Err(format!("iotd gave up: {line}"));
+            }
+            Some(_) => {}
+            None => {
+                let statuses: Vec<&String> = iotd
+                    .seen
+                    .iter()
+                    .filter(|l| l.starts_with("STATUS="))
+                    .collect();
+                let last = &statuses[statuses.len().saturating_sub(5)..];
+                return Err(format!(
+                    "no {done:?} within {} s; last STATUS lines: {last:#?}",
+                    limit.as_secs()
+                ));
+            }
+        }
+    }
+}
+
+/// One gateway (`serial`, file key) provisioned without a kill: spawn → connected with its
+/// certificate. What a crash run's kill window is taken from.
+pub async fn time_provisioning(
+    cloud: &Cloud,
+    exe: &Path,
+    serial: &str,
+) -> Result<Duration, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let (script, log) = iotd_with_log(exe, dir.path());
+    let conf = config(cloud, &dir.path().join("state"), serial);
+    let started = std::time::Instant::now();
+    let mut iotd = Iotd::start(&script, dir.path(), &conf).await;
+    let waited = wait_provisioned(&mut iotd, &format!("gw-{serial}"), CRASH_LIMIT).await;
+    let elapsed = started.elapsed();
+    if let Err(e) = waited {
+        return Err(format!("{e}\n{}", log_tail(&log, 20)));
+    }
+    let exit = iotd.terminate().await;
+    if !exit.success() {
+        return Err(format!("iotd exited with {exit} on SIGTERM"));
+    }
+    Ok(elapsed)
+}
+
+/// The crash window: the median of `runs` unkilled provisionings (`time_provisioning`) after
+/// one more that is not counted (the first of a fresh fake and iotd binary is the slowest: cold
+/// caches, the fake's first certificate). Returns the median and the times counted.
+pub async fn crash_window(
+    cloud: &Cloud,
+    exe: &Path,
+    runs: u32,
+) -> Result<(Duration, Vec<Duration>), String> {
+    let mut times = Vec::new();
+    for i in 0..=runs {
+        let elapsed = time_provisioning(cloud, exe, &format!("crash-unkilled-{i}")).await?;
+        if i > 0 {
+            times.push(elapsed);
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort();
+    let n = sorted.len();
+    let median = match n {
+        0 => Duration::ZERO,
+        _ => (sorted[(n - 1) / 2] + sorted[n / 2]) / 2,
+    };
+    Ok((median, times))
+}
+
+/// The outcome of one crash run.
+#[derive(Debug, Clone)]
+pub struct CrashRun {
+    pub serial: String,
+    /// SIGKILLs sent (each to a new iotd).
+    pub kills: u32,
+    /// When each kill was sent, counted from the spawn of the iotd it killed.
+    pub kill_instants: Vec<Duration>,
+    /// Where state.json stood after each kill: "none" (no state.json yet), the step of the
+    /// operation ("starting" before the key, "key-ready", "certificate-issued",
+    /// "thing-registered"), or "provisioned".
+    pub killed_at: Vec<String>,
+    /// Provisioned in the end: the thing exists, the certificate of state.json's identity is
+    /// ACTIVE and attached to it, iotd connected as the thing with it, and every other
+    /// certificate attached to the thing is one iotd reports as abandoned.
+    pub recovered: bool,
+    /// Certificates issued during this run other than the one in use (a CreateCertificateFromCsr
+    /// or a RegisterThing whose reply a kill lost).
+    pub duplicates: u32,
+    /// Of those, the ones ACTIVE and attached to the thing (RegisterThing done, its reply lost);
+    /// the others are PENDING_ACTIVATION and expire with their ownership token.
+    pub attached_duplicates: u32,
+    /// From the last start to "Provisioned as …".
+    pub recovery: Duration,
+    /// Why the run did not recover, with the kills, state.json and the end of iotd's log (and
+    /// where the run's directory was kept, if it was).
+    pub failure: Option<String>,
+}
+
+/// One crash run on `cloud` with the iotd binary `exe`: a new gateway (fresh state directory,
+/// serial `serial`, file key) is started and killed with SIGKILL `kills` times, each kill a delay
+/// drawn uniformly from [0, `window`] after that iotd was spawned (`window`: about an unkilled
+/// provisioning's duration, see `time_provisioning`); then iotd is started once more and must
+/// end provisioned and connected within `CRASH_LIMIT`. Certificates are attributed to the run by
+/// a diff of the registry before and after it: runs on one cloud must not overlap. A run that
+/// does not recover keeps its directory (state, keys, iotd's log) when `keep_failed`.
+pub async fn crash_run(
+    cloud: &Cloud,
+    exe: &Path,
+    serial: &str,
+    kills: u32,
+    window: Duration,
+    rng: &mut CrashRng,
+    keep_failed: bool,
+) -> CrashRun {
+    let dir = tempfile::tempdir().unwrap();
+    let (script, log) = iotd_with_log(exe, dir.path());
+    let conf = config(cloud, &dir.path().join("state"), serial);
+    let thing = format!("gw-{serial}");
+    let certificates = || -> std::collections::BTreeSet<String> {
+        cloud
+            .shared()
+            .read(|reg| reg.certificates.keys().cloned().collect())
+    };
+    let before = certificates();
+    let mut run = CrashRun {
+        serial: serial.to_owned(),
+        kills,
+        kill_instants: Vec::new(),
+        killed_at: Vec::new(),
+        recovered: false,
+        duplicates: 0,
+        attached_duplicates: 0,
+        recovery: Duration::ZERO,
+        failure: None,
+    };
+    for _ in 0..kills {
+        let delay = rng.up_to(window);
+        let started = std::time::Instant::now();
+        let mut iotd = Iotd::start(&script, dir.path(), &conf).await;
+        // A thread's sleep, not the runtime's timer (1 ms steps): a release iotd provisions in
+        // about 10 ms.
+        tokio::task::spawn_blocking(move || {
+            let left = delay.saturating_sub(started.elapsed());
+            std::thread::sleep(left);
+        })
+        .await
+        .unwrap();
+        run.kill_instants.push(started.elapsed());
+        iotd.kill().await;
+        run.killed_at.push(persisted_step(&iotd.state_dir));
+    }
+    let started = std::time::Instant::now();
+    let mut iotd = Iotd::start(&script, dir.path(), &conf).await;
+    let waited = wait_provisioned(&mut iotd, &thing, CRASH_LIMIT).await;
+    run.recovery = started.elapsed();
+    let state = waited.and_then(|()| {
+        std::fs::read_to_string(iotd.state_dir.join("state.json"))
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|e| e.to_string()))
+            .map_err(|e| format!("reading state.json: {e}"))
+    });
+    if let Ok(cert) = state
+        .as_ref()
+        .map(|s| s["identity"]["certificateId"].clone())
+    {
+        // The fake logs a connection just after its CONNACK, which iotd may have acted on
+        // first: wait for the entry (found at once, nearly always).
+        let cert = cert.as_str().unwrap_or_default().to_owned();
+        let is_ours = |e: &LogEntry| {
+            e.kind == "connect"
+                && e.client_id == thing
+                && e.detail.as_deref().is_some_and(|d| d.contains(&cert))
+        };
+        cloud
+            .shared()
+            .wait_for_log(Duration::from_secs(5), is_ours)
+            .await;
+    }
+    let checked = state.and_then(|state| {
+        check_recovered(cloud, &state, &thing, &before, &certificates(), &mut run)
+    });
+    let exit = iotd.terminate().await;
+    let checked = checked.and_then(|()| {
+        exit.success()
+            .then_some(())
+            .ok_or_else(|| format!("iotd exited with {exit} on SIGTERM, not 0"))
+    });
+    match checked {
+        Ok(()) => run.recovered = true,
+        Err(why) => {
+            let state = std::fs::read_to_string(iotd.state_dir.join("state.json"))
+                .unwrap_or_else(|e| format!("(none: {e})"));
+            let log_tail = log_tail(&log, 30);
+            let kept = if keep_failed {
+                format!("the run's directory is kept: {}", dir.keep().display())
+            } else {
+                "the run's directory is removed".to_owned()
+            };
+            run.failure = Some(format!(
+                "{why}\n  kills at {:?} (state after each: {:?})\n  state.json: {state}\n  \
+                 {kept}\n{log_tail}",
+                run.kill_instants, run.killed_at,
+            ));
+        }
+    }
+    run
+}
+
+/// The checks of a recovered run (see `CrashRun::recovered`); counts the run's duplicates.
+fn check_recovered(
+    cloud: &Cloud,
+    state: &Value,
+    thing: &str,
+    before: &std::collections::BTreeSet<String>,
+    after: &std::collections::BTreeSet<String>,
+    run: &mut CrashRun,
+) -> Result<(), String> {
+    if !state["operation"].is_null() {
+        return Err(format!(
+            "an operation is still in state.json: {}",
+            state["operation"]
+        ));
+    }
+    if state["identity"]["thingName"] != thing {
+        return Err(format!(
+            "state.json's identity is not {thing}: {}",
+            state["identity"]
+        ));
+    }
+    let cert = state["identity"]["certificateId"]
+        .as_str()
+        .ok_or("state.json's identity has no certificateId")?
+        .to_owned();
+    let registry = cloud.registry();
+    if registry["things"][thing].is_null() {
+        return Err(format!("the fake has no thing {thing}"));
+    }
+    let status = &registry["certificates"][&cert]["status"];
+    if status != "ACTIVE" {
+        return Err(format!(
+            "certificate {cert} is {status} in the fake, not ACTIVE"
+        ));
+    }
+    let principals = cloud.principals(thing);
+    if !principals.contains(&cert) {
+        return Err(format!(
+            "certificate {cert} is not attached to {thing} (principals {principals:?})"
+        ));
+    }
+    let on_cert = &registry["certificates"][&cert]["things"];
+    if !on_cert
+        .as_array()
+        .is_some_and(|t| t.iter().any(|t| t == thing))
+    {
+        return Err(format!(
+            "certificate {cert} does not list {thing}: {on_cert}"
+        ));
+    }
+    let last_connect = cloud
+        .log()
+        .into_iter()
+        .rev()
+        .find(|e| e.kind == "connect" && e.client_id == thing);
+    if !last_connect
+        .as_ref()
+        .and_then(|e| e.detail.as_deref())
+        .is_some_and(|d| d.contains(&cert))
+    {
+        return Err(format!(
+            "iotd's last connection as {thing} was not with {cert}: {last_connect:?}"
+        ));
+    }
+    let created: Vec<&String> = after.difference(before).collect();
+    if !created.contains(&&cert) {
+        return Err(format!("certificate {cert} was not issued in this run"));
+    }
+    let abandoned = state["abandonedCertificates"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let unreported: Vec<&String> = principals
+        .iter()
+        .filter(|p| **p != cert && !abandoned.iter().any(|a| a == p.as_str()))
+        .collect();
+    if !unreported.is_empty() {
+        return Err(format!(
+            "certificates attached to {thing} that iotd does not report as abandoned: \
+             {unreported:?}"
+        ));
+    }
+    run.duplicates = created.iter().filter(|c| ***c != cert).count() as u32;
+    run.attached_duplicates = created
+        .iter()
+        .filter(|c| ***c != cert && principals.contains(c))
+        .count() as u32;
+    Ok(())
+}
+
+/// Where state.json stands (see `CrashRun::killed_at`).
+pub fn persisted_step(state_dir: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(state_dir.join("state.json")) else {
+        return "none".to_owned();
+    };
+    let Ok(state) = serde_json::from_str::<Value>(&text) else {
+        return "unreadable".to_owned();
+    };
+    if !state["identity"].is_null() && state["operation"].is_null() {
+        return "provisioned".to_owned();
+    }
+    match state["operation"]["step"]["name"].as_str() {
+        Some(step) => step.to_owned(),
+        None if state["operation"].is_null() => "unprovisioned".to_owned(),
+        None => "starting".to_owned(),
+    }
+}
+
+/// The last `lines` lines of iotd's log, indented, for a failure's report.
+pub fn log_tail(log: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let tail = &all[all.len().saturating_sub(lines)..];
+    format!(
+        "  end of iotd's log ({}):\n{}",
+        log.display(),
+        tail.iter()
+            .fold(String::new(), |s, l| s + "    " + l + "\n")
+    )
+}

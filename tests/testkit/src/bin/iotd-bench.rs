@@ -11,6 +11,12 @@
 //! renames from spawn to connected; then the same provisioning with every fsync/fdatasync
 //! delayed (strace's fault injection), as on a gateway's eMMC, beside the same run without the
 //! delay (what strace itself costs) and without strace.
+//!
+//! Crashes: a new gateway's iotd (file key) is killed with SIGKILL at an instant drawn uniformly
+//! from [0, D] after its spawn, D being the median time of an unkilled provisioning; half of
+//! the runs once, half twice (the second iotd killed the same way); then started again, it must
+//! end provisioned with the certificate it uses ACTIVE and attached to its thing. Certificates
+//! issued in a run besides that one are its duplicates.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -20,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use iotd_testkit::dbus_daemon::DbusDaemon;
-use iotd_testkit::{Cloud, Iotd, WAIT, config, machine};
+use iotd_testkit::{Cloud, CrashRng, CrashRun, Iotd, WAIT, config, machine};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// How long one run may take; shorter than the harness's own limit, so that a slow run is
@@ -55,7 +61,9 @@ const PREVIOUS_RENAMES: u32 = 6;
 
 /// Measures iotd against AWS's Python device SDK on the same local fake AWS IoT Core, and
 /// iotd's footprint: memory, binary size, start-up, idle CPU and wake-ups, reconnects, and its
-/// fsyncs per provisioning, with the time a slow disk adds.
+/// fsyncs per provisioning, with the time a slow disk adds; and that a provisioning killed with
+/// SIGKILL once or twice at random instants always ends provisioned, with how many duplicate
+/// certificates the kills cost.
 ///
 /// The figures mean something only for release builds of iotd and iotctl, which are looked for
 /// next to this program or in target/release/: run it as `make bench`, which builds them.
@@ -88,6 +96,14 @@ struct Args {
     /// Disconnects forced by the fake on a provisioned iotd, to show that nothing grows.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     reconnects: u32,
+    /// Crash runs: a new gateway's iotd killed with SIGKILL at random instants of its
+    /// provisioning (every other run once, the others twice), then started again.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    crash_runs: u32,
+    /// The seed of the crash runs' kill instants (the crash part prints the one it used; decimal
+    /// or 0x-hex), to draw the same instants again. A new one by default (or IOTD_CRASH_SEED's).
+    #[arg(long, value_parser = iotd_testkit::parse_seed)]
+    crash_seed: Option<u64>,
 }
 
 /// A part of the benchmark, for `--only`.
@@ -102,6 +118,9 @@ enum Part {
     Resident,
     /// stripped sizes of iotd and iotctl.
     Size,
+    /// SIGKILL once or twice at random instants of a provisioning: runs recovered, duplicate
+    /// certificates.
+    Crash,
 }
 
 impl Args {
@@ -449,6 +468,9 @@ async fn bench(args: Args) -> Result<()> {
         ));
     }
     cloud.stop().await;
+    if args.runs(Part::Crash) {
+        notes.extend(crashes(&args, &exe, &mut rows, &mut failed).await?);
+    }
 
     if let Some(iotctl) = iotctl {
         // 3. Binary sizes.
@@ -488,6 +510,228 @@ async fn bench(args: Args) -> Result<()> {
         bail!("{failed} provisioning runs failed");
     }
     Ok(())
+}
+
+/// Crash runs per fake: each run leaves a thing and its certificates in the fake's registry,
+/// which the fake serialises whole for every write; a fresh fake now and then keeps the last
+/// runs like the first.
+const CRASH_RUNS_PER_CLOUD: u32 = 100;
+
+/// Unkilled provisionings timed for the crash window (after one not counted).
+const CRASH_WINDOW_RUNS: u32 = 10;
+
+/// The crash part: `--crash-runs` new gateways, every other one killed once, the others twice,
+/// each at an instant drawn uniformly from [0, D] after that iotd's spawn (D: the median of
+/// `CRASH_WINDOW_RUNS` unkilled provisionings, after a warm-up), then started again until
+/// provisioned. Returns
+/// the lines printed under the table (the distribution of the kills).
+async fn crashes(
+    args: &Args,
+    exe: &Path,
+    rows: &mut Vec<Row>,
+    failed: &mut u32,
+) -> Result<Vec<String>> {
+    let seed = args
+        .crash_seed
+        .unwrap_or_else(|| iotd_testkit::crash_seed("IOTD_CRASH_SEED"));
+    eprintln!("crash: seed {seed} (--crash-seed {seed} draws the same kill instants)");
+    let mut rng = CrashRng::new(seed);
+    // Each run with the window it was drawn from; the windows, one per fake, in ms.
+    let mut runs: Vec<(CrashRun, Duration)> = Vec::new();
+    let mut windows_ms = Vec::new();
+    let mut cloud: Option<(Cloud, Duration)> = None;
+    for i in 0..args.crash_runs {
+        if i % CRASH_RUNS_PER_CLOUD == 0 {
+            if let Some((old, _)) = cloud.take() {
+                old.stop().await;
+            }
+            // D anew with each fake: the machine's load changes (others share it), and a D
+            // that no longer matches a provisioning's duration would move the kills.
+            let fresh = iotd_testkit::crash_cloud().await;
+            let (window, _) = iotd_testkit::crash_window(&fresh, exe, CRASH_WINDOW_RUNS)
+                .await
+                .map_err(anyhow::Error::msg)
+                .context("unkilled provisionings, to time the crash window")?;
+            windows_ms.push(window.as_secs_f64() * 1e3);
+            cloud = Some((fresh, window));
+        }
+        let Some((cloud, window)) = &cloud else {
+            unreachable!("a fake was started for run 0")
+        };
+        let serial = format!("crash-{:04}", i + 1);
+        let run =
+            iotd_testkit::crash_run(cloud, exe, &serial, 1 + i % 2, *window, &mut rng, true).await;
+        if let Some(why) = &run.failure {
+            fail(failed, &serial, &anyhow::anyhow!("{why}"));
+        }
+        runs.push((run, *window));
+        if (i + 1) % 100 == 0 || i + 1 == args.crash_runs {
+            eprintln!(
+                "crash run {:>4}/{}: D = {}, {} recovered, {} duplicate certificates",
+                i + 1,
+                args.crash_runs,
+                ms(window.as_secs_f64() * 1e3),
+                runs.iter().filter(|(r, _)| r.recovered).count(),
+                runs.iter().map(|(r, _)| r.duplicates).sum::<u32>()
+            );
+        }
+    }
+    if let Some((cloud, _)) = cloud {
+        cloud.stop().await;
+    }
+    let kills: Vec<(Duration, Duration, &str)> = runs
+        .iter()
+        .flat_map(|(r, window)| {
+            r.kill_instants
+                .iter()
+                .zip(&r.killed_at)
+                .map(move |(at, state)| (*at, *window, state.as_str()))
+        })
+        .collect();
+    let runs: Vec<&CrashRun> = runs.iter().map(|(r, _)| r).collect();
+
+    let count = |n: usize| n.to_string();
+    rows.push(Row::spread(
+        format!(
+            "crash window D: median of {CRASH_WINDOW_RUNS} unkilled provisionings, spawn → \
+             connected, file key (anew every {CRASH_RUNS_PER_CLOUD} runs; kills are drawn \
+             uniformly from [0, D] after each spawn)"
+        ),
+        &windows_ms,
+        ms,
+        "",
+    ));
+    for kills in [1, 2] {
+        let these: Vec<&CrashRun> = runs.iter().copied().filter(|r| r.kills == kills).collect();
+        if these.is_empty() {
+            continue;
+        }
+        let recovered = these.iter().filter(|r| r.recovered).count();
+        let duplicates: u32 = these.iter().map(|r| r.duplicates).sum();
+        let attached: u32 = these.iter().map(|r| r.attached_duplicates).sum();
+        let per_100 = |n: u32| f64::from(n) * 100.0 / these.len() as f64;
+        let times = if kills == 1 { "once" } else { "twice" };
+        rows.push(Row {
+            measure: format!(
+                "SIGKILL {times}, then started again: runs ending provisioned (certificate in \
+                 use ACTIVE, attached to the thing, connected with it)"
+            ),
+            median: format!("{recovered} of {}", these.len()),
+            min: String::new(),
+            max: String::new(),
+            runs: count(these.len()),
+            target: verdict(recovered == these.len(), "all"),
+        });
+        rows.push(Row {
+            measure: format!(
+                "… duplicate certificates (issued in the run, not in use), SIGKILL {times}: \
+                 total (per 100 runs); ACTIVE and attached to the thing; PENDING_ACTIVATION"
+            ),
+            median: format!(
+                "{duplicates} ({:.1}); {attached} ({:.1}); {} ({:.1})",
+                per_100(duplicates),
+                per_100(attached),
+                duplicates - attached,
+                per_100(duplicates - attached)
+            ),
+            min: String::new(),
+            max: String::new(),
+            runs: count(these.len()),
+            target: String::new(),
+        });
+    }
+    let total: u32 = runs.iter().map(|r| r.duplicates).sum();
+    let with_duplicate = runs.iter().filter(|r| r.duplicates > 0).count();
+    rows.push(Row {
+        measure: "… duplicate certificates, all runs: total (per 100 runs); runs with one or more"
+            .into(),
+        median: format!(
+            "{total} ({:.1}); {with_duplicate}",
+            f64::from(total) * 100.0 / runs.len() as f64
+        ),
+        min: String::new(),
+        max: String::new(),
+        runs: count(runs.len()),
+        target: String::new(),
+    });
+    let recovery: Vec<f64> = runs
+        .iter()
+        .filter(|r| r.recovered)
+        .map(|r| r.recovery.as_secs_f64() * 1e3)
+        .collect();
+    rows.push(Row::spread(
+        "… the last start → provisioned and connected (recovered runs)",
+        &recovery,
+        ms,
+        "",
+    ));
+
+    // Where the kills landed: by time (tenths of D), and by what state.json held after them.
+    let mut tenths = [0usize; 11];
+    for (at, window, _) in &kills {
+        let tenth = (at.as_secs_f64() / window.as_secs_f64() * 10.0).floor() as usize;
+        tenths[tenth.min(10)] += 1;
+    }
+    let tenths = tenths
+        .iter()
+        .enumerate()
+        .map(|(i, n)| match i {
+            10 => format!("> D {n}"),
+            _ => format!("{}–{}% {n}", i * 10, (i + 1) * 10),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let order = [
+        "none",
+        "unprovisioned",
+        "starting",
+        "key-ready",
+        "certificate-issued",
+        "thing-registered",
+        "provisioned",
+    ];
+    let rank = |s: &str| order.iter().position(|o| *o == s).unwrap_or(order.len());
+    let mut states: Vec<&str> = kills.iter().map(|(_, _, s)| *s).collect();
+    states.sort_by_key(|s| (rank(s), *s));
+    states.dedup();
+    let by_state = states
+        .iter()
+        .map(|s| format!("{s} {}", kills.iter().filter(|(_, _, k)| k == s).count()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Runs killed once, by where that kill left state.json: which kills cost a certificate.
+    let once = states
+        .iter()
+        .filter_map(|s| {
+            let these: Vec<&CrashRun> = runs
+                .iter()
+                .copied()
+                .filter(|r| r.kills == 1 && r.killed_at[0] == *s)
+                .collect();
+            (!these.is_empty()).then(|| {
+                format!(
+                    "{s} {} runs → {} duplicates ({} attached)",
+                    these.len(),
+                    these.iter().map(|r| r.duplicates).sum::<u32>(),
+                    these.iter().map(|r| r.attached_duplicates).sum::<u32>()
+                )
+            })
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Ok(vec![
+        format!(
+            "crash: {} runs (seed {seed}), D = {} (median; {}–{}); {} kills at (share of the \
+             run's D after the spawn): {tenths}",
+            runs.len(),
+            ms(median(&windows_ms)),
+            ms(Spread::of(&windows_ms).min),
+            ms(Spread::of(&windows_ms).max),
+            kills.len()
+        ),
+        format!("crash: state.json right after a kill: {by_state}"),
+        format!("crash: runs killed once, by state.json after the kill: {once}"),
+    ])
 }
 
 fn fail(failed: &mut u32, serial: &str, e: &anyhow::Error) {
