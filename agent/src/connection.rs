@@ -76,9 +76,11 @@ pub struct Report {
     pub payload: Vec<u8>,
 }
 
-/// After this many connections in a row lost while a report was in flight, the device policy
-/// most likely refuses the topic: stop publishing reports.
+/// After this many connections in a row lost right after a report was published (within
+/// `REFUSAL_WINDOW`, with no PUBACK), the device policy most likely refuses the topic: stop
+/// publishing reports. A connection lost later is the network's doing, not the policy's.
 const REPORT_ATTEMPTS: u32 = 3;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(5);
 
 /// The core's handle on the running task.
 #[derive(Debug)]
@@ -156,8 +158,8 @@ struct Channels {
 #[derive(Default)]
 struct Outbox {
     queue: VecDeque<Report>,
-    /// The first in `queue` is published and not acknowledged yet.
-    in_flight: bool,
+    /// The first in `queue` is published and not acknowledged yet (since when).
+    in_flight: Option<std::time::Instant>,
     /// Connections lost in a row with a report in flight.
     lost: u32,
     /// Given up: the device policy does not allow the topic.
@@ -173,28 +175,30 @@ impl Outbox {
 
     /// Publishes the oldest report unless one is in flight.
     async fn send(&mut self, session: &mut Session) -> Result<(), crate::error::AgentError> {
-        if self.in_flight || self.refused {
+        if self.in_flight.is_some() || self.refused {
             return Ok(());
         }
         if let Some(r) = self.queue.front() {
             session.publish(&r.topic, r.payload.clone()).await?;
-            self.in_flight = true;
+            self.in_flight = Some(std::time::Instant::now());
         }
         Ok(())
     }
 
     /// The broker acknowledged the report in flight: returns its id.
     fn acknowledged(&mut self) -> Option<String> {
-        if !std::mem::take(&mut self.in_flight) {
-            return None;
-        }
+        self.in_flight.take()?;
         self.lost = 0;
         self.queue.pop_front().map(|r| r.id)
     }
 
     /// The connection was lost; a report in flight goes out again on the next one.
     fn connection_lost(&mut self) {
-        if !std::mem::take(&mut self.in_flight) {
+        let Some(published) = self.in_flight.take() else {
+            return;
+        };
+        if published.elapsed() > REFUSAL_WINDOW {
+            self.lost = 0;
             return;
         }
         self.lost += 1;
@@ -206,7 +210,7 @@ impl Outbox {
                 .unwrap_or_default();
             tracing::error!(
                 "the connection was lost {REPORT_ATTEMPTS} times in a row right after a report \
-                 was published to {topic}: the device policy probably does not allow iot:Publish \
+                 was published to {topic} (no PUBACK): the device policy probably does not allow iot:Publish \
                  on it. Not publishing reports until iotd restarts; allow the topic in the \
                  policy (or set cloud.report_topic to one it allows)"
             );
@@ -338,13 +342,18 @@ mod tests {
         outbox.add(report("b"));
         assert_eq!(outbox.queue.len(), 2);
         assert_eq!(outbox.acknowledged(), None, "nothing was in flight");
-        outbox.in_flight = true;
+        outbox.in_flight = Some(std::time::Instant::now());
         outbox.connection_lost();
         assert_eq!(outbox.queue.len(), 2, "sent again on the next connection");
-        outbox.in_flight = true;
+        outbox.in_flight = Some(std::time::Instant::now());
         assert_eq!(outbox.acknowledged().as_deref(), Some("a"));
         assert_eq!(outbox.lost, 0);
         assert_eq!(outbox.queue.len(), 1);
+        // A connection lost long after the publish is the network's doing: not counted.
+        outbox.lost = 2;
+        outbox.in_flight = std::time::Instant::now().checked_sub(REFUSAL_WINDOW * 2);
+        outbox.connection_lost();
+        assert_eq!((outbox.lost, outbox.refused), (0, false));
     }
 
     #[test]
@@ -353,7 +362,7 @@ mod tests {
         outbox.add(report("a"));
         for _ in 0..REPORT_ATTEMPTS {
             assert!(!outbox.refused);
-            outbox.in_flight = true;
+            outbox.in_flight = Some(std::time::Instant::now());
             outbox.connection_lost();
         }
         assert!(outbox.refused);
@@ -366,6 +375,7 @@ mod tests {
         for _ in 0..5 {
             other.connection_lost();
         }
+        assert_eq!(other.lost, 0);
         assert!(!other.refused);
     }
 }

@@ -171,6 +171,52 @@ pub struct Core {
 /// stops (with backoff: about a minute in all).
 const PARAMETER_ATTEMPTS: u32 = 6;
 
+/// A parameter source that fails at boot (a device node not there yet) gets a few tries with
+/// backoff; one that keeps failing is a person's to fix: its error becomes permanent.
+fn count_parameter_failure(e: AgentError, failures: &mut u32) -> AgentError {
+    if e.code != ErrorCode::Parameter || e.is_permanent() {
+        return e;
+    }
+    *failures += 1;
+    if *failures < PARAMETER_ATTEMPTS {
+        return e;
+    }
+    *failures = 0;
+    AgentError::permanent(
+        e.code,
+        format!(
+            "{}; failed {PARAMETER_ATTEMPTS} times in a row, not trying again: fix it (iotctl \
+             check runs it), then run iotctl reprovision",
+            e.message
+        ),
+    )
+}
+
+#[cfg(test)]
+mod parameter_tests {
+    use super::*;
+
+    #[test]
+    fn a_parameter_failure_is_retried_a_bounded_number_of_times() {
+        let transient = || AgentError::new(ErrorCode::Parameter, Retry::SameConnection, "p: x");
+        let mut failures = 0;
+        for _ in 1..PARAMETER_ATTEMPTS {
+            assert!(!count_parameter_failure(transient(), &mut failures).is_permanent());
+        }
+        let last = count_parameter_failure(transient(), &mut failures);
+        assert!(last.is_permanent(), "{last:?}");
+        assert!(last.message.contains("iotctl reprovision"), "{last:?}");
+        assert_eq!(failures, 0, "counted anew after that");
+        // Other errors are not counted.
+        let network = AgentError::new(ErrorCode::Network, Retry::Reconnect, "n");
+        assert_eq!(
+            count_parameter_failure(network.clone(), &mut failures),
+            network
+        );
+        assert_eq!(failures, 0);
+    }
+}
+
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core")
@@ -636,7 +682,12 @@ impl Core {
                         .forget(&claim, "the claim was used to provision this gateway");
                 }
             }
-            Action::RemoveKey(generation) => self.cleanup(move |backend, _| {
+            Action::RemoveKey(generation) => self.cleanup(move |backend, store| {
+                // The record first: an abandoned generation must never be rebuilt as the
+                // identity (see `recover`), even if removing its key fails.
+                if let Err(e) = store.remove_identity_record(generation) {
+                    tracing::warn!("{e}");
+                }
                 if let Err(e) = backend.remove(generation) {
                     tracing::warn!("removing the key of generation {generation}: {e}");
                 }
@@ -867,22 +918,7 @@ impl Core {
 
     fn failed(&mut self, mut e: AgentError) -> Result<(), CoreError> {
         self.look_for_claims = true;
-        if e.code == ErrorCode::Parameter && !e.is_permanent() {
-            // A parameter source that fails at boot (a device node not there yet) gets a few
-            // tries with backoff; one that keeps failing is a person's to fix.
-            self.parameter_failures += 1;
-            if self.parameter_failures >= PARAMETER_ATTEMPTS {
-                self.parameter_failures = 0;
-                e = AgentError::permanent(
-                    e.code,
-                    format!(
-                        "{}; failed {PARAMETER_ATTEMPTS} times, not trying again: fix it \
-                         (iotctl check runs it), then run iotctl reprovision",
-                        e.message
-                    ),
-                );
-            }
-        }
+        e = count_parameter_failure(e, &mut self.parameter_failures);
         if matches!(
             e.code,
             ErrorCode::ClaimExpired | ErrorCode::ClaimMissing | ErrorCode::ClaimRejected
@@ -1116,6 +1152,9 @@ impl Core {
                 ),
             )
         })?;
+        // A new provisioning reads its template parameters again (they may have been fixed).
+        self.parameters = None;
+        self.parameter_failures = 0;
         let previous = self.machine.describe();
         let was_waiting = self.machine.work() == Work::WaitForClaim;
         let origin = claim.origin;

@@ -124,7 +124,7 @@ fn naming_reprovision(f: &Failure) -> Failure {
     let mut f = f.clone();
     if !f.message.contains("iotctl reprovision") {
         f.message
-            .push_str(" (iotctl reprovision starts over with a new identity at any time)");
+            .push_str(" (iotctl reprovision starts over with a new identity, given a claim)");
     }
     f
 }
@@ -1547,5 +1547,36 @@ mod tests {
                 "{origin:?} {delete_claim}"
             );
         }
+    }
+
+    #[test]
+    fn a_report_is_recorded_once_and_only_for_an_abandoned_certificate() {
+        let mut m = provisioned();
+        m.state.abandoned_certificates = vec!["old-1".into(), "old-2".into()];
+        let t = m
+            .apply(
+                Input::CertificateReported {
+                    certificate_id: "old-1".into(),
+                },
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(t.actions, [Action::Persist(Durability::Atomic)]);
+        assert_eq!(
+            m.state.unreported_certificates().collect::<Vec<_>>(),
+            ["old-2"]
+        );
+        for id in ["old-1", "never-abandoned"] {
+            let t = m
+                .apply(
+                    Input::CertificateReported {
+                        certificate_id: id.into(),
+                    },
+                    NOW,
+                )
+                .unwrap();
+            assert!(t.actions.is_empty(), "{id}");
+        }
+        assert_eq!(m.state.reported_certificates, ["old-1"]);
     }
 }

@@ -137,10 +137,7 @@ fn main() -> ExitCode {
             println!("iotd {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        Err(e) => {
-            eprintln!("iotd: {e}");
-            return ExitCode::from(exit::CONFIG);
-        }
+        Err(e) => return stop(exit::CONFIG, ErrorCode::Config, &e),
     };
     init_logging();
     let paths = match &config {

@@ -31,46 +31,90 @@ struct Certificate {
     validity: (i64, i64),
 }
 
-fn certificate(store: &Store, generation: u32) -> Option<Certificate> {
-    let pem = store.read_certificate(generation).ok()?;
-    let chain = crate::tls::parse_chain_pem(&pem, "the device certificate").ok()?;
-    let first = chain.first()?;
+/// Why a generation is not the identity: it lacks something for good (logged, and the
+/// generation passed over), or something could not be read right now (the start fails, to be
+/// tried again: a TPM not ready at boot must not cost the gateway its identity).
+enum NotIdentity {
+    Lacks(String),
+    Unreadable(StoreError),
+}
+
+fn not_found(e: &StoreError) -> bool {
+    matches!(e, StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// The generation's certificate: `Ok(None)` when it has none (no file), `Lacks` when the file
+/// is damaged, `Unreadable` when it could not be read.
+fn certificate(store: &Store, generation: u32) -> Result<Option<Certificate>, NotIdentity> {
+    let pem = match store.read_certificate(generation) {
+        Ok(pem) => pem,
+        Err(e) if not_found(&e) => return Ok(None),
+        Err(e) => return Err(NotIdentity::Unreadable(e)),
+    };
+    let damaged = |e: String| NotIdentity::Lacks(format!("its cert.pem is damaged ({e})"));
+    let chain = crate::tls::parse_chain_pem(&pem, "the device certificate")
+        .map_err(|e| damaged(e.to_string()))?;
+    let first = chain
+        .first()
+        .ok_or_else(|| damaged("no certificate in it".to_owned()))?;
     let id = {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(first.as_ref()))
     };
-    Some(Certificate {
-        spki: crate::tls::certificate_spki(first).ok()?,
-        validity: crate::tls::certificate_validity(first).ok()?,
+    Ok(Some(Certificate {
+        spki: crate::tls::certificate_spki(first).map_err(|e| damaged(e.to_string()))?,
+        validity: crate::tls::certificate_validity(first).map_err(|e| damaged(e.to_string()))?,
         id,
         pem,
-    })
+    }))
 }
 
-/// The identity `generation` holds, if its key, certificate and record agree. Why not, for
-/// the log, otherwise.
+/// The identity `generation` holds, if its key, certificate and record agree.
 fn identity(
     store: &Store,
     backend: &dyn KeyBackend,
     generation: u32,
     cert: &Certificate,
-) -> Result<Identity, String> {
+) -> Result<Identity, NotIdentity> {
     let key = match backend.load(generation) {
         Ok(Some(key)) => key,
-        Ok(None) => return Err("its key is gone".to_owned()),
-        Err(e) => return Err(format!("its key cannot be loaded ({e})")),
+        Ok(None) => return Err(NotIdentity::Lacks("its key is gone".to_owned())),
+        Err(e @ crate::keys::KeyError::Lost { .. }) => {
+            return Err(NotIdentity::Lacks(format!("its key is lost ({e})")));
+        }
+        Err(e) => {
+            return Err(NotIdentity::Unreadable(StoreError::Io {
+                action: "loading the key of",
+                path: store.dir().join("gen").join(generation.to_string()),
+                source: std::io::Error::other(e.to_string()),
+            }));
+        }
     };
     if key.public_key_spki() != cert.spki {
-        return Err("its certificate does not certify its key".to_owned());
+        return Err(NotIdentity::Lacks(
+            "its certificate does not certify its key".to_owned(),
+        ));
     }
-    let record = store
-        .read_identity_record(generation)
-        .map_err(|e| format!("it has no identity record ({e}): it was never committed"))?;
+    let record = match store.read_identity_record(generation) {
+        Ok(record) => record,
+        Err(e) if not_found(&e) => {
+            return Err(NotIdentity::Lacks(
+                "it has no identity.json: it was never committed (or committed by an older iotd, which did not write one)"
+                    .to_owned(),
+            ));
+        }
+        Err(e @ StoreError::Corrupt { .. }) => {
+            return Err(NotIdentity::Lacks(format!(
+                "its identity.json is damaged ({e})"
+            )));
+        }
+        Err(e) => return Err(NotIdentity::Unreadable(e)),
+    };
     if record.certificate_id != cert.id {
-        return Err(format!(
+        return Err(NotIdentity::Lacks(format!(
             "its identity record names certificate {}, not the one in cert.pem",
             record.certificate_id
-        ));
+        )));
     }
     Ok(Identity {
         generation,
@@ -86,7 +130,8 @@ fn identity(
 }
 
 /// Looks through `gen/` (highest generation first) for the identity, as described in the
-/// module documentation. `why` says what happened to state.json, for the report.
+/// module documentation. `why` says what happened to state.json, for the report. Fails,
+/// changing nothing, when something could not be read (a restart tries again).
 pub fn rebuild(store: &Store, backend: &dyn KeyBackend, why: &str) -> Result<Rebuilt, StoreError> {
     let generations = store.generations()?;
     let mut state = State {
@@ -95,8 +140,14 @@ pub fn rebuild(store: &Store, backend: &dyn KeyBackend, why: &str) -> Result<Reb
     };
     let mut notes = Vec::new();
     for &generation in generations.iter().rev() {
-        let Some(cert) = certificate(store, generation) else {
-            continue;
+        let cert = match certificate(store, generation) {
+            Ok(Some(cert)) => cert,
+            Ok(None) => continue,
+            Err(NotIdentity::Unreadable(e)) => return Err(e),
+            Err(NotIdentity::Lacks(why_not)) => {
+                notes.push(format!("generation {generation}: {why_not}"));
+                continue;
+            }
         };
         if state.identity.is_none() {
             match identity(store, backend, generation, &cert) {
@@ -115,17 +166,17 @@ pub fn rebuild(store: &Store, backend: &dyn KeyBackend, why: &str) -> Result<Reb
                     state.identity = Some(identity);
                     continue;
                 }
-                Err(why_not) => notes.push(format!(
+                Err(NotIdentity::Unreadable(e)) => return Err(e),
+                Err(NotIdentity::Lacks(why_not)) => notes.push(format!(
                     "generation {generation} is not an identity: {why_not}"
                 )),
             }
-        } else {
-            // Below the recovered identity: earlier identities, given up on when they were
-            // replaced and reported then.
-            continue;
         }
+        // Any other certificate may be ACTIVE in AWS IoT (an earlier identity, one registered
+        // but never committed): the fleet's backend is told again; deactivating twice is
+        // harmless, an ACTIVE certificate recorded nowhere is not.
         notes.push(format!(
-            "recorded its certificate {} as abandoned (it may be ACTIVE in AWS IoT; deactivate it there)",
+            "recorded certificate {} of generation {generation} as abandoned",
             cert.id
         ));
         state.abandoned_certificates.push(cert.id);

@@ -579,6 +579,10 @@ pub fn write_atomic(
         .mode(mode)
         .open(&tmp)
         .map_err(io("creating", &tmp))?;
+    // The mode as asked, whatever the umask (the unit's UMask=0077 would make a file meant for
+    // other readers, such as exit.json, unreadable to them).
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .map_err(io("setting the mode of", &tmp))?;
     file.write_all(contents).map_err(io("writing", &tmp))?;
     file.sync_all().map_err(io("syncing", &tmp))?;
     drop(file);
@@ -681,6 +685,16 @@ impl Store {
     /// written back as schema 2, after a copy of it is kept as `state.v1.json` (what an older
     /// iotd would need after a downgrade).
     pub fn load(&self) -> Result<State, StoreError> {
+        self.read_state(true)
+    }
+
+    /// Reads `state.json` as `load` does, but writes nothing: a schema-1 file is migrated in
+    /// memory only. For readers that are not the agent (`iotctl check`), which hold no lock.
+    pub fn peek(&self) -> Result<State, StoreError> {
+        self.read_state(false)
+    }
+
+    fn read_state(&self, write_migration: bool) -> Result<State, StoreError> {
         let path = self.state_path();
         let bytes = match fs::read(&path) {
             Ok(t) => t,
@@ -716,6 +730,9 @@ impl Store {
                         .map(|v| v.0);
                     V1Certificate { pem, not_before }
                 });
+                if !write_migration {
+                    return Ok(state);
+                }
                 write_atomic(
                     &self.dir.join("state.v1.json"),
                     &bytes,
@@ -814,6 +831,9 @@ impl Store {
             .mode(0o644)
             .open(&tmp)
             .map_err(io("creating", &tmp))?;
+        // For other programs on the gateway, whatever the umask (the unit's is 0077).
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .map_err(io("setting the mode of", &tmp))?;
         file.write_all(pem.as_bytes())
             .map_err(io("writing", &tmp))?;
         drop(file);
@@ -856,9 +876,29 @@ impl Store {
             message: format!("serialising: {e}"),
         })?;
         let tmp = dir.join(".identity.json.tmp");
-        fs::write(&tmp, text).map_err(io("writing", &tmp))?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)
+            .map_err(io("creating", &tmp))?;
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .map_err(io("setting the mode of", &tmp))?;
+        file.write_all(&text).map_err(io("writing", &tmp))?;
+        drop(file);
         fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
         Ok(true)
+    }
+
+    /// Removes `gen/<n>/identity.json` (the generation was given up); missing is fine.
+    pub fn remove_identity_record(&self, generation: u32) -> Result<(), StoreError> {
+        let path = self.identity_record_path(generation);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("removing", &path)(e)),
+        }
     }
 
     pub fn read_identity_record(&self, generation: u32) -> Result<IdentityRecord, StoreError> {

@@ -351,7 +351,12 @@ async fn step(
             ownership_token,
             ..
         } => {
-            // RegisterThing activates the certificate: only while its key is here to use it.
+            let parameters = parameters(res, resolved).await?.clone();
+            let template = &res.settings.provisioning.template;
+            let s = res.claim_session(session, claim).await?;
+            // RegisterThing activates the certificate: only while its key is here to use it,
+            // checked last thing before the request (parameters and the connection can take
+            // seconds).
             let unregistered =
                 format!("not registering certificate {certificate_id}; making a new key");
             let key = existing_key(res, generation, &unregistered).await?;
@@ -365,9 +370,6 @@ async fn step(
             };
             certifies(key.as_ref(), &certificate_pem)?;
             key_location = Some(key.location());
-            let parameters = parameters(res, resolved).await?.clone();
-            let template = &res.settings.provisioning.template;
-            let s = res.claim_session(session, claim).await?;
             let registered = crate::fleet::register_thing(
                 s,
                 format,

@@ -32,10 +32,11 @@ fn count_requests(cloud: &Cloud, topic_part: &str) -> usize {
         .count()
 }
 
-/// iotd run to its exit with `config`, its stderr captured.
+/// iotd run to its exit with `config`, its stderr captured; with the unit's umask (0077).
 fn run_to_exit(config_path: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let out = std::process::Command::new(iotd_binary())
-        .arg("--config")
+    let out = std::process::Command::new("/bin/sh")
+        .args(["-c", "umask 077; exec \"$0\" --config \"$1\""])
+        .arg(iotd_binary())
         .arg(config_path)
         .envs(env.iter().copied())
         .env_remove("NOTIFY_SOCKET")
@@ -153,6 +154,15 @@ async fn errors_a_restart_cannot_fix_exit_2_or_3_and_iotctl_status_says_why() {
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(runtime.join("exit.json")).unwrap()).unwrap();
     assert_eq!(record["status"], 2);
+    let mode = std::fs::metadata(runtime.join("exit.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o644,
+        "readable by a non-root iotctl despite UMask=0077"
+    );
     assert!(
         record["message"]
             .as_str()
@@ -322,10 +332,16 @@ async fn an_abandoned_certificate_is_reported_once_connected_and_only_once() {
     }
     assert!(iotd.terminate().await.success());
 
+    // Started again, it connects (and would publish what it has not reported right after the
+    // CONNACK, on the same connection, before anything else).
+    let seen = cloud.log().iter().map(|e| e.seq).max().unwrap_or(0);
     let mut again = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
-    again.wait_status("Provisioned as gw-a1").await;
-    // SIGTERM is handled once iotd is ready (STATUS= comes earlier, at start).
     again.wait_status("READY=1").await;
+    cloud
+        .wait_log("the second connection as the thing", |e| {
+            e.seq > seen && e.kind == "connect" && e.client_id == "gw-a1"
+        })
+        .await;
     assert!(again.terminate().await.success());
     assert_eq!(
         count_requests(&cloud, "iotd/gw-a1/certificates"),
@@ -384,5 +400,41 @@ async fn a_missing_parameter_executable_stops_before_any_cloud_request() {
         "no request, no certificate"
     );
     assert_eq!(iotd.state()["lastError"]["code"], "parameter");
+    assert!(iotd.terminate().await.success());
+}
+
+/// Defect 1, on a flaky boot: a key that can't be read right now (here: a directory where the
+/// key file should be) fails the start for systemd to try again, abandoning nothing; once it
+/// reads again, the identity is rebuilt.
+#[tokio::test]
+async fn a_key_unreadable_during_a_rebuild_fails_the_start_and_abandons_nothing() {
+    let cloud = Cloud::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (conf, cert) = provisioned(&cloud, dir.path(), "r3").await;
+    let state_dir = dir.path().join("state");
+    let key = state_dir.join("gen/1/key.pem");
+    std::fs::rename(&key, state_dir.join("key.pem.away")).unwrap();
+    std::fs::create_dir(&key).unwrap();
+    std::fs::write(state_dir.join("state.json"), "garbage").unwrap();
+    std::fs::write(dir.path().join("config.toml"), &conf).unwrap();
+
+    let (status, stderr) = run_to_exit(&dir.path().join("config.toml"), &[]);
+    assert_eq!(status, Some(1), "a restart may help: {stderr}");
+    assert!(stderr.contains("gen/1"), "{stderr}");
+    assert!(!state_dir.join("gen/2").exists());
+    assert!(!state_dir.join("state.json").exists(), "nothing written");
+
+    std::fs::remove_dir(&key).unwrap();
+    std::fs::rename(state_dir.join("key.pem.away"), &key).unwrap();
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
+    iotd.wait_status("Provisioned as gw-r3; certificate").await;
+    iotd.wait_status("READY=1").await;
+    let state = iotd.state();
+    assert_eq!(state["identity"]["certificateId"], cert.as_str(), "{state}");
+    assert_eq!(
+        state["abandonedCertificates"],
+        serde_json::Value::Null,
+        "{state}"
+    );
     assert!(iotd.terminate().await.success());
 }

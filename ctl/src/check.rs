@@ -414,8 +414,9 @@ fn read_state(state_dir: &Path) -> Result<State, String> {
     if !state_dir.exists() {
         return Ok(State::default());
     }
+    // Read only: iotd may be running, and it owns the state (it holds the directory's lock).
     let store = Store::open(state_dir).map_err(|e| error_chain(&e))?;
-    store.load().map_err(|e| {
+    store.peek().map_err(|e| {
         let text = error_chain(&e);
         if text.contains("Permission denied") {
             format!("{text} (run iotctl check as root)")

@@ -179,7 +179,9 @@ fn why_not_running(error: anyhow::Error, paths: &ConfigPaths) -> anyhow::Error {
             record.message
         ));
         lines.push(if record.restarted_by_systemd() {
-            "systemd restarts it after this error; journalctl -u iotd shows how it goes".to_owned()
+            "systemd restarts it after this error (unless its start limit was hit: systemctl \
+             status iotd); journalctl -u iotd shows how it goes"
+                .to_owned()
         } else {
             "systemd does not restart it after this error: fix the cause, then run \
              systemctl restart iotd"

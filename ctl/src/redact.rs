@@ -83,7 +83,17 @@ fn is_variable_name(name: &str) -> bool {
 
 fn word_secrets(word: &str) -> WordSecrets {
     let mut found = WordSecrets::default();
-    if word.eq_ignore_ascii_case("bearer") {
+    // `Bearer TOKEN`, `Basic CREDENTIALS`, and header-like `Authorization: …`,
+    // `X-Vault-Token: …`: the next word is the secret.
+    if word.eq_ignore_ascii_case("bearer") || word.eq_ignore_ascii_case("basic") {
+        found.value_follows = true;
+        return found;
+    }
+    if let Some(name) = word.strip_suffix(':')
+        && !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && is_secret_name(name)
+    {
         found.value_follows = true;
         return found;
     }
@@ -102,7 +112,30 @@ fn word_secrets(word: &str) -> WordSecrets {
         return found;
     }
     found.ranges = userinfo_ranges(word);
+    found.ranges.extend(query_ranges(word));
     found
+}
+
+/// The values of URL query parameters whose names say secret (`?token=…&user=x`).
+fn query_ranges(word: &str) -> Vec<Range<usize>> {
+    let Some(query_at) = word.find('?') else {
+        return Vec::new();
+    };
+    let mut ranges = Vec::new();
+    let mut at = query_at + 1;
+    let end = word[at..].find('#').map_or(word.len(), |h| at + h);
+    while at < end {
+        let pair_end = word[at..end].find('&').map_or(end, |a| at + a);
+        let pair = &word[at..pair_end];
+        if let Some(eq) = pair.find('=')
+            && is_secret_name(&pair[..eq])
+            && eq + 1 < pair.len()
+        {
+            ranges.push(at + eq + 1..pair_end);
+        }
+        at = pair_end + 1;
+    }
+    ranges
 }
 
 /// The userinfo of every URL in `word`: the password of `user:password@`, or all of a
@@ -236,7 +269,10 @@ fn redact_words(text: &str, quoted_across_lines: bool) -> String {
         let same_line = !text[word.end..value.start].contains('\n');
         let quoted = word.quote.is_some() && value.quote.is_some();
         let core = &text[value.core.clone()];
-        if (same_line || (quoted_across_lines && quoted)) && !core.starts_with("--") {
+        // `Authorization: Bearer TOKEN`: the scheme is not the secret; the word after it is
+        // (the scheme's own `value_follows` cuts it).
+        let scheme = core.eq_ignore_ascii_case("bearer") || core.eq_ignore_ascii_case("basic");
+        if (same_line || (quoted_across_lines && quoted)) && !core.starts_with("--") && !scheme {
             let end = closing_quote(text, &words, i + 1).unwrap_or(value.core.end);
             cuts.push(value.core.start..end);
         }
@@ -676,5 +712,36 @@ mod tests {
     fn private_key_blocks_go() {
         let text = "a\n-----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY-----\nb\n";
         assert_eq!(scrub(text, &[]), "a\n[private key removed]\nb\n");
+    }
+
+    #[test]
+    fn headers_basic_credentials_and_query_tokens_go() {
+        for (text, secret, kept) in [
+            (
+                "curl https://api/serial?token=s3cr3t&id=7",
+                "s3cr3t",
+                "id=7",
+            ),
+            ("X-Vault-Token: hvs.ABC and more", "hvs.ABC", "and more"),
+            (
+                "Authorization: Basic dXNlcjpwYXNz",
+                "dXNlcjpwYXNz",
+                "Authorization:",
+            ),
+            ("header Basic dXNlcjpwYXNz", "dXNlcjpwYXNz", "header"),
+        ] {
+            let out = redact_text(text);
+            assert!(!out.contains(secret), "{text} -> {out}");
+            assert!(out.contains(kept), "{text} -> {out}");
+        }
+        assert_eq!(
+            argument_secrets(&["curl", "https://api/serial?apikey=k1&x=2"]),
+            ["k1"]
+        );
+        // Words that only end with a colon and name nothing secret stay.
+        assert_eq!(
+            redact_text("key provisioning.claim_key: must be"),
+            "key provisioning.claim_key: must be"
+        );
     }
 }
