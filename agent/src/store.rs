@@ -567,6 +567,24 @@ pub fn write_atomic(
     mode: u32,
     durability: Durability,
 ) -> Result<(), StoreError> {
+    write_renamed(path, contents, mode, true)?;
+    if durability == Durability::Durable {
+        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+    }
+    Ok(())
+}
+
+/// Writes a file meant for other programs too (0644) with a rename, so that a reader never
+/// sees half of it. Not synced: what it holds is also in state.json, from which it is
+/// rewritten at start.
+fn write_public(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
+    write_renamed(path, contents, 0o644, false)
+}
+
+/// Writes `contents` to a temp file beside `path` with `mode` (whatever the umask: the unit's
+/// UMask=0077 would make a file meant for other readers, such as exit.json or cert.pem,
+/// unreadable to them), syncs it when `sync` says so, and renames it into place.
+fn write_renamed(path: &Path, contents: &[u8], mode: u32, sync: bool) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp",
@@ -579,18 +597,14 @@ pub fn write_atomic(
         .mode(mode)
         .open(&tmp)
         .map_err(io("creating", &tmp))?;
-    // The mode as asked, whatever the umask (the unit's UMask=0077 would make a file meant for
-    // other readers, such as exit.json, unreadable to them).
     file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
         .map_err(io("setting the mode of", &tmp))?;
     file.write_all(contents).map_err(io("writing", &tmp))?;
-    file.sync_all().map_err(io("syncing", &tmp))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(io("renaming into place", path))?;
-    if durability == Durability::Durable {
-        sync_dir(dir)?;
+    if sync {
+        file.sync_all().map_err(io("syncing", &tmp))?;
     }
-    Ok(())
+    drop(file);
+    fs::rename(&tmp, path).map_err(io("renaming into place", path))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -821,23 +835,9 @@ impl Store {
     /// on its own: state.json holds the durable copy, the directory entry becomes durable with
     /// `sync_generation`, and `repair_certificate` rewrites a file a crash damaged.
     pub fn write_certificate(&self, generation: u32, pem: &str) -> Result<PathBuf, StoreError> {
-        let dir = self.generation_dir(generation)?;
+        self.generation_dir(generation)?;
         let path = self.certificate_path(generation);
-        let tmp = dir.join(".cert.pem.tmp");
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)
-            .map_err(io("creating", &tmp))?;
-        // For other programs on the gateway, whatever the umask (the unit's is 0077).
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
-            .map_err(io("setting the mode of", &tmp))?;
-        file.write_all(pem.as_bytes())
-            .map_err(io("writing", &tmp))?;
-        drop(file);
-        fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
+        write_public(&path, pem.as_bytes())?;
         Ok(path)
     }
 
@@ -869,25 +869,13 @@ impl Store {
         {
             return Ok(false);
         }
-        let dir = self.generation_dir(identity.generation)?;
+        self.generation_dir(identity.generation)?;
         let path = self.identity_record_path(identity.generation);
         let text = serde_json::to_vec_pretty(&record).map_err(|e| StoreError::Corrupt {
             path: path.clone(),
             message: format!("serialising: {e}"),
         })?;
-        let tmp = dir.join(".identity.json.tmp");
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)
-            .map_err(io("creating", &tmp))?;
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
-            .map_err(io("setting the mode of", &tmp))?;
-        file.write_all(&text).map_err(io("writing", &tmp))?;
-        drop(file);
-        fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
+        write_public(&path, &text)?;
         Ok(true)
     }
 
