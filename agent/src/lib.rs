@@ -37,6 +37,7 @@ pub mod fleet;
 pub mod fsm;
 pub mod keys;
 pub mod notify;
+pub mod onboard;
 pub mod recover;
 pub mod snapshot;
 pub mod store;

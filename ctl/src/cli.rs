@@ -78,6 +78,10 @@ pub enum Command {
     SupportBundle(SupportBundleArgs),
     /// Print a shell completion script.
     Completions(CompletionsArgs),
+    /// Trusted-user onboarding: the setup code on this gateway's label, with which an
+    /// installer hands it a claim.
+    #[command(subcommand)]
+    Onboarding(OnboardingCommand),
 }
 
 #[derive(Debug, Args)]
@@ -133,4 +137,27 @@ pub struct CompletionsArgs {
     /// The shell to complete for.
     #[arg(value_enum)]
     pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OnboardingCommand {
+    /// Make this gateway's setup code and store its verifier record; print the label once.
+    ///
+    /// Run it as root on the gateway itself, once per device (on the production line, never in
+    /// an image that several gateways share). It reads the serial from onboarding.serial,
+    /// makes a 16-digit code (15 random digits and a Verhoeff check digit), derives the SPAKE2+
+    /// verifier from it (PBKDF2-HMAC-SHA256, 100 000 iterations, a random 32-byte salt), and
+    /// writes only the verifier to onboarding.json in the state directory (mode 0600, owned by
+    /// user iotd). Then it prints the label: the serial, the code as XXXX-XXXX-XXXX-XXXX and
+    /// the QR payload IOTD1:<serial>:<code>. The code is stored nowhere: print the label from
+    /// this output, or run it again with --replace.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Register(RegisterArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// Replace the existing registration with a new code; the old label's code stops working.
+    #[arg(long)]
+    pub replace: bool,
 }

@@ -11,6 +11,7 @@ pub mod bus;
 pub mod check;
 pub mod cli;
 pub mod clock;
+pub mod onboarding;
 pub mod redact;
 pub mod status;
 
@@ -21,7 +22,7 @@ use clap::{CommandFactory as _, Parser as _};
 use iotd::config::ConfigPaths;
 use time::OffsetDateTime;
 
-use crate::cli::{Cli, Command, ConfigCommand};
+use crate::cli::{Cli, Command, ConfigCommand, OnboardingCommand};
 
 /// The exit codes; see `cli::EXIT_CODES_HELP`.
 pub mod exit {
@@ -91,6 +92,9 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> anyhow::Result<u8> {
                     path.display()
                 );
             }
+        }
+        Command::Onboarding(OnboardingCommand::Register(args)) => {
+            return onboarding::register(&paths, args.replace);
         }
         Command::Completions(args) => {
             let mut command = Cli::command();

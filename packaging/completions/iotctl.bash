@@ -28,6 +28,9 @@ _iotctl() {
             iotctl,help)
                 cmd="iotctl__subcmd__help"
                 ;;
+            iotctl,onboarding)
+                cmd="iotctl__subcmd__onboarding"
+                ;;
             iotctl,reprovision)
                 cmd="iotctl__subcmd__reprovision"
                 ;;
@@ -64,6 +67,9 @@ _iotctl() {
             iotctl__subcmd__help,help)
                 cmd="iotctl__subcmd__help__subcmd__help"
                 ;;
+            iotctl__subcmd__help,onboarding)
+                cmd="iotctl__subcmd__help__subcmd__onboarding"
+                ;;
             iotctl__subcmd__help,reprovision)
                 cmd="iotctl__subcmd__help__subcmd__reprovision"
                 ;;
@@ -79,6 +85,21 @@ _iotctl() {
             iotctl__subcmd__help__subcmd__config,check)
                 cmd="iotctl__subcmd__help__subcmd__config__subcmd__check"
                 ;;
+            iotctl__subcmd__help__subcmd__onboarding,register)
+                cmd="iotctl__subcmd__help__subcmd__onboarding__subcmd__register"
+                ;;
+            iotctl__subcmd__onboarding,help)
+                cmd="iotctl__subcmd__onboarding__subcmd__help"
+                ;;
+            iotctl__subcmd__onboarding,register)
+                cmd="iotctl__subcmd__onboarding__subcmd__register"
+                ;;
+            iotctl__subcmd__onboarding__subcmd__help,help)
+                cmd="iotctl__subcmd__onboarding__subcmd__help__subcmd__help"
+                ;;
+            iotctl__subcmd__onboarding__subcmd__help,register)
+                cmd="iotctl__subcmd__onboarding__subcmd__help__subcmd__register"
+                ;;
             *)
                 ;;
         esac
@@ -86,7 +107,7 @@ _iotctl() {
 
     case "${cmd}" in
         iotctl)
-            opts="-h -V --config --help --version status check rotate reprovision config support-bundle completions help"
+            opts="-h -V --config --help --version status check rotate reprovision config support-bundle completions onboarding help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -222,7 +243,7 @@ _iotctl() {
             return 0
             ;;
         iotctl__subcmd__help)
-            opts="status check rotate reprovision config support-bundle completions help"
+            opts="status check rotate reprovision config support-bundle completions onboarding help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -305,6 +326,34 @@ _iotctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        iotctl__subcmd__help__subcmd__onboarding)
+            opts="register"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iotctl__subcmd__help__subcmd__onboarding__subcmd__register)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         iotctl__subcmd__help__subcmd__reprovision)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -354,6 +403,84 @@ _iotctl() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iotctl__subcmd__onboarding)
+            opts="-h --config --help register help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iotctl__subcmd__onboarding__subcmd__help)
+            opts="register help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iotctl__subcmd__onboarding__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iotctl__subcmd__onboarding__subcmd__help__subcmd__register)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iotctl__subcmd__onboarding__subcmd__register)
+            opts="-h --replace --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;

@@ -49,6 +49,7 @@ pub(super) struct Fragment {
     pub provisioning: Option<ProvisioningFragment>,
     pub key: Option<KeyFragment>,
     pub state: Option<StateFragment>,
+    pub onboarding: Option<OnboardingFragment>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,6 +138,13 @@ pub(super) struct StateFragment {
     pub dir: Option<Spanned<String>>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [onboarding] table")]
+pub(super) struct OnboardingFragment {
+    /// Written like a template parameter: a string, `{ file = … }` or `{ command = […] }`.
+    pub serial: Option<Spanned<ParameterFragment>>,
+}
+
 /// Parses one file. Errors carry the location and, where it can be found, the dotted key.
 pub(super) fn parse(source: &Source<'_>) -> Result<Fragment, ConfigError> {
     let (table, errors) = DeTable::parse_recoverable(source.text);
@@ -186,7 +194,10 @@ fn refuse_arrays_as_tables(root: &DeTable<'_>, source: &Source<'_>) -> Result<()
     };
     for (key, value) in root {
         let name: &str = key.get_ref();
-        if matches!(name, "cloud" | "provisioning" | "key" | "state") {
+        if matches!(
+            name,
+            "cloud" | "provisioning" | "key" | "state" | "onboarding"
+        ) {
             refuse(name, key, value)?;
         }
         if let (DeValue::Table(table), "provisioning") = (value.get_ref(), name) {

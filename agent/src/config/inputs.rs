@@ -12,8 +12,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::fragments::{
-    CloudFragment, Fragment, KeyFragment, ParameterFragment, ParameterTable, ProvisioningFragment,
-    Source, StateFragment, key_segment,
+    CloudFragment, Fragment, KeyFragment, OnboardingFragment, ParameterFragment, ParameterTable,
+    ProvisioningFragment, Source, StateFragment, key_segment,
 };
 use super::{CertificateSource, ConfigError, Location, ParameterSource, PayloadFormat};
 
@@ -54,6 +54,7 @@ pub(super) struct Layer {
     pub tcti: Option<Located<String>>,
     pub persistent_handle: Option<Located<u32>>,
     pub state_dir: Option<Located<PathBuf>>,
+    pub onboarding_serial: Option<Located<ParameterSource>>,
 }
 
 impl Layer {
@@ -82,6 +83,7 @@ impl Layer {
             tcti,
             persistent_handle,
             state_dir,
+            onboarding_serial,
         } = later;
         over(&mut self.endpoint, endpoint);
         over(&mut self.port, port);
@@ -107,6 +109,7 @@ impl Layer {
         over(&mut self.tcti, tcti);
         over(&mut self.persistent_handle, persistent_handle);
         over(&mut self.state_dir, state_dir);
+        over(&mut self.onboarding_serial, onboarding_serial);
     }
 
     /// Checks every value of one file.
@@ -124,6 +127,9 @@ impl Layer {
         }
         if let Some(StateFragment { dir }) = fragment.state {
             layer.state_dir = check.opt("state.dir", dir, absolute_path)?;
+        }
+        if let Some(onboarding) = fragment.onboarding {
+            layer.onboarding(onboarding, &check)?;
         }
         Ok(layer)
     }
@@ -237,6 +243,37 @@ impl Layer {
         self.tcti = check.opt("key.tcti", tcti, tcti_conf)?;
         self.persistent_handle =
             check.opt("key.persistent_handle", persistent_handle, tpm_handle)?;
+        Ok(())
+    }
+
+    fn onboarding(
+        &mut self,
+        onboarding: OnboardingFragment,
+        check: &Checker<'_>,
+    ) -> Result<(), ConfigError> {
+        let OnboardingFragment { serial } = onboarding;
+        if let Some(serial) = serial {
+            let key = "onboarding.serial";
+            let span = serial.span();
+            let value = parameter(key, serial, check)?;
+            // A literal is checked here, where it is written; what a file or command gives is
+            // checked when it is read (`iotctl onboarding register`).
+            if let ParameterSource::Literal(literal) = &value
+                && let Err(error) = crate::onboard::code::check_serial(literal)
+            {
+                let message = match error {
+                    crate::onboard::code::CodeError::Serial { problem, .. } => {
+                        format!("{literal:?} cannot be a serial: {problem}")
+                    }
+                    other => other.to_string(),
+                };
+                return Err(check.invalid(key, span, &message));
+            }
+            self.onboarding_serial = Some(Located {
+                value,
+                at: check.source.locate(span.start),
+            });
+        }
         Ok(())
     }
 }

@@ -101,6 +101,7 @@ pub struct Settings {
     pub provisioning: ProvisioningSettings,
     pub key: KeySettings,
     pub state_dir: PathBuf,
+    pub onboarding: OnboardingSettings,
     /// The files that were read, in order (main first), for `iotctl config check` and logs.
     /// Masks (empty files, symlinks to `/dev/null`) and a missing main file are not listed.
     pub sources: Vec<PathBuf>,
@@ -183,6 +184,52 @@ pub enum ParameterSource {
     File(PathBuf),
     /// The trimmed standard output of this program and its arguments.
     Command(Vec<String>),
+}
+
+/// `[onboarding]`: trusted-user onboarding (an installer hands the gateway a claim).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OnboardingSettings {
+    /// The gateway's serial as printed on its label: SPAKE2+'s idVerifier, and in the QR
+    /// payload. Resolved by [`OnboardingSettings::resolve_serial`]; `None` when not configured.
+    pub serial: Option<ParameterSource>,
+}
+
+impl OnboardingSettings {
+    /// Resolves `onboarding.serial` now (a file read, a command run with a 5 s timeout), like a
+    /// template parameter; `None` when it is not configured. The value is not checked here as
+    /// a serial: the caller does that, naming the key.
+    pub fn resolve_serial(&self) -> Result<Option<String>, ConfigError> {
+        self.resolve_serial_within(PARAMETER_COMMAND_TIMEOUT)
+    }
+
+    fn resolve_serial_within(&self, timeout: Duration) -> Result<Option<String>, ConfigError> {
+        let Some(source) = &self.serial else {
+            return Ok(None);
+        };
+        let sources = BTreeMap::from([(ONBOARDING_SERIAL_NAME.to_owned(), source.clone())]);
+        let mut values = parameters::resolve_all(&sources, timeout).map_err(|cause| {
+            ConfigError::OnboardingSerial {
+                cause: Box::new(cause),
+            }
+        })?;
+        Ok(values.remove(ONBOARDING_SERIAL_NAME))
+    }
+}
+
+/// The name `onboarding.serial` is resolved under by the template parameter resolver, whose
+/// messages name `provisioning.parameters.<name>`; [`ConfigError::OnboardingSerial`] puts the
+/// right key in their place.
+const ONBOARDING_SERIAL_NAME: &str = "serial";
+
+/// A resolver message about `onboarding.serial`, with its key in place of the template
+/// parameter's.
+fn onboarding_serial_message(cause: &ConfigError) -> String {
+    let message = cause.to_string();
+    let parameter = parameter_context(ONBOARDING_SERIAL_NAME);
+    match message.strip_prefix(&parameter) {
+        Some(rest) => format!("resolving onboarding.serial{rest}"),
+        None => message,
+    }
 }
 
 /// `[key]`: where the device key lives.
@@ -303,6 +350,10 @@ pub enum ConfigError {
         origin: ValueOrigin,
         problem: ValueProblem,
     },
+    /// Resolving `onboarding.serial` (a file or command) failed; `cause` is the resolver's
+    /// error, and the message names the key in its place.
+    #[error("{}", onboarding_serial_message(cause))]
+    OnboardingSerial { cause: Box<ConfigError> },
 }
 
 /// Where a template parameter's value was read from, for [`ConfigError::ParameterValue`].
@@ -368,6 +419,7 @@ impl ConfigError {
                 problem,
                 ..
             } => *problem == ValueProblem::Empty,
+            ConfigError::OnboardingSerial { cause } => cause.is_transient(),
             ConfigError::ReadFile { .. }
             | ConfigError::NotUtf8 { .. }
             | ConfigError::MissingFile { .. }
@@ -387,6 +439,8 @@ impl ConfigError {
             | ConfigError::ParameterCommandFailed { name, .. }
             | ConfigError::ParameterCommandTimeout { name, .. }
             | ConfigError::ParameterValue { name, .. } => Some(name),
+            // Resolved like one, but not a template parameter.
+            ConfigError::OnboardingSerial { .. } => None,
             ConfigError::ReadFile { .. }
             | ConfigError::NotUtf8 { .. }
             | ConfigError::MissingFile { .. }
@@ -515,6 +569,7 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
         tcti,
         persistent_handle,
         state_dir,
+        onboarding_serial,
     } = merged;
 
     let endpoint = endpoint.ok_or_else(|| missing("cloud.endpoint"))?.value;
@@ -616,6 +671,9 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
         },
         key,
         state_dir: state_dir.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |d| d.value),
+        onboarding: OnboardingSettings {
+            serial: onboarding_serial.map(|s| s.value),
+        },
         sources,
     })
 }
