@@ -143,6 +143,10 @@ pub(super) struct StateFragment {
 pub(super) struct OnboardingFragment {
     /// Written like a template parameter: a string, `{ file = … }` or `{ command = […] }`.
     pub serial: Option<Spanned<ParameterFragment>>,
+    pub listen: Option<Spanned<String>>,
+    pub allowed_templates: Option<Spanned<Vec<String>>>,
+    pub allowed_endpoints: Option<Spanned<Vec<String>>>,
+    pub installer_parameters: Option<Spanned<Vec<String>>>,
 }
 
 /// Parses one file. Errors carry the location and, where it can be found, the dotted key.

@@ -55,6 +55,10 @@ pub(super) struct Layer {
     pub persistent_handle: Option<Located<u32>>,
     pub state_dir: Option<Located<PathBuf>>,
     pub onboarding_serial: Option<Located<ParameterSource>>,
+    pub onboarding_listen: Option<Located<std::net::SocketAddr>>,
+    pub allowed_templates: Option<Located<Vec<String>>>,
+    pub allowed_endpoints: Option<Located<Vec<String>>>,
+    pub installer_parameters: Option<Located<Vec<String>>>,
 }
 
 impl Layer {
@@ -84,6 +88,10 @@ impl Layer {
             persistent_handle,
             state_dir,
             onboarding_serial,
+            onboarding_listen,
+            allowed_templates,
+            allowed_endpoints,
+            installer_parameters,
         } = later;
         over(&mut self.endpoint, endpoint);
         over(&mut self.port, port);
@@ -110,6 +118,10 @@ impl Layer {
         over(&mut self.persistent_handle, persistent_handle);
         over(&mut self.state_dir, state_dir);
         over(&mut self.onboarding_serial, onboarding_serial);
+        over(&mut self.onboarding_listen, onboarding_listen);
+        over(&mut self.allowed_templates, allowed_templates);
+        over(&mut self.allowed_endpoints, allowed_endpoints);
+        over(&mut self.installer_parameters, installer_parameters);
     }
 
     /// Checks every value of one file.
@@ -251,7 +263,38 @@ impl Layer {
         onboarding: OnboardingFragment,
         check: &Checker<'_>,
     ) -> Result<(), ConfigError> {
-        let OnboardingFragment { serial } = onboarding;
+        let OnboardingFragment {
+            serial,
+            listen,
+            allowed_templates,
+            allowed_endpoints,
+            installer_parameters,
+        } = onboarding;
+        self.onboarding_listen = check.opt("onboarding.listen", listen, listen_address)?;
+        self.allowed_templates =
+            check.opt("onboarding.allowed_templates", allowed_templates, |names| {
+                names.into_iter().map(template_name).collect()
+            })?;
+        self.allowed_endpoints =
+            check.opt("onboarding.allowed_endpoints", allowed_endpoints, |hosts| {
+                hosts.into_iter().map(host_name).collect()
+            })?;
+        self.installer_parameters = check.opt(
+            "onboarding.installer_parameters",
+            installer_parameters,
+            |names| {
+                names
+                    .into_iter()
+                    .map(|n| {
+                        if n.is_empty() {
+                            Err("a parameter name cannot be empty".to_owned())
+                        } else {
+                            Ok(n)
+                        }
+                    })
+                    .collect()
+            },
+        )?;
         if let Some(serial) = serial {
             let key = "onboarding.serial";
             let span = serial.span();
@@ -532,4 +575,19 @@ fn report_topic_value(topic: String) -> Result<String, String> {
         ));
     }
     Ok(topic)
+}
+
+/// `onboarding.listen`: an IP address and a port of 1024 or more (the unit has no capability
+/// to bind below).
+fn listen_address(value: String) -> Result<std::net::SocketAddr, String> {
+    let address: std::net::SocketAddr = value.parse().map_err(|_| {
+        format!("{value:?} is not an address and port, like \"0.0.0.0:8443\" or \"[::]:8443\"")
+    })?;
+    if address.port() < 1024 {
+        return Err(format!(
+            "port {} is below 1024, which iotd (no capabilities) cannot listen on",
+            address.port()
+        ));
+    }
+    Ok(address)
 }

@@ -187,12 +187,24 @@ pub enum ParameterSource {
 }
 
 /// `[onboarding]`: trusted-user onboarding (an installer hands the gateway a claim).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OnboardingSettings {
     /// The gateway's serial as printed on its label: SPAKE2+'s idVerifier, and in the QR
     /// payload. Resolved by [`OnboardingSettings::resolve_serial`]; `None` when not configured.
     pub serial: Option<ParameterSource>,
+    /// Where the onboarding server listens.
+    pub listen: std::net::SocketAddr,
+    /// The templates an installer's claim may name; the configured template when not set.
+    pub allowed_templates: Vec<String>,
+    /// The endpoints an installer's claim may name; the configured endpoint when not set.
+    pub allowed_endpoints: Vec<String>,
+    /// Template parameters an installer may supply (e.g. Site); never one the gateway sources
+    /// itself (provisioning.parameters).
+    pub installer_parameters: Vec<String>,
 }
+
+/// The port of `onboarding.listen` when no file sets it (on all IPv4 addresses).
+pub const DEFAULT_ONBOARDING_PORT: u16 = 8443;
 
 impl OnboardingSettings {
     /// Resolves `onboarding.serial` now (a file read, a command run with a 5 s timeout), like a
@@ -570,6 +582,10 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
         persistent_handle,
         state_dir,
         onboarding_serial,
+        onboarding_listen,
+        allowed_templates,
+        allowed_endpoints,
+        installer_parameters,
     } = merged;
 
     let endpoint = endpoint.ok_or_else(|| missing("cloud.endpoint"))?.value;
@@ -632,6 +648,10 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
     }
 
     let deletes_claim = delete_claim.as_ref().is_some_and(|d| d.value);
+    // An installer's claim may name the configured template and endpoint unless the
+    // configuration lists others.
+    let default_templates = vec![template.clone()];
+    let default_endpoints = vec![endpoint.clone()];
     let claim = match (claim_certificate, claim_key) {
         (None, None) => None,
         (Some(certificate), Some(key)) => Some(ClaimPaths {
@@ -673,6 +693,13 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
         state_dir: state_dir.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |d| d.value),
         onboarding: OnboardingSettings {
             serial: onboarding_serial.map(|s| s.value),
+            listen: onboarding_listen.map_or_else(
+                || std::net::SocketAddr::from(([0, 0, 0, 0], DEFAULT_ONBOARDING_PORT)),
+                |l| l.value,
+            ),
+            allowed_templates: allowed_templates.map_or(default_templates, |t| t.value),
+            allowed_endpoints: allowed_endpoints.map_or(default_endpoints, |e| e.value),
+            installer_parameters: installer_parameters.map(|p| p.value).unwrap_or_default(),
         },
         sources,
     })

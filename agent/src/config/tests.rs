@@ -1421,10 +1421,51 @@ fn the_report_topic_defaults_and_is_checked() {
 
 // ---- [onboarding] ---------------------------------------------------------------------------
 
+/// `[onboarding]` as REQUIRED leaves it.
+fn onboarding_defaults() -> OnboardingSettings {
+    let s = load_parts(&[("/etc/iotd/config.toml", REQUIRED)]).unwrap();
+    OnboardingSettings {
+        serial: None,
+        listen: "0.0.0.0:8443".parse().unwrap(),
+        allowed_templates: vec![s.provisioning.template.clone()],
+        allowed_endpoints: vec![s.cloud.endpoint.clone()],
+        installer_parameters: Vec::new(),
+    }
+}
+
+#[test]
+fn onboarding_addresses_and_allowances_default_and_are_checked() {
+    let s = with(
+        "[onboarding]\nlisten = \"[::]:9443\"\nallowed_templates = [\"a\", \"b-2\"]\n\
+         allowed_endpoints = [\"x-ats.iot.eu-west-1.amazonaws.com\"]\n\
+         installer_parameters = [\"Site\"]\n",
+    );
+    assert_eq!(s.onboarding.listen, "[::]:9443".parse().unwrap());
+    assert_eq!(s.onboarding.allowed_templates, ["a", "b-2"]);
+    assert_eq!(
+        s.onboarding.allowed_endpoints,
+        ["x-ats.iot.eu-west-1.amazonaws.com"]
+    );
+    assert_eq!(s.onboarding.installer_parameters, ["Site"]);
+    for (text, says) in [
+        ("listen = \"0.0.0.0:443\"", "below 1024"),
+        ("listen = \"gateway:8443\"", "not an address and port"),
+        (
+            "allowed_templates = [\"no spaces\"]",
+            "onboarding.allowed_templates",
+        ),
+        ("allowed_endpoints = [\"https://x\"]", "is a URL"),
+        ("installer_parameters = [\"\"]", "cannot be empty"),
+    ] {
+        let e = error_of(&format!("[onboarding]\n{text}\n"));
+        assert!(e.contains(says), "{text}: {e}");
+    }
+}
+
 #[test]
 fn the_onboarding_serial_defaults_to_none() {
     let s = load_parts(&[("/etc/iotd/config.toml", REQUIRED)]).unwrap();
-    assert_eq!(s.onboarding, OnboardingSettings::default());
+    assert_eq!(s.onboarding, onboarding_defaults());
     assert_eq!(s.onboarding.resolve_serial().unwrap(), None);
     assert_eq!(with("[onboarding]\n").onboarding.serial, None);
 }
@@ -1491,7 +1532,8 @@ fn a_bad_onboarding_serial_is_refused_where_it_is_written() {
         ("[onboarding]\nserial = 42\n", "key onboarding.serial"),
         (
             "[onboarding]\nserail = \"A\"\n",
-            "unknown key (expected one of: serial); did you mean serial?",
+            "unknown key (expected one of: serial, listen, allowed_templates, \
+             allowed_endpoints, installer_parameters); did you mean serial?",
         ),
         ("onboarding = [1]\n", "expected a [onboarding] table"),
     ] {
@@ -1507,6 +1549,7 @@ fn resolving_the_onboarding_serial_reads_files_and_runs_commands() {
     fs::write(&file, "IOTGW-0001234\n\0").unwrap();
     let from_file = OnboardingSettings {
         serial: Some(ParameterSource::File(file)),
+        ..onboarding_defaults()
     };
     assert_eq!(
         from_file.resolve_serial().unwrap().as_deref(),
@@ -1514,6 +1557,7 @@ fn resolving_the_onboarding_serial_reads_files_and_runs_commands() {
     );
     let from_command = OnboardingSettings {
         serial: Some(command(&["echo", " IOTGW-42 "])),
+        ..onboarding_defaults()
     };
     assert_eq!(
         from_command.resolve_serial().unwrap().as_deref(),
@@ -1521,6 +1565,7 @@ fn resolving_the_onboarding_serial_reads_files_and_runs_commands() {
     );
     let literal = OnboardingSettings {
         serial: Some(ParameterSource::Literal("GW-7".to_owned())),
+        ..onboarding_defaults()
     };
     assert_eq!(literal.resolve_serial().unwrap().as_deref(), Some("GW-7"));
 }
@@ -1531,6 +1576,7 @@ fn an_onboarding_serial_that_cannot_be_resolved_names_its_key() {
     let missing = tmp.path().join("missing");
     let error = OnboardingSettings {
         serial: Some(ParameterSource::File(missing.clone())),
+        ..onboarding_defaults()
     }
     .resolve_serial()
     .unwrap_err();
@@ -1546,6 +1592,7 @@ fn an_onboarding_serial_that_cannot_be_resolved_names_its_key() {
 
     let error = OnboardingSettings {
         serial: Some(command(&["sh", "-c", "echo 'no eeprom' >&2; exit 3"])),
+        ..onboarding_defaults()
     }
     .resolve_serial()
     .unwrap_err();
@@ -1557,6 +1604,7 @@ fn an_onboarding_serial_that_cannot_be_resolved_names_its_key() {
 
     let error = OnboardingSettings {
         serial: Some(command(&["sleep", "5"])),
+        ..onboarding_defaults()
     }
     .resolve_serial_within(Duration::from_millis(200))
     .unwrap_err();
