@@ -27,6 +27,11 @@ pub struct Claim {
     /// For messages, after "claim certificate": its file ("/etc/iotd/claim.pem"), or where it
     /// came from ("handed over by the installer").
     pub description: String,
+    /// What the installer chose with the claim (trusted-user onboarding): the template to
+    /// register with instead of the configured one, and template parameters the configuration
+    /// lets an installer supply. They travel with the claim, which lives in memory only.
+    pub template: Option<String>,
+    pub installer_parameters: std::collections::BTreeMap<String, String>,
 }
 
 impl Claim {
@@ -69,6 +74,8 @@ impl Claim {
             key,
             not_after,
             description,
+            template: None,
+            installer_parameters: std::collections::BTreeMap::new(),
         })
     }
 }
@@ -133,7 +140,9 @@ impl Claims {
     /// The claim to use now at wall-clock time `now`, or what the agent waits for.
     pub fn current(&mut self, now: i64) -> Result<Claim, Waiting> {
         if let Some(c) = &self.memory {
-            if c.not_after > now {
+            // An installer's claim is used at once whatever the gateway's clock says (before
+            // NTP it may be far off): AWS's answer says whether it expired.
+            if c.origin == ClaimOrigin::Network || c.not_after > now {
                 return Ok(c.clone());
             }
             self.memory = None;

@@ -21,6 +21,7 @@ use crate::connection::{Connection, ConnectionEvent, Credentials};
 use crate::error::{AgentError, Backoff, ErrorCode, Retry};
 use crate::fsm::{Action, Event, Failure, IllegalTransition, Input, Machine, Policy, Work};
 use crate::keys::KeyBackend;
+use crate::onboard::{self, window::Window};
 use crate::snapshot::{self, Snapshot};
 use crate::store::{ClaimOrigin, Store};
 use crate::tls::ServerTrust;
@@ -94,13 +95,14 @@ pub enum Command {
     ProvideClaim(Box<Claim>, Reply),
 }
 
-/// What other tasks (D-Bus, later the onboarding server) hold: a command sender, the snapshot,
-/// and the events.
+/// What other tasks (D-Bus, the onboarding server) hold: a command sender, the snapshot, the
+/// events, and the onboarding server's port.
 #[derive(Debug, Clone)]
 pub struct Handle {
     pub commands: mpsc::Sender<Command>,
     pub snapshot: watch::Receiver<Snapshot>,
     pub events: broadcast::Sender<Event>,
+    pub onboarding: crate::onboard::port::Port,
 }
 
 impl Handle {
@@ -163,6 +165,16 @@ pub struct Core {
     recorded_identity: Option<(u32, String)>,
     /// The template parameter values of the provisioning in progress, once resolved.
     parameters: Option<work::Parameters>,
+    /// The onboarding window (its attempt count is persisted in state.json).
+    window: Window,
+    /// What the onboarding server shows; its requests.
+    onboarding_view: watch::Sender<onboard::port::View>,
+    onboarding_requests: mpsc::Receiver<onboard::port::Request>,
+    /// Onboarding's own progress before provisioning takes over (paired, claim received).
+    onboarding_phase: Option<onboard::port::Phase>,
+    /// The provisioning in progress at start used an installer's claim, which lived in memory
+    /// only: the installer must hand over a new one.
+    installer_claim_lost: bool,
     /// Resolving them failed this many times in a row.
     parameter_failures: u32,
 }
@@ -392,6 +404,8 @@ enum Wake {
     Retry,
     Command(Command),
     Connection(ConnectionEvent),
+    Onboarding(onboard::port::Request),
+    WindowTimeout,
     Watchdog,
 }
 
@@ -448,6 +462,14 @@ impl Core {
             reprovision_when_key_lost: settings.provisioning.reprovision_when_key_lost,
             delete_claim: settings.provisioning.delete_claim,
         };
+        let state_onboarding = state.onboarding.clone();
+        let installer_claim_lost = matches!(
+            state.operation,
+            Some(crate::store::Operation::Provisioning {
+                claim: ClaimOrigin::Network,
+                ..
+            })
+        );
         let (machine, resumed) = Machine::resume(state, policy);
         let claims = Claims::new(settings.provisioning.claim.clone());
         let (snapshot, snapshot_rx) = watch::channel(Snapshot::default());
@@ -456,6 +478,8 @@ impl Core {
         // Commands are rare and answered at once; a small queue is plenty.
         let (commands_tx, commands) = mpsc::channel(8);
         let (connection_tx, connection_rx) = mpsc::unbounded_channel();
+        let (port, core_end) = onboard::port::Port::pair();
+        let window = Window::new(state_onboarding.clone());
         let res = Resources {
             target: target(&settings),
             settings,
@@ -489,6 +513,11 @@ impl Core {
             recorded_identity,
             parameters: None,
             parameter_failures: 0,
+            window,
+            onboarding_view: core_end.view,
+            onboarding_requests: core_end.requests,
+            onboarding_phase: None,
+            installer_claim_lost,
         };
         if core.machine.work() == Work::WaitForClaim {
             let now = core.clock.now();
@@ -501,6 +530,7 @@ impl Core {
                 commands: commands_tx,
                 snapshot: snapshot_rx,
                 events,
+                onboarding: port,
             },
         ))
     }
@@ -524,6 +554,7 @@ impl Core {
         let mut watchdog = crate::notify::watchdog_interval();
         loop {
             self.schedule()?;
+            self.update_window();
             self.publish();
             #[cfg(feature = "test-hooks")]
             if self
@@ -536,12 +567,19 @@ impl Core {
             {
                 crate::notify::test_stall_once();
             }
+            // A requested window's end, on the monotonic clock (wall time may jump).
+            let window_closes = self.window.closes_at().map(|at| {
+                let secs = u64::try_from(at - self.clock.now()).unwrap_or(0);
+                tokio::time::Instant::now() + Duration::from_secs(secs)
+            });
             let wake = tokio::select! {
                 done = finished(&mut self.work) => Wake::Work(Box::new(done)),
                 () = until(self.retry_at) => Wake::Retry,
                 // Without a D-Bus API every sender may be gone: the branch is then disabled.
                 Some(c) = self.commands.recv() => Wake::Command(c),
                 Some(e) = self.connection_rx.recv() => Wake::Connection(e),
+                Some(r) = self.onboarding_requests.recv() => Wake::Onboarding(r),
+                () = until(window_closes) => Wake::WindowTimeout,
                 () = crate::notify::tick(&mut watchdog) => Wake::Watchdog,
             };
             match wake {
@@ -552,9 +590,199 @@ impl Core {
                 Wake::Retry => self.retry_at = None,
                 Wake::Command(c) => self.command(c)?,
                 Wake::Connection(e) => self.connection_event(e)?,
+                Wake::Onboarding(r) => self.onboarding_request(r)?,
+                Wake::WindowTimeout => {
+                    if let Some(change) = self.window.tick(self.clock.now()) {
+                        self.window_changed(change);
+                    }
+                }
                 Wake::Watchdog => crate::notify::watchdog(),
             }
         }
+    }
+
+    /// Opens the onboarding window while the gateway needs a claim (it waits for one, or
+    /// provisioning stopped for good without an identity: an installer can rescue it), and
+    /// closes an automatic one when it no longer does.
+    fn update_window(&mut self) {
+        let unprovisioned = self.machine.state.identity.is_none();
+        let needed = unprovisioned
+            && (self.machine.work() == Work::WaitForClaim
+                || (self.machine.parked && self.claim_is_not_the_installers()));
+        if let Some(change) = self.window.need_claim(needed) {
+            self.window_changed(change);
+        }
+    }
+
+    /// Whether the claim in use (if any) is not one an installer handed over: a rescue window
+    /// is for a gateway whose own claim failed.
+    fn claim_is_not_the_installers(&self) -> bool {
+        !matches!(
+            self.machine.state.operation,
+            Some(crate::store::Operation::Provisioning {
+                claim: ClaimOrigin::Network,
+                ..
+            })
+        )
+    }
+
+    /// Logs a change of the window and persists its count.
+    fn window_changed(&mut self, change: onboard::window::Change) {
+        use onboard::window::Change;
+        match change {
+            Change::Opened(opener) => tracing::info!(
+                ?opener,
+                attempts_left = self.window.attempts_left(),
+                closes_at = self.window.closes_at(),
+                "onboarding window open"
+            ),
+            Change::Closed(why) => tracing::info!(why = why.as_str(), "onboarding window closed"),
+        }
+        self.persist_window();
+    }
+
+    /// Writes the window's count to state.json when it changed; says whether it is on disk.
+    fn persist_window(&mut self) -> bool {
+        if self.machine.state.onboarding == self.window.persisted {
+            return true;
+        }
+        self.machine.state.onboarding = self.window.persisted.clone();
+        // Durable: the count is what limits guesses at the code, across restarts.
+        match self
+            .res
+            .store
+            .save(&self.machine.state, crate::store::Durability::Durable)
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("recording the onboarding attempt count: {e}");
+                false
+            }
+        }
+    }
+
+    /// Offers a claim handed over in memory and, unless a step is running, uses it now rather
+    /// than after a retry delay or a wait (an installer's claim lives 5 minutes).
+    fn use_claim(&mut self, claim: Claim) -> Result<(), CoreError> {
+        self.claims.offer(claim);
+        self.look_for_claims = true;
+        if self.work.is_none() {
+            self.retry_at = None;
+            self.backoff.reset();
+            if let Ok(c) = self.claims.current(self.clock.now()) {
+                let origin = c.origin;
+                self.claim = Some(c);
+                self.waiting_for_claim = None;
+                self.apply(Input::ClaimAvailable(origin))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The installer's claim bundle (opened by the server): validated, then used at once.
+    fn hand_over(
+        &mut self,
+        plaintext: &[u8],
+    ) -> Result<Result<(), onboard::port::Refusal>, CoreError> {
+        use onboard::bundle::{BundlePolicy, open_bundle};
+        use onboard::port::{Phase, Refusal};
+        if self.machine.state.identity.is_some() && self.machine.state.operation.is_none() {
+            return Ok(Err(Refusal {
+                code: "window_closed",
+                status: 403,
+                message: "the gateway is already provisioned; it does not need a claim".to_owned(),
+            }));
+        }
+        let policy = BundlePolicy::from_settings(&self.res.settings);
+        let handed = match open_bundle(plaintext, &policy) {
+            Ok(handed) => handed,
+            Err(r) => {
+                tracing::warn!(
+                    code = r.code(),
+                    "onboarding: claim bundle refused: {}",
+                    r.message()
+                );
+                return Ok(Err(Refusal {
+                    code: r.code(),
+                    status: r.http_status(),
+                    message: r.message(),
+                }));
+            }
+        };
+        if let Some(endpoint) = &handed.endpoint
+            && !endpoint.eq_ignore_ascii_case(&self.res.settings.cloud.endpoint)
+        {
+            // The identity would have to remember its endpoint across restarts: not yet.
+            return Ok(Err(Refusal {
+                code: "claim_invalid",
+                status: 422,
+                message: format!(
+                    "this gateway connects only to its configured endpoint {}; request a claim \
+                     for it, without another endpoint",
+                    self.res.settings.cloud.endpoint
+                ),
+            }));
+        }
+        let mut claim = handed.claim;
+        claim.template = Some(handed.template);
+        claim.installer_parameters = handed.parameters;
+        tracing::info!(
+            template = claim.template.as_deref().unwrap_or_default(),
+            not_after = handed.not_after,
+            "onboarding: received the installer's claim; provisioning with it"
+        );
+        self.installer_claim_lost = false;
+        self.use_claim(claim)?;
+        let closed = self.window.close(onboard::window::Closed::Success);
+        self.window_changed(closed);
+        self.onboarding_phase = Some(Phase::ClaimReceived);
+        Ok(Ok(()))
+    }
+
+    /// A request of the onboarding server.
+    fn onboarding_request(&mut self, request: onboard::port::Request) -> Result<(), CoreError> {
+        use onboard::port::{Phase, Refusal, Request};
+        match request {
+            Request::CountAttempt { peer, reply } => {
+                let answer = match self.window.count_attempt(self.clock.now()) {
+                    Ok((left, closed)) => {
+                        tracing::info!(%peer, attempts_left = left, "onboarding: pairing attempt");
+                        if let Some(change) = closed {
+                            self.window_changed(change);
+                        }
+                        if self.persist_window() {
+                            Ok(left)
+                        } else {
+                            Err(Refusal {
+                                code: "window_closed",
+                                status: 403,
+                                message: "the gateway could not record the attempt (its \
+                                          storage failed); try again later"
+                                    .to_owned(),
+                            })
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, "onboarding: pairing refused: {e}");
+                        Err(Refusal {
+                            code: "window_closed",
+                            status: 403,
+                            message: e.to_string(),
+                        })
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+            Request::Paired { peer } => {
+                tracing::info!(%peer, "onboarding: paired with the installer's client");
+                self.onboarding_phase = Some(Phase::Paired);
+            }
+            Request::HandOver { plaintext, reply } => {
+                let answer = self.hand_over(&plaintext)?;
+                let _ = reply.send(answer);
+            }
+        }
+        Ok(())
     }
 
     fn publish(&mut self) {
@@ -593,6 +821,65 @@ impl Core {
         // systemd hears a line when the line changes, not when another field does.
         if line_changed {
             crate::notify::status(&line);
+        }
+        let view = self.onboarding_view();
+        self.onboarding_view.send_if_modified(|v| {
+            let changed = *v != view;
+            *v = view;
+            changed
+        });
+    }
+
+    /// What the onboarding server shows the installer: the window, and how far the gateway
+    /// got with the installer's claim, in the profile's phases. No secrets.
+    fn onboarding_view(&self) -> onboard::port::View {
+        use crate::store::{Operation, Step};
+        use onboard::port::{Phase, View};
+        let state = &self.machine.state;
+        let mut thing_name = None;
+        let mut error = None;
+        let phase = match (&state.identity, &state.operation) {
+            (Some(identity), None) => {
+                thing_name = Some(identity.thing_name.clone());
+                if self.onboarding_phase.is_some() {
+                    Phase::Connected
+                } else {
+                    Phase::Waiting
+                }
+            }
+            (
+                _,
+                Some(Operation::Provisioning {
+                    claim: ClaimOrigin::Network,
+                    step,
+                }),
+            ) if !self.installer_claim_lost => {
+                // Stopped for good, or waiting for another claim (the installer's expired or
+                // was refused): the installer must act.
+                let stuck = self.machine.work() == Work::WaitForClaim;
+                if let Some(e) = state.last_error.as_ref().filter(|e| e.permanent || stuck) {
+                    error = Some((e.code.clone(), e.message.clone()));
+                    Phase::Failed
+                } else {
+                    match step {
+                        None | Some(Step::KeyReady { .. }) => Phase::ConnectingWithClaim,
+                        Some(Step::CertificateIssued { .. }) => Phase::CertificateIssued,
+                        Some(Step::ThingRegistered { thing_name: t, .. }) => {
+                            thing_name = Some(t.clone());
+                            Phase::ThingRegistered
+                        }
+                    }
+                }
+            }
+            _ => self.onboarding_phase.unwrap_or(Phase::Waiting),
+        };
+        View {
+            open: self.window.is_open(),
+            closes_at: self.window.closes_at(),
+            attempts_left: self.window.attempts_left(),
+            phase,
+            thing_name,
+            error,
         }
     }
 
@@ -759,7 +1046,13 @@ impl Core {
                         self.apply(Input::ClaimAvailable(origin))?;
                     }
                     Err(waiting) => {
-                        let why = waiting.what;
+                        let why = if self.installer_claim_lost {
+                            "a claim: the installer's claim was lost in a restart; hand over a \
+                             new one"
+                                .to_owned()
+                        } else {
+                            waiting.what
+                        };
                         if self.waiting_for_claim.as_ref() != Some(&why) {
                             tracing::info!("waiting for {why}");
                         }
@@ -800,7 +1093,11 @@ impl Core {
                 | Work::RegisterThing { .. } => {
                     // The claim must still be usable (a claim from an installer lasts minutes);
                     // the one at hand is checked by its date, without reading its files again.
-                    let usable = self.claim.as_ref().is_some_and(|c| c.not_after > now);
+                    // An installer's claim is not judged by the gateway's clock (see `Claims`).
+                    let usable = self
+                        .claim
+                        .as_ref()
+                        .is_some_and(|c| c.origin == ClaimOrigin::Network || c.not_after > now);
                     if !matches!(work, Work::CreateKey { .. }) && !usable {
                         match self.claims.current(now) {
                             Ok(claim) => self.claim = Some(claim),
@@ -1110,18 +1407,7 @@ impl Core {
                     }
                     _ => {
                         tracing::info!("received claim certificate {}", claim.description);
-                        self.claims.offer(*claim);
-                        if self.work.is_none() {
-                            // Use it now, rather than after a retry delay or a wait.
-                            self.retry_at = None;
-                            self.backoff.reset();
-                            if let Ok(c) = self.claims.current(self.clock.now()) {
-                                let origin = c.origin;
-                                self.claim = Some(c);
-                                self.waiting_for_claim = None;
-                                self.apply(Input::ClaimAvailable(origin))?;
-                            }
-                        }
+                        self.use_claim(*claim)?;
                         Ok(Outcome::Changed(
                             "claim accepted; provisioning with it".to_owned(),
                         ))

@@ -220,6 +220,13 @@ pub struct State {
     /// `cloud.report_topic` that the broker acknowledged): each is reported once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reported_certificates: Vec<String>,
+    /// The onboarding window's attempt count, which survives restarts.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub onboarding: crate::onboard::window::Persisted,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 impl Default for State {
@@ -232,6 +239,7 @@ impl Default for State {
             last_error: None,
             abandoned_certificates: Vec::new(),
             reported_certificates: Vec::new(),
+            onboarding: crate::onboard::window::Persisted::default(),
         }
     }
 }
@@ -434,6 +442,7 @@ fn migrate_v1(old: v1::State, certificate: impl Fn(u32) -> V1Certificate) -> Sta
         last_error,
         abandoned_certificates: old.abandoned_certificates,
         reported_certificates: Vec::new(),
+        onboarding: crate::onboard::window::Persisted::default(),
     }
 }
 

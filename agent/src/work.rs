@@ -351,8 +351,19 @@ async fn step(
             ownership_token,
             ..
         } => {
-            let parameters = parameters(res, resolved).await?.clone();
-            let template = &res.settings.provisioning.template;
+            let mut parameters = parameters(res, resolved).await?.as_ref().clone();
+            // What the installer supplied with the claim; never a device-sourced value (the
+            // bundle's validation refuses those names).
+            if let Some(c) = claim {
+                for (name, value) in &c.installer_parameters {
+                    parameters
+                        .entry(name.clone())
+                        .or_insert_with(|| value.clone());
+                }
+            }
+            let template = claim
+                .and_then(|c| c.template.as_ref())
+                .unwrap_or(&res.settings.provisioning.template);
             let s = res.claim_session(session, claim).await?;
             // RegisterThing activates the certificate: only while its key is here to use it,
             // checked last thing before the request (parameters and the connection can take

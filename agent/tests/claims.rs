@@ -1,6 +1,10 @@
 //! iotd's core in this process against fake-iot-core: with no claim it waits; a claim handed
 //! over in memory (what the onboarding endpoint will do) provisions it, and the core says so
-//! through its events and its snapshot.
+//! through its events and its snapshot. The core's side of trusted-user onboarding: the
+//! window opens while the gateway waits for a claim, attempts are counted and persisted before
+//! they are answered (and the cap survives a restart), and a claim bundle handed over through
+//! the onboarding port is validated and provisions the gateway with the installer's template
+//! parameters, the view following each phase.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -10,6 +14,7 @@ use iotd::config::{self, ConfigPaths};
 use iotd::core::{Command, Core, Outcome};
 use iotd::fsm::Event;
 use iotd::keys::file::FileBackend;
+use iotd::onboard::port::{Phase, Refusal, Request, View};
 use iotd_testkit::*;
 
 /// Waits for `what` for at most `WAIT`: a regression fails the test instead of hanging it.
@@ -181,5 +186,155 @@ async fn reprovision_finds_claim_files_installed_while_waiting() {
         s.key_reference.as_deref().unwrap().starts_with("file "),
         "{s:?}"
     );
+    run.abort();
+}
+
+/// The configuration for `cloud` without claim files, letting installers supply `Site`.
+fn without_claim(cloud: &Cloud, dir: &std::path::Path, serial: &str) -> String {
+    let (cert, key) = cloud.claim();
+    let conf = config(cloud, &dir.join("state"), serial)
+        .replace(&format!("claim_certificate = \"{cert}\"\n"), "")
+        .replace(&format!("claim_key = \"{key}\"\n"), "");
+    format!("{conf}\n[onboarding]\ninstaller_parameters = [\"Site\"]\n")
+}
+
+async fn count(handle: &iotd::core::Handle) -> Result<u32, Refusal> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    handle
+        .onboarding
+        .requests
+        .send(Request::CountAttempt {
+            peer: "127.0.0.1:5000".parse().unwrap(),
+            reply,
+        })
+        .await
+        .unwrap();
+    within("the count", answer).await.unwrap()
+}
+
+async fn hand_over(handle: &iotd::core::Handle, bundle: &serde_json::Value) -> Result<(), Refusal> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    handle
+        .onboarding
+        .requests
+        .send(Request::HandOver {
+            plaintext: zeroize::Zeroizing::new(bundle.to_string().into_bytes()),
+            reply,
+        })
+        .await
+        .unwrap();
+    within("the hand-over", answer).await.unwrap()
+}
+
+async fn view_where(handle: &iotd::core::Handle, what: &str, f: impl FnMut(&View) -> bool) -> View {
+    let mut view = handle.onboarding.view.clone();
+    within(what, view.wait_for(f)).await.unwrap().clone()
+}
+
+fn attempts_on_disk(dir: &std::path::Path) -> u64 {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state/state.json")).unwrap()).unwrap();
+    state["onboarding"]["attemptsUsed"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn attempts_are_persisted_before_they_are_answered_and_the_cap_survives_a_restart() {
+    let cloud = Cloud::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = without_claim(&cloud, dir.path(), "o1");
+    let (run, handle) = start_core(dir.path(), &conf);
+    let open = view_where(&handle, "the window open", |v| v.open).await;
+    assert_eq!((open.attempts_left, open.phase), (20, Phase::Waiting));
+    for used in 1..=20u32 {
+        assert_eq!(count(&handle).await, Ok(20 - used));
+        assert_eq!(
+            attempts_on_disk(dir.path()),
+            u64::from(used),
+            "on disk before the reply"
+        );
+    }
+    let refused = count(&handle).await.unwrap_err();
+    assert_eq!((refused.code, refused.status), ("window_closed", 403));
+    assert!(
+        refused.message.contains("iotctl onboarding open"),
+        "{refused:?}"
+    );
+    run.abort();
+    let _ = run.await;
+
+    // Restarted: still waiting for a claim, but the window stays shut until a person opens it.
+    let (run, handle) = start_core(dir.path(), &conf);
+    let mut snapshot = handle.snapshot.clone();
+    within("waiting", snapshot.wait_for(|s| s.waiting_for.is_some()))
+        .await
+        .unwrap();
+    let view = handle.onboarding.view.borrow().clone();
+    assert!(!view.open && view.attempts_left == 0, "{view:?}");
+    assert_eq!(count(&handle).await.unwrap_err().code, "window_closed");
+    run.abort();
+}
+
+#[tokio::test]
+async fn a_claim_bundle_handed_over_provisions_with_the_installers_parameters() {
+    let cloud = Cloud::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = without_claim(&cloud, dir.path(), "o2");
+    let (run, handle) = start_core(dir.path(), &conf);
+    view_where(&handle, "the window open", |v| v.open).await;
+    assert_eq!(count(&handle).await, Ok(19));
+
+    // Refused: a template this gateway does not allow, then a parameter it sources itself.
+    let (cert, key) = cloud.claim();
+    let bundle = |extra: serde_json::Value| {
+        let mut b = serde_json::json!({
+            "v": 1,
+            "certificate_pem": std::fs::read_to_string(&cert).unwrap(),
+            "private_key_pem": std::fs::read_to_string(&key).unwrap(),
+            "not_after": null,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let refused = hand_over(&handle, &bundle(serde_json::json!({"template": "other"})))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code, refused.status),
+        ("claim_invalid", 422),
+        "{refused:?}"
+    );
+    let refused = hand_over(
+        &handle,
+        &bundle(serde_json::json!({"parameters": {"SerialNumber": "evil"}})),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code, "claim_invalid", "{refused:?}");
+    assert!(
+        handle.onboarding.view.borrow().open,
+        "a refusal keeps the window open"
+    );
+
+    hand_over(
+        &handle,
+        &bundle(serde_json::json!({"template": "gateway", "parameters": {"Site": "hall-7"}})),
+    )
+    .await
+    .unwrap();
+    let done = view_where(&handle, "connected with its own identity", |v| {
+        v.phase == Phase::Connected
+    })
+    .await;
+    assert_eq!(done.thing_name.as_deref(), Some("gw-o2"));
+    assert!(!done.open, "the window closes on success");
+    let thing = &cloud.registry()["things"]["gw-o2"];
+    assert_eq!(thing["attributes"]["site"], "hall-7", "{thing}");
+    assert_eq!(
+        thing["attributes"]["serial"], "o2",
+        "the device's own value"
+    );
+    assert_eq!(attempts_on_disk(dir.path()), 0, "a new count after success");
     run.abort();
 }

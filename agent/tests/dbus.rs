@@ -202,6 +202,7 @@ impl Fixture {
             commands: tx.clone(),
             snapshot: rx,
             events: events.clone(),
+            onboarding: iotd::onboard::port::Port::pair().0,
         };
         let service = match iotd::dbus::serve(handle, Some(bus.address())).await {
             Ok(server) => server.connection,
@@ -602,6 +603,7 @@ fn unanswered_handle() -> Handle {
         commands,
         snapshot,
         events,
+        onboarding: iotd::onboard::port::Port::pair().0,
     }
 }
 

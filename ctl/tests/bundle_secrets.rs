@@ -188,6 +188,7 @@ async fn no_planted_secret_reaches_the_bundle() {
         commands,
         snapshot: snapshot_rx,
         events: events.clone(),
+        onboarding: iotd::onboard::port::Port::pair().0,
     };
     let _server = match iotd::dbus::serve(handle, Some(bus.address())).await {
         Ok(server) => server,

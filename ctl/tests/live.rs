@@ -84,6 +84,7 @@ impl Service {
             commands: tx,
             snapshot: rx,
             events: events.clone(),
+            onboarding: iotd::onboard::port::Port::pair().0,
         };
         let connection = match iotd::dbus::serve(handle, Some(bus.address())).await {
             Ok(server) => server.connection,

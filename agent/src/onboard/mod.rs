@@ -7,13 +7,23 @@
 //! - `register`: the code → PBKDF2 → `w0 ‖ L` derivation and the verifier record file
 //!   (`onboarding.json` in the state directory), which never holds the code.
 //! - `session`: the profile's context hash, application keys and sealed messages.
+//! - `bundle`: the claim bundle the installer hands over (its JSON, limits and the gateway's
+//!   policy on templates, endpoints and parameters), opened into a claim.
+//! - `port`: what the onboarding server and the core say to each other.
+//! - `server`: the HTTPS API of §5.4 (axum over rustls): sessions, SPAKE2+ as the verifier, the
+//!   sealed claim, status and events; it talks to the core through the port.
+//! - `window`: when pairing is allowed, and the attempt counter.
 //!
 //! The reference is the protocol note's §5 (`onboarding-protocol.md`); its vectors are in
 //! `agent/tests/fixtures/onboarding/`.
 
+pub mod bundle;
 pub mod code;
+pub mod port;
 pub mod register;
+pub mod server;
 pub mod session;
 pub mod spake2plus;
 #[cfg(test)]
 mod vectors;
+pub mod window;
