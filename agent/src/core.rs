@@ -93,6 +93,14 @@ pub enum Command {
     Rotate(Reply),
     /// A claim handed over in memory (trusted-user onboarding).
     ProvideClaim(Box<Claim>, Reply),
+    /// Opens the onboarding window for `seconds` (1 to 900; a new attempt count); answers
+    /// when it closes (Unix seconds).
+    OpenOnboarding {
+        seconds: u32,
+        reply: oneshot::Sender<Result<i64, AgentError>>,
+    },
+    /// Closes the onboarding window; answers whether it was open.
+    CloseOnboarding(oneshot::Sender<Result<bool, AgentError>>),
 }
 
 /// What other tasks (D-Bus, the onboarding server) hold: a command sender, the snapshot, the
@@ -175,6 +183,8 @@ pub struct Core {
     /// The provisioning in progress at start used an installer's claim, which lived in memory
     /// only: the installer must hand over a new one.
     installer_claim_lost: bool,
+    /// The onboarding server runs.
+    onboarding_served: bool,
     /// Resolving them failed this many times in a row.
     parameter_failures: u32,
 }
@@ -182,6 +192,15 @@ pub struct Core {
 /// How many times in a row resolving the template parameters may fail before provisioning
 /// stops (with backoff: about a minute in all).
 const PARAMETER_ATTEMPTS: u32 = 6;
+
+/// The onboarding server does not run.
+fn onboarding_off() -> AgentError {
+    AgentError::permanent(
+        ErrorCode::NotSupported,
+        "onboarding is off on this gateway: it has no onboarding record (iotctl onboarding \
+         register makes one; then restart iotd), or its server could not listen (see the journal)",
+    )
+}
 
 /// A parameter source that fails at boot (a device node not there yet) gets a few tries with
 /// backoff; one that keeps failing is a person's to fix: its error becomes permanent.
@@ -518,6 +537,7 @@ impl Core {
             onboarding_requests: core_end.requests,
             onboarding_phase: None,
             installer_claim_lost,
+            onboarding_served: false,
         };
         if core.machine.work() == Work::WaitForClaim {
             let now = core.clock.now();
@@ -533,6 +553,12 @@ impl Core {
                 onboarding: port,
             },
         ))
+    }
+
+    /// Says that the onboarding server runs (main starts it before the core runs): only then
+    /// does the snapshot (D-Bus) show the window, which without a server nobody could use.
+    pub fn onboarding_served(&mut self) {
+        self.onboarding_served = true;
     }
 
     /// The status line of the current state (for READY=1).
@@ -807,7 +833,11 @@ impl Core {
             state_dir: self.res.store.dir().to_owned(),
             waiting_for_claim: self.waiting_for_claim.clone(),
         };
-        let snap = snapshot::snapshot(&self.machine, &cx);
+        let mut snap = snapshot::snapshot(&self.machine, &cx);
+        if self.onboarding_served {
+            snap.onboarding_open = self.window.is_open();
+            snap.onboarding_closes_at = self.window.closes_at();
+        }
         let line = snap.status_line.clone();
         let mut line_changed = false;
         self.snapshot.send_if_modified(|s| {
@@ -1394,6 +1424,36 @@ impl Core {
             }
             Command::Reprovision(reply) => {
                 let answer = self.reprovision();
+                let _ = reply.send(answer);
+                Ok(())
+            }
+            Command::OpenOnboarding { seconds, reply } => {
+                let answer = if self.onboarding_served {
+                    let now = self.clock.now();
+                    match self.window.open_for(i64::from(seconds), now) {
+                        Ok(change) => {
+                            self.window_changed(change);
+                            Ok(now + i64::from(seconds))
+                        }
+                        Err(e) => Err(AgentError::permanent(ErrorCode::Config, e.to_string())),
+                    }
+                } else {
+                    Err(onboarding_off())
+                };
+                let _ = reply.send(answer);
+                Ok(())
+            }
+            Command::CloseOnboarding(reply) => {
+                let answer = if self.onboarding_served {
+                    let was_open = self.window.is_open();
+                    let change = self.window.close(onboard::window::Closed::Requested);
+                    if was_open {
+                        self.window_changed(change);
+                    }
+                    Ok(was_open)
+                } else {
+                    Err(onboarding_off())
+                };
                 let _ = reply.send(answer);
                 Ok(())
             }

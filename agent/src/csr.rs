@@ -17,17 +17,7 @@ const ACTION: &str = "building the certificate signing request";
 /// its own. Keys that are not P-256 answer `KeyError::Unsupported`.
 pub fn build_csr(key: &dyn DeviceKey) -> Result<String, KeyError> {
     let spki = key.public_key_spki();
-    let Some(point) = p256_point(&spki) else {
-        return Err(KeyError::Unsupported {
-            action: ACTION,
-            message: format!("the device key ({}) is not ECDSA P-256", key.location()),
-        });
-    };
-    let signer = RemoteKey {
-        key,
-        point,
-        failure: RefCell::new(None),
-    };
+    let signer = RemoteKey::new(key, &spki, ACTION, "device")?;
 
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
@@ -52,6 +42,37 @@ fn rcgen_error(key: &dyn DeviceKey, e: rcgen::Error) -> KeyError {
     }
 }
 
+/// A self-signed certificate (DER) for `key`, for the onboarding server: nobody can verify it
+/// (the setup code authenticates the gateway, and the client binds to the certificate it saw),
+/// so it only needs to be stable and this gateway's. Valid from `not_before` for 30 years.
+pub fn self_signed(
+    key: &dyn DeviceKey,
+    common_name: &str,
+    not_before: time::OffsetDateTime,
+) -> Result<Vec<u8>, KeyError> {
+    const SELF_SIGNING: &str = "making the onboarding certificate";
+    let failed = |message: String| KeyError::Crypto {
+        action: SELF_SIGNING,
+        key: key.location(),
+        message,
+    };
+    let spki = key.public_key_spki();
+    let signer = RemoteKey::new(key, &spki, SELF_SIGNING, "onboarding")?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    params.not_before = not_before;
+    params.not_after = not_before.saturating_add(time::Duration::days(30 * 365));
+    let certificate = params.self_signed(&signer);
+    if let Some(failure) = signer.failure.take() {
+        return Err(failure);
+    }
+    let certificate = certificate.map_err(|e| failed(e.to_string()))?;
+    Ok(certificate.der().to_vec())
+}
+
 /// The device key as rcgen sees a remote key.
 struct RemoteKey<'a> {
     key: &'a dyn DeviceKey,
@@ -59,6 +80,29 @@ struct RemoteKey<'a> {
     point: &'a [u8],
     /// The error of a failed signature, kept because rcgen's error type cannot carry it.
     failure: RefCell<Option<KeyError>>,
+}
+
+impl<'a> RemoteKey<'a> {
+    /// The adapter for `key` (whose SPKI is `spki`), which must be P-256; `what` names the key
+    /// in the error ("device", "onboarding").
+    fn new(
+        key: &'a dyn DeviceKey,
+        spki: &'a [u8],
+        action: &'static str,
+        what: &str,
+    ) -> Result<Self, KeyError> {
+        let Some(point) = p256_point(spki) else {
+            return Err(KeyError::Unsupported {
+                action,
+                message: format!("the {what} key ({}) is not ECDSA P-256", key.location()),
+            });
+        };
+        Ok(Self {
+            key,
+            point,
+            failure: RefCell::new(None),
+        })
+    }
 }
 
 impl rcgen::PublicKeyData for RemoteKey<'_> {

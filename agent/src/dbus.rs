@@ -249,13 +249,45 @@ fn sender(header: &Header<'_>) -> Option<String> {
     header.sender().map(ToString::to_string)
 }
 
-/// Onboarding (the local endpoint that accepts a claim) is not in this build.
-fn onboarding_unsupported() -> Error {
-    Error::NotSupported(
-        "onboarding is not available in this version of iotd; provision with a claim \
-         certificate in the configuration"
-            .to_owned(),
-    )
+/// Sends a command whose answer is not an `Outcome`, with `request`'s handling of a full
+/// queue, a stopping agent, and errors.
+async fn ask<T>(
+    commands: &mpsc::Sender<Command>,
+    what: &str,
+    caller: Option<String>,
+    command: impl FnOnce(oneshot::Sender<Result<T, AgentError>>) -> Command,
+) -> Result<T, Error> {
+    let caller = caller.as_deref().unwrap_or("unknown sender");
+    tracing::info!(caller, "{what} requested over D-Bus");
+    let (tx, rx) = oneshot::channel();
+    match commands.try_send(command(tx)) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            return Err(Error::Busy(format!(
+                "{what}: another request is waiting for the agent; try again when it is done"
+            )));
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            return Err(Error::Failed(format!(
+                "{what}: the agent is stopping; nothing was done"
+            )));
+        }
+    }
+    match rx.await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => {
+            tracing::warn!(
+                caller,
+                code = e.code.as_str(),
+                "{what} failed: {}",
+                e.message
+            );
+            Err(to_dbus_error(e))
+        }
+        Err(_) => Err(Error::Failed(format!(
+            "{what}: the agent stopped before answering; see the journal (journalctl -u iotd)"
+        ))),
+    }
 }
 
 #[zbus::interface(name = "io.iotd.Agent1")]
@@ -276,19 +308,39 @@ impl Agent1 {
 
     /// Opens the local onboarding endpoint for `seconds`; answers when it closes (Unix
     /// seconds).
-    // Not in this build: fails with io.iotd.Error.NotSupported. (A `//` comment, so that it
-    // stays out of the introspection, which describes the interface, not this version.)
+    // 1 to 900 seconds; anything else is InvalidArgument. Without an onboarding server
+    // (no record) NotSupported. (`//` comments stay out of the introspection.)
     #[zbus(out_args("closes_at"))]
-    async fn open_onboarding(&self, seconds: u32) -> Result<i64, Error> {
-        let _ = seconds;
-        Err(onboarding_unsupported())
+    async fn open_onboarding(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        seconds: u32,
+    ) -> Result<i64, Error> {
+        let max = crate::onboard::window::MAX_OPEN_SECS;
+        if seconds == 0 || i64::from(seconds) > max {
+            return Err(Error::InvalidArgument(format!(
+                "an onboarding window lasts 1 to {max} seconds; {seconds} is not allowed"
+            )));
+        }
+        ask(
+            &self.commands,
+            "opening onboarding",
+            sender(&header),
+            |reply| Command::OpenOnboarding { seconds, reply },
+        )
+        .await
     }
 
     /// Closes the onboarding endpoint; answers whether it was open.
-    // Not in this build: fails with io.iotd.Error.NotSupported.
     #[zbus(out_args("was_open"))]
-    async fn close_onboarding(&self) -> Result<bool, Error> {
-        Err(onboarding_unsupported())
+    async fn close_onboarding(&self, #[zbus(header)] header: Header<'_>) -> Result<bool, Error> {
+        ask(
+            &self.commands,
+            "closing onboarding",
+            sender(&header),
+            Command::CloseOnboarding,
+        )
+        .await
     }
 
     /// unprovisioned, provisioning, provisioned or failed.

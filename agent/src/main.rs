@@ -190,11 +190,14 @@ fn main() -> ExitCode {
     runtime.block_on(serve(settings, backend))
 }
 
-/// Runs the supervised tasks: the core, and the D-Bus server (next, the onboarding server).
+/// Runs the supervised tasks: the core, the D-Bus server and the onboarding server.
 /// A task that dies is logged and makes iotd exit non-zero, for systemd to restart it from its
 /// persisted state: never a half-alive agent.
 async fn serve(settings: config::Settings, backend: Arc<dyn iotd::keys::KeyBackend>) -> ExitCode {
-    let (core, handle) = match iotd::core::Core::new(settings, backend) {
+    let state_dir = settings.state_dir.clone();
+    let listen = settings.onboarding.listen;
+    let onboarding_backend = backend.clone();
+    let (mut core, handle) = match iotd::core::Core::new(settings, backend) {
         Ok(c) => c,
         Err(e) => {
             let status = match (e.restart_helps, e.code) {
@@ -203,6 +206,30 @@ async fn serve(settings: config::Settings, backend: Arc<dyn iotd::keys::KeyBacke
                 (false, _) => exit::STATE,
             };
             return stop(status, e.code, &e.message);
+        }
+    };
+    // The onboarding server, for an installer to hand over a claim. Without it (the gateway was
+    // not registered for onboarding, or its address is taken) iotd still provisions with its
+    // image's claim: keep going, say so.
+    let onboarding = match iotd::onboard::run::start(
+        &state_dir,
+        listen,
+        onboarding_backend,
+        handle.onboarding.clone(),
+    )
+    .await
+    {
+        Ok(running) => {
+            core.onboarding_served();
+            Some(running.task)
+        }
+        Err(e @ iotd::onboard::run::StartError::NotRegistered(_)) => {
+            tracing::info!("{e}");
+            None
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            None
         }
     };
     // READY=1 only once the bus name is owned: systemd then knows that iotctl can talk to us.
@@ -245,12 +272,29 @@ async fn serve(settings: config::Settings, backend: Arc<dyn iotd::keys::KeyBacke
             None => std::future::pending().await,
         }
     };
+    let mut onboarding_task = onboarding;
+    let onboarding_ended = async {
+        match &mut onboarding_task {
+            Some(task) => task.await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         ended = &mut core_task => {
             let why = match ended {
                 Ok(Ok(())) => "the core task stopped".to_owned(),
                 Ok(Err(e)) => format!("the core task stopped: {e}"),
                 Err(e) => format!("the core task failed: {e}"),
+            };
+            tracing::error!("{why}; exiting for systemd to restart iotd");
+            exit::write(exit::FAILURE, ErrorCode::Store.as_str(), &why);
+            return ExitCode::from(exit::FAILURE);
+        }
+        ended = onboarding_ended => {
+            let why = match ended {
+                Ok(Ok(())) => "the onboarding server stopped (it ended)".to_owned(),
+                Ok(Err(e)) => format!("the onboarding server stopped ({e})"),
+                Err(e) => format!("the onboarding server task stopped ({e})"),
             };
             tracing::error!("{why}; exiting for systemd to restart iotd");
             exit::write(exit::FAILURE, ErrorCode::Store.as_str(), &why);

@@ -536,15 +536,47 @@ async fn queued_request_is_busy() {
     assert!(message.contains("try again"), "{message}");
 }
 
+/// OpenOnboarding and CloseOnboarding reach the agent with their typed answers; a duration
+/// outside 1..=900 s is refused before it does.
 #[tokio::test]
-async fn onboarding_is_not_supported() {
-    let f = Fixture::start(snapshot()).await;
+async fn onboarding_requests_reach_the_agent_and_bad_durations_are_refused() {
+    let mut f = Fixture::start(snapshot()).await;
     let proxy = f.proxy().await;
-    let (name, message) = method_error(proxy.open_onboarding(60).await.unwrap_err());
-    assert_eq!(name, iotd_api::errors::NOT_SUPPORTED);
-    assert!(message.contains("onboarding is not available"), "{message}");
-    let (name, _) = method_error(proxy.close_onboarding().await.unwrap_err());
-    assert_eq!(name, iotd_api::errors::NOT_SUPPORTED);
+    for seconds in [0, 901] {
+        let (name, message) = method_error(proxy.open_onboarding(seconds).await.unwrap_err());
+        assert_eq!(name, iotd_api::errors::INVALID_ARGUMENT);
+        assert!(message.contains("1 to 900 seconds"), "{message}");
+    }
+    let agent = async {
+        match f.next_command().await {
+            Command::OpenOnboarding { seconds, reply } => {
+                assert_eq!(seconds, 60);
+                reply.send(Ok(1_800_000_060)).unwrap();
+            }
+            other => panic!("{other:?}"),
+        }
+        match f.next_command().await {
+            Command::CloseOnboarding(reply) => reply.send(Ok(true)).unwrap(),
+            other => panic!("{other:?}"),
+        }
+        match f.next_command().await {
+            Command::OpenOnboarding { reply, .. } => reply
+                .send(Err(iotd::error::AgentError::permanent(
+                    iotd::error::ErrorCode::NotSupported,
+                    "onboarding is off on this gateway",
+                )))
+                .unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let client = async {
+        assert_eq!(proxy.open_onboarding(60).await.unwrap(), 1_800_000_060);
+        assert!(proxy.close_onboarding().await.unwrap());
+        let (name, message) = method_error(proxy.open_onboarding(60).await.unwrap_err());
+        assert_eq!(name, iotd_api::errors::NOT_SUPPORTED);
+        assert!(message.contains("onboarding is off"), "{message}");
+    };
+    tokio::join!(agent, client);
 }
 
 /// Only user iotd may own the name: nobody and an iotd-admin member are refused by the bus;

@@ -1111,3 +1111,373 @@ fn timings_on_swtpm() {
         assert!(d < Duration::from_secs(5), "{d:?}");
     }
 }
+
+// ---- the onboarding server's key ----
+
+/// The files in `<state>/onboarding`, sorted.
+fn onboarding_files(state: &Path) -> Vec<String> {
+    let mut files: Vec<_> = fs::read_dir(state.join("onboarding"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn onboarding_key_is_a_blob_made_once_and_loaded_by_a_new_backend() {
+    let tpm = Swtpm::start();
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("onboarding");
+    let backend = open(&tpm, state.path());
+    assert_eq!(backend.onboarding_dir(), dir);
+    let made = backend.onboarding_key().unwrap();
+    assert_eq!(
+        made.location(),
+        format!(
+            "tpm {} parent 0x81000001, blobs {}/key.pub+key.priv",
+            tpm.tcti(),
+            dir.display()
+        )
+    );
+    assert_eq!(onboarding_files(state.path()), ["key.priv", "key.pub"]);
+    assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    for name in ["key.pub", "key.priv"] {
+        assert_eq!(fs::metadata(dir.join(name)).unwrap().mode() & 0o777, 0o644);
+    }
+    assert!(!state.path().join("gen").exists(), "not a generation");
+    let spki = made.public_key_spki();
+    assert_eq!(spki.len(), 91);
+    assert_eq!(
+        made.tls_signing_key().public_key().unwrap().as_ref(),
+        spki.as_slice()
+    );
+    assert_eq!(
+        backend.onboarding_key().unwrap().public_key_spki(),
+        spki,
+        "loaded, not made again"
+    );
+    signs_as(made.as_ref(), &spki);
+    drop((made, backend));
+    assert_eq!(
+        tpm.persistent_handles(),
+        vec![SRK_HANDLE],
+        "the onboarding key takes no persistent handle"
+    );
+    assert!(tpm.transient_handles().is_empty(), "nor a slot");
+
+    // A new process: the same key, loaded through a new context.
+    let backend = open(&tpm, state.path());
+    let loaded = backend.onboarding_key().unwrap();
+    assert_eq!(loaded.public_key_spki(), spki);
+    let signature = loaded.sign_ecdsa_p256_sha256(b"onboarding").unwrap();
+    verify_spki(&spki, b"onboarding", &signature);
+    assert!(backend.load(1).unwrap().is_none());
+    assert_eq!(onboarding_files(state.path()), ["key.priv", "key.pub"]);
+}
+
+/// The two persistent slots are the identity generations': the onboarding key is a blob pair
+/// in persistent-handle mode too, and both slots still take a generation's key after it.
+#[test]
+fn onboarding_key_leaves_the_persistent_slots_to_the_generations() {
+    let tpm = Swtpm::start();
+    let state = tempfile::tempdir().unwrap();
+    let backend = open_persistent(&tpm, state.path());
+    let onboarding = backend.onboarding_key().unwrap();
+    assert_eq!(
+        onboarding.location(),
+        format!(
+            "tpm {} parent 0x81000001, blobs {}/key.pub+key.priv",
+            tpm.tcti(),
+            backend.onboarding_dir().display()
+        )
+    );
+    assert_eq!(
+        onboarding_files(state.path()),
+        ["key.priv", "key.pub"],
+        "a blob pair, no key.handle"
+    );
+    let spki = onboarding.public_key_spki();
+    drop(onboarding);
+
+    let one = backend.create(1).unwrap();
+    let two = backend.create(2).unwrap();
+    assert!(one.location().ends_with("persistent 0x81010001"));
+    assert!(two.location().ends_with("persistent 0x81010002"));
+    let (spki1, spki2) = (one.public_key_spki(), two.public_key_spki());
+    signs_as(one.as_ref(), &spki1);
+    signs_as(two.as_ref(), &spki2);
+    signs_as(backend.onboarding_key().unwrap().as_ref(), &spki);
+    drop((one, two, backend));
+    assert_eq!(tpm.persistent_handles(), vec![SRK_HANDLE, SLOT_A, SLOT_B]);
+
+    let backend = open_persistent(&tpm, state.path());
+    signs_as(backend.onboarding_key().unwrap().as_ref(), &spki);
+    signs_as(backend.load(1).unwrap().unwrap().as_ref(), &spki1);
+    signs_as(backend.load(2).unwrap().unwrap().as_ref(), &spki2);
+    // Removing it and making a new one touches neither slot.
+    backend.remove_onboarding_key().unwrap();
+    let new = backend.onboarding_key().unwrap();
+    assert_ne!(new.public_key_spki(), spki);
+    signs_as(backend.load(1).unwrap().unwrap().as_ref(), &spki1);
+    signs_as(backend.load(2).unwrap().unwrap().as_ref(), &spki2);
+    drop((new, backend));
+    assert_eq!(tpm.persistent_handles(), vec![SRK_HANDLE, SLOT_A, SLOT_B]);
+}
+
+/// The onboarding key as rcgen sees it (as `iotd::csr` does for CSRs).
+struct RcgenKey<'a> {
+    key: &'a dyn DeviceKey,
+    point: Vec<u8>,
+}
+
+impl rcgen::PublicKeyData for RcgenKey<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        &self.point
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl rcgen::SigningKey for RcgenKey<'_> {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.key
+            .sign_ecdsa_p256_sha256(msg)
+            .map_err(|_| rcgen::Error::RemoteKeyError)
+    }
+}
+
+/// The server's one certificate, whatever the client asks for.
+#[derive(Debug)]
+struct OneCertificate(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for OneCertificate {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// A client that accepts exactly one (self-signed) certificate and checks the server's
+/// handshake signature with its public key.
+#[derive(Debug)]
+struct Pinned {
+    certificate: CertificateDer<'static>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.certificate.as_ref() && intermediates.is_empty() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General("not the pinned certificate".into()))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// What the onboarding server does with the key: self-sign its certificate with rcgen, then
+/// authenticate TLS 1.3 and 1.2 handshakes as a server, every signature made in the TPM.
+#[test]
+fn onboarding_key_self_signs_its_certificate_and_serves_tls() {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    let tpm = Swtpm::start();
+    let state = tempfile::tempdir().unwrap();
+    let backend = open(&tpm, state.path());
+    let key = backend.onboarding_key().unwrap();
+    let spki = key.public_key_spki();
+    let signer = RcgenKey {
+        key: key.as_ref(),
+        point: p256_point(&spki).unwrap().to_vec(),
+    };
+    let params = rcgen::CertificateParams::new(vec!["iotd-onboarding.local".into()]).unwrap();
+    let certificate = params.self_signed(&signer).unwrap().der().clone();
+    let (_, parsed) = X509Certificate::from_der(&certificate).unwrap();
+    assert_eq!(parsed.public_key().raw, spki.as_slice());
+    verify_spki(
+        &spki,
+        parsed.tbs_certificate.as_ref(),
+        &parsed.signature_value.data,
+    );
+    parsed
+        .verify_signature(None)
+        .expect("x509-parser verifies it");
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certified = Arc::new(rustls::sign::CertifiedKey::new(
+        vec![certificate.clone()],
+        key.tls_signing_key(),
+    ));
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(OneCertificate(certified.clone())));
+        let client = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Pinned {
+                certificate: certificate.clone(),
+                provider: provider.clone(),
+            }))
+            .with_no_client_auth();
+        let before = backend.commands_issued();
+        let seen = pki::handshake(Arc::new(server), Arc::new(client)).unwrap();
+        assert_eq!(seen.version, Some(version.version));
+        assert_eq!(
+            backend.commands_issued() - before,
+            3,
+            "one server signature: TPM2_Load, TPM2_Sign, TPM2_FlushContext"
+        );
+    }
+}
+
+#[test]
+fn a_cleared_tpm_loses_the_onboarding_key_until_it_is_made_again() {
+    let tpm = Swtpm::start();
+    let state = tempfile::tempdir().unwrap();
+    let backend = open(&tpm, state.path());
+    let spki = backend.onboarding_key().unwrap().public_key_spki();
+    drop(backend);
+    tpm.clear();
+
+    let backend = open(&tpm, state.path());
+    let err = backend.onboarding_key().unwrap_err();
+    let KeyError::Lost {
+        action,
+        key,
+        reason,
+    } = &err
+    else {
+        panic!("expected Lost, got {err:?}");
+    };
+    assert_eq!(*action, "loading the onboarding key");
+    assert!(key.ends_with("/onboarding/key.pub+key.priv"), "{key}");
+    assert!(
+        reason.starts_with(
+            "the TPM no longer holds the parent key 0x81000001 this key was made under (it was \
+             cleared or its owner changed); iotd found no key there when it started and made a \
+             new one; this onboarding key cannot be used again and must be made anew (the setup \
+             code on the gateway's label stays valid) ("
+        ),
+        "{reason}"
+    );
+    // Not replaced behind the caller's back: lost until removed.
+    assert!(matches!(
+        backend.onboarding_key().unwrap_err(),
+        KeyError::Lost { .. }
+    ));
+    assert_eq!(onboarding_files(state.path()), ["key.priv", "key.pub"]);
+
+    backend.remove_onboarding_key().unwrap();
+    assert!(!state.path().join("onboarding").exists());
+    let new = backend.onboarding_key().unwrap();
+    assert_ne!(new.public_key_spki(), spki);
+    signs_as(new.as_ref(), &new.public_key_spki());
+}
+
+#[test]
+fn onboarding_key_files_removed_half_made_or_damaged() {
+    let tpm = Swtpm::start();
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("onboarding");
+    let backend = open(&tpm, state.path());
+    let first = backend.onboarding_key().unwrap().public_key_spki();
+
+    // Removed: its files go, the certificate beside them stays; the next key is new.
+    fs::write(dir.join("cert.pem"), "cert").unwrap();
+    backend.remove_onboarding_key().unwrap();
+    assert_eq!(onboarding_files(state.path()), ["cert.pem"]);
+    backend.remove_onboarding_key().unwrap();
+    let second = backend.onboarding_key().unwrap().public_key_spki();
+    assert_ne!(second, first);
+
+    // key.priv without key.pub (a create interrupted before its last file): made again.
+    fs::remove_file(dir.join("key.pub")).unwrap();
+    let third = backend.onboarding_key().unwrap().public_key_spki();
+    assert_ne!(third, second);
+    assert_eq!(
+        onboarding_files(state.path()),
+        ["cert.pem", "key.priv", "key.pub"]
+    );
+
+    // A damaged file is named, with the way out, and left as it is.
+    fs::write(dir.join("key.pub"), b"\x00\x04junk").unwrap();
+    let err = backend.onboarding_key().unwrap_err();
+    assert!(matches!(err, KeyError::Crypto { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "loading the onboarding key {}: not a TPM2B_PUBLIC",
+            dir.join("key.pub").display()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(
+            "; remove this file and restart iotd: a new onboarding key and certificate are made, \
+             and the setup code on the gateway's label stays valid"
+        ),
+        "{text}"
+    );
+    assert_eq!(fs::read(dir.join("key.pub")).unwrap(), b"\x00\x04junk");
+    fs::remove_file(dir.join("key.pub")).unwrap();
+    let fourth = backend.onboarding_key().unwrap();
+    assert_ne!(fourth.public_key_spki(), third);
+
+    // Generations come and go without touching it.
+    backend.create(1).unwrap();
+    backend.remove(1).unwrap();
+    signs_as(
+        backend.onboarding_key().unwrap().as_ref(),
+        &fourth.public_key_spki(),
+    );
+}

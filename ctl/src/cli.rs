@@ -8,15 +8,36 @@ use clap::{Args, Parser, Subcommand};
 /// The exit codes, in `--help` and in the man page. Scripts rely on them: keep the numbers.
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
-  0  success (for `check`: no check failed)
+  0  success (for `check`: no check failed; for `onboard`: the gateway is connected to AWS IoT
+     with its own identity)
   1  failure: the operation failed, a check failed (or warned, with --warnings-as-errors),
-     the configuration is invalid, or iotd refused the request
-  2  usage error: unknown command or option, bad argument
+     the configuration is invalid, or iotd refused the request (for `onboard`: the gateway
+     refused, the code did not match, onboarding failed or timed out)
+  2  usage error: unknown command or option, bad argument (for `onboard`: also a setup code,
+     serial, QR payload or claim file found wrong before contacting the gateway)
   3  iotd is not reachable: the system bus is not there or nothing owns io.iotd.Agent1 on it
+     (for `onboard`: the gateway is not reachable at HOST[:PORT])
 
 Environment:
   DBUS_SYSTEM_BUS_ADDRESS  the system bus to talk to iotd on (default: the standard socket)
   NO_COLOR                 when set, no colour even on a terminal";
+
+/// The exit codes of `iotctl onboard`, in its `--help` and man page: the same numbers as
+/// [`EXIT_CODES_HELP`], said for the installer.
+pub const ONBOARD_EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  the gateway is connected to AWS IoT with its own identity: onboarding is done
+  1  failure: the gateway refused a step (its message and the attempts left are printed); the
+     gateway could not prove it knows the code (a wrong code, or someone in between, e.g. a
+     relay that re-terminates TLS); the gateway is not the one on the label (another serial);
+     the gateway reported that onboarding failed (its reason is printed); it was not connected
+     within --timeout; or contact was lost after the claim was handed over
+  2  usage error: unknown option, bad argument, or found before contacting the gateway: a
+     setup code whose check digit does not match, a bad serial or QR payload, claim files that
+     cannot be read, or whose key is not the certificate's
+  3  the gateway is not reachable: HOST does not resolve, no TCP connection or TLS handshake
+     at HOST:PORT, or the connection broke before the claim was handed over (nothing was
+     handed over: run the command again)";
 
 /// Field-operations tool for iotd, the gateway's AWS IoT identity agent.
 ///
@@ -82,6 +103,29 @@ pub enum Command {
     /// installer hands it a claim.
     #[command(subcommand)]
     Onboarding(OnboardingCommand),
+    /// Onboard a gateway as its installer: hand it an AWS provisioning claim over its local
+    /// onboarding endpoint, authenticated by the setup code on its label.
+    ///
+    /// Give the code and serial from the label (--code and --serial), or the label's QR payload
+    /// (--qr IOTD1:<serial>:<code>), and the claim certificate and key that AWS
+    /// CreateProvisioningClaim returned (certificatePem and keyPair.PrivateKey, saved as PEM
+    /// files). The code's check digit, the serial and the claim files are checked before the
+    /// gateway is contacted.
+    ///
+    /// iotctl connects to HOST:PORT over HTTPS. The gateway's certificate is self-signed and is
+    /// not verified; instead, the pairing (SPAKE2+ with the setup code, profile iotd-onboard/1)
+    /// authenticates the gateway, and with --binding tls-server-end-point (the default) it is
+    /// bound to the TLS certificate iotctl saw, so a relay that re-terminates TLS makes the
+    /// pairing fail. iotctl checks that the gateway answers with the label's serial and proves
+    /// it knows the code before anything secret is sent; then it seals the claim for that
+    /// gateway alone, and follows its progress (paired, claim received, connecting with the
+    /// claim, certificate issued, thing registered, connected) until the gateway is connected
+    /// with its own identity, it fails, or --timeout passes. The claim lives 5 minutes: run
+    /// this soon after CreateProvisioningClaim.
+    ///
+    /// Each wrong code costs one of the gateway's attempts (20 per onboarding window).
+    #[command(after_help = ONBOARD_EXIT_CODES_HELP)]
+    Onboard(OnboardArgs),
 }
 
 #[derive(Debug, Args)]
@@ -160,4 +204,76 @@ pub struct RegisterArgs {
     /// Replace the existing registration with a new code; the old label's code stops working.
     #[arg(long)]
     pub replace: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct OnboardArgs {
+    /// The gateway: a host name or an IP address (an IPv6 one in brackets when a port
+    /// follows), and the port of its onboarding endpoint (default 8443).
+    #[arg(value_name = "HOST[:PORT]")]
+    pub gateway: String,
+    /// The setup code on the gateway's label: 16 digits (XXXX-XXXX-XXXX-XXXX; spaces and
+    /// hyphens are ignored). "-" reads it from the first line of standard input, which keeps it
+    /// out of the process list.
+    #[arg(
+        long,
+        value_name = "CODE",
+        required_unless_present = "qr",
+        requires = "serial",
+        conflicts_with = "qr"
+    )]
+    pub code: Option<String>,
+    /// The serial on the gateway's label.
+    #[arg(
+        long,
+        value_name = "SERIAL",
+        required_unless_present = "qr",
+        requires = "code",
+        conflicts_with = "qr"
+    )]
+    pub serial: Option<String>,
+    /// The text of the label's QR code, IOTD1:<SERIAL>:<16 digits>, instead of --code and
+    /// --serial ("-": the first line of standard input).
+    #[arg(long, value_name = "PAYLOAD")]
+    pub qr: Option<String>,
+    /// The claim certificate, PEM (CreateProvisioningClaim's certificatePem).
+    #[arg(long, value_name = "FILE")]
+    pub claim_cert: PathBuf,
+    /// The claim's private key, PEM (CreateProvisioningClaim's keyPair.PrivateKey).
+    #[arg(long, value_name = "FILE")]
+    pub claim_key: PathBuf,
+    /// The provisioning template the gateway registers with (one its configuration allows;
+    /// default: the gateway's configured template).
+    #[arg(long, value_name = "TEMPLATE")]
+    pub template: Option<String>,
+    /// A template parameter for the gateway's registration (repeatable), e.g. Site=Hamburg-3;
+    /// only names the gateway's configuration lets an installer supply.
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    pub params: Vec<String>,
+    /// What the pairing binds besides the code: the TLS certificate iotctl saw
+    /// (tls-server-end-point), or nothing (none, as a browser must).
+    #[arg(long, value_enum, value_name = "BINDING", default_value_t = OnboardBinding::TlsServerEndPoint)]
+    pub binding: OnboardBinding,
+    /// How long to wait, once the claim is handed over, for the gateway to be connected with
+    /// its own identity, in seconds (the claim itself lives 5 minutes).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 180,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub timeout: u64,
+    /// Print one JSON object per line for each step and event, and a final result object
+    /// ({"result", "exit_code", ...}) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--binding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnboardBinding {
+    /// The SHA-256 of the gateway's TLS certificate, as iotctl saw it.
+    TlsServerEndPoint,
+    /// Nothing.
+    None,
 }

@@ -3,14 +3,19 @@
 //! `check`, `config check` and `support-bundle` read the configuration (with iotd's own parser)
 //! and the state directory, so they also work while iotd is down.
 //!
+//! `onboard` is the installer's client of trusted-user onboarding: it talks to a gateway's
+//! onboarding endpoint over HTTPS, not to iotd on this machine.
+//!
 //! Exit codes (also in `--help` and the man page): 0 success; 1 failure (including a failed
-//! check); 2 usage error (clap's); 3 iotd not reachable on the system bus.
+//! check); 2 usage error (clap's); 3 iotd not reachable on the system bus (for `onboard`: the
+//! gateway not reachable).
 
 pub mod bundle;
 pub mod bus;
 pub mod check;
 pub mod cli;
 pub mod clock;
+pub mod onboard;
 pub mod onboarding;
 pub mod redact;
 pub mod status;
@@ -96,6 +101,7 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> anyhow::Result<u8> {
         Command::Onboarding(OnboardingCommand::Register(args)) => {
             return onboarding::register(&paths, args.replace);
         }
+        Command::Onboard(args) => return Ok(runtime.block_on(onboard::run(args))),
         Command::Completions(args) => {
             let mut command = Cli::command();
             let mut out = std::io::stdout().lock();

@@ -28,6 +28,9 @@ _iotctl() {
             iotctl,help)
                 cmd="iotctl__subcmd__help"
                 ;;
+            iotctl,onboard)
+                cmd="iotctl__subcmd__onboard"
+                ;;
             iotctl,onboarding)
                 cmd="iotctl__subcmd__onboarding"
                 ;;
@@ -66,6 +69,9 @@ _iotctl() {
                 ;;
             iotctl__subcmd__help,help)
                 cmd="iotctl__subcmd__help__subcmd__help"
+                ;;
+            iotctl__subcmd__help,onboard)
+                cmd="iotctl__subcmd__help__subcmd__onboard"
                 ;;
             iotctl__subcmd__help,onboarding)
                 cmd="iotctl__subcmd__help__subcmd__onboarding"
@@ -107,7 +113,7 @@ _iotctl() {
 
     case "${cmd}" in
         iotctl)
-            opts="-h -V --config --help --version status check rotate reprovision config support-bundle completions onboarding help"
+            opts="-h -V --config --help --version status check rotate reprovision config support-bundle completions onboarding onboard help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -243,7 +249,7 @@ _iotctl() {
             return 0
             ;;
         iotctl__subcmd__help)
-            opts="status check rotate reprovision config support-bundle completions onboarding help"
+            opts="status check rotate reprovision config support-bundle completions onboarding onboard help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -313,6 +319,20 @@ _iotctl() {
             return 0
             ;;
         iotctl__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iotctl__subcmd__help__subcmd__onboard)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -403,6 +423,60 @@ _iotctl() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iotctl__subcmd__onboard)
+            opts="-h --code --serial --qr --claim-cert --claim-key --template --param --binding --timeout --json --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --code)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --serial)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --qr)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --claim-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --claim-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --template)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --param)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --binding)
+                    COMPREPLY=($(compgen -W "tls-server-end-point none" -- "${cur}"))
+                    return 0
+                    ;;
+                --timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;

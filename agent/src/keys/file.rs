@@ -1,5 +1,6 @@
 //! The `file` key backend: the device key is a PEM file, mode 0600, at
-//! `<state_dir>/gen/<generation>/key.pem`.
+//! `<state_dir>/gen/<generation>/key.pem`; the onboarding server's TLS key (a P-256 key made on
+//! first use) at `<state_dir>/onboarding/key.pem`, mode 0600 in a 0700 directory.
 //!
 //! Keys this backend creates are ECDSA P-256 (PKCS#8). Imported keys (AWS's
 //! CreateKeysAndCertificate returns RSA-2048 as PKCS#1) are stored in the encoding they came in,
@@ -11,7 +12,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use ring::rand::SystemRandom;
@@ -19,7 +20,10 @@ use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
 use rustls::pki_types::PrivateKeyDer;
 use rustls::sign::SigningKey;
 
-use super::{DeviceKey, KeyBackend, KeyError, remove_generation_dir};
+use super::{
+    DAMAGED_ONBOARDING_KEY, DeviceKey, KeyBackend, KeyError, ensure_onboarding_dir, onboarding_dir,
+    remove_generation_dir, remove_onboarding_dir, sync_dir,
+};
 
 /// The DER of a P-256 SubjectPublicKeyInfo up to the uncompressed point: SEQUENCE {
 /// SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING (0 unused bits) }. DER is canonical, so
@@ -59,13 +63,22 @@ const KEY_TEMP_FILE: &str = ".key.pem.tmp";
 pub struct FileBackend {
     /// The state directory (`/var/lib/iotd`); keys go to `gen/<n>/key.pem` below it.
     dir: PathBuf,
+    /// Held by `onboarding_key` and `remove_onboarding_key`: two first uses at once make one
+    /// key, not two racing for the file.
+    onboarding: Arc<Mutex<()>>,
 }
 
 impl FileBackend {
     pub fn new(state_dir: &Path) -> Self {
         Self {
             dir: state_dir.to_path_buf(),
+            onboarding: Arc::default(),
         }
+    }
+
+    /// `<state_dir>/onboarding/key.pem`: the onboarding server's TLS key.
+    pub fn onboarding_key_path(&self) -> PathBuf {
+        onboarding_dir(&self.dir).join(KEY_FILE)
     }
 
     /// `<state_dir>/gen/<generation>`.
@@ -106,10 +119,9 @@ impl FileBackend {
         Ok(gen_dir)
     }
 
-    /// Writes `pem` to `gen/<n>/key.pem` atomically: a 0600 temporary file (never readable by
-    /// others, not even for an instant), fsync, rename over the key. The rename is made durable
-    /// with the generation's other entries by `Store::sync_generation` (one directory sync per
-    /// persisted step, not one per file).
+    /// Writes `pem` to `gen/<n>/key.pem` atomically (`write_key_file`). The rename is made
+    /// durable with the generation's other entries by `Store::sync_generation` (one directory
+    /// sync per persisted step, not one per file).
     fn write_key(
         &self,
         generation: u32,
@@ -117,34 +129,57 @@ impl FileBackend {
         pem: &[u8],
     ) -> Result<PathBuf, KeyError> {
         let gen_dir = self.ensure_generation_dir(generation)?;
-        let path = gen_dir.join(KEY_FILE);
-        let temp = gen_dir.join(KEY_TEMP_FILE);
-        let io_err = |path: &Path, source| KeyError::Io {
-            action,
-            path: path.to_path_buf(),
-            source,
-        };
-
-        remove_if_exists(&temp).map_err(|e| io_err(&temp, e))?;
-        let written = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&temp)?;
-            file.write_all(pem)?;
-            file.sync_all()
-        })();
-        if let Err(e) = written {
-            let _ = fs::remove_file(&temp);
-            return Err(io_err(&temp, e));
-        }
-        if let Err(e) = fs::rename(&temp, &path) {
-            let _ = fs::remove_file(&temp);
-            return Err(io_err(&path, e));
-        }
-        Ok(path)
+        write_key_file(&gen_dir, action, pem)
     }
+}
+
+/// A new ECDSA P-256 key (PKCS#8) that will be stored at `path`, and its PEM.
+fn generate_p256(path: &Path, action: &'static str) -> Result<(FileKey, String), KeyError> {
+    let rng = SystemRandom::new();
+    let pkcs8 =
+        EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).map_err(|_| {
+            KeyError::Crypto {
+                action,
+                key: path.display().to_string(),
+                message: "ring could not generate a P-256 key".into(),
+            }
+        })?;
+    let der = PrivateKeyDer::Pkcs8(pkcs8.as_ref().to_vec().into());
+    let key = FileKey::from_der(&der, path, action)?;
+    Ok((key, pem_armor("PRIVATE KEY", pkcs8.as_ref())))
+}
+
+/// Writes `pem` to `<dir>/key.pem` atomically: a 0600 temporary file (never readable by others,
+/// not even for an instant), fsync, rename over the key. Syncing `dir` (making the rename
+/// durable) is the caller's.
+fn write_key_file(dir: &Path, action: &'static str, pem: &[u8]) -> Result<PathBuf, KeyError> {
+    let path = dir.join(KEY_FILE);
+    let temp = dir.join(KEY_TEMP_FILE);
+    let io_err = |path: &Path, source| KeyError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    };
+
+    remove_if_exists(&temp).map_err(|e| io_err(&temp, e))?;
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)?;
+        file.write_all(pem)?;
+        file.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&temp);
+        return Err(io_err(&temp, e));
+    }
+    if let Err(e) = fs::rename(&temp, &path) {
+        let _ = fs::remove_file(&temp);
+        return Err(io_err(&path, e));
+    }
+    Ok(path)
 }
 
 impl KeyBackend for FileBackend {
@@ -163,18 +198,7 @@ impl KeyBackend for FileBackend {
     fn create(&self, generation: u32) -> Result<Arc<dyn DeviceKey>, KeyError> {
         const ACTION: &str = "creating device key";
         let path = self.key_path(generation);
-        let rng = SystemRandom::new();
-        let pkcs8 =
-            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).map_err(|_| {
-                KeyError::Crypto {
-                    action: ACTION,
-                    key: path.display().to_string(),
-                    message: "ring could not generate a P-256 key".into(),
-                }
-            })?;
-        let der = PrivateKeyDer::Pkcs8(pkcs8.as_ref().to_vec().into());
-        let key = FileKey::from_der(&der, &path, ACTION)?;
-        let pem = pem_armor("PRIVATE KEY", pkcs8.as_ref());
+        let (key, pem) = generate_p256(&path, ACTION)?;
         self.write_key(generation, ACTION, pem.as_bytes())?;
         tracing::info!(path = %path.display(), "created ECDSA P-256 device key");
         Ok(Arc::new(key))
@@ -209,6 +233,72 @@ impl KeyBackend for FileBackend {
             })?;
         }
         remove_generation_dir(&self.dir, &gen_dir, ACTION)
+    }
+
+    fn onboarding_key(&self) -> Result<Arc<dyn DeviceKey>, KeyError> {
+        const LOADING: &str = "loading the onboarding key";
+        const CREATING: &str = "creating the onboarding key";
+        let _making = self
+            .onboarding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let path = self.onboarding_key_path();
+        // A file that is there but unusable is the operator's to remove: replacing it here
+        // would hide whatever damaged it.
+        let damaged = |message: String| KeyError::Crypto {
+            action: LOADING,
+            key: path.display().to_string(),
+            message: format!("{message}; {DAMAGED_ONBOARDING_KEY}"),
+        };
+        match FileKey::read_if_exists(&path, LOADING) {
+            Ok(Some(key)) if key.p256.is_some() => return Ok(Arc::new(key)),
+            Ok(Some(key)) => {
+                return Err(damaged(format!("{}, not ECDSA P-256", key.algorithm)));
+            }
+            Ok(None) => {}
+            Err(KeyError::Crypto { message, .. }) => return Err(damaged(message)),
+            Err(other) => return Err(other),
+        }
+
+        let (key, pem) = generate_p256(&path, CREATING)?;
+        let io_err = |(path, source)| KeyError::Io {
+            action: CREATING,
+            path,
+            source,
+        };
+        let dir = ensure_onboarding_dir(&self.dir).map_err(io_err)?;
+        write_key_file(&dir, CREATING, pem.as_bytes())?;
+        sync_dir(&dir).map_err(|e| io_err((dir.clone(), e)))?;
+        tracing::info!(path = %path.display(), "created the onboarding server's ECDSA P-256 key");
+        Ok(Arc::new(key))
+    }
+
+    fn remove_onboarding_key(&self) -> Result<(), KeyError> {
+        const ACTION: &str = "removing the onboarding key";
+        let _making = self
+            .onboarding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let dir = onboarding_dir(&self.dir);
+        let mut removed = false;
+        for name in [KEY_FILE, KEY_TEMP_FILE] {
+            let path = dir.join(name);
+            removed |= path.exists();
+            remove_if_exists(&path).map_err(|source| KeyError::Io {
+                action: ACTION,
+                path,
+                source,
+            })?;
+        }
+        if removed {
+            sync_dir(&dir).map_err(|source| KeyError::Io {
+                action: ACTION,
+                path: dir.clone(),
+                source,
+            })?;
+            tracing::info!(path = %dir.join(KEY_FILE).display(), "removed the onboarding key");
+        }
+        remove_onboarding_dir(&self.dir, ACTION)
     }
 }
 
@@ -813,6 +903,150 @@ mod tests {
             load_pem_file(&path).unwrap().location(),
             format!("file {}", path.display())
         );
+    }
+
+    #[test]
+    fn onboarding_key_is_made_once_then_loaded() {
+        let (dir, backend) = backend();
+        let path = backend.onboarding_key_path();
+        assert_eq!(path, dir.path().join("onboarding").join("key.pem"));
+        assert!(!path.exists());
+
+        let made = backend.onboarding_key().unwrap();
+        assert_eq!(made.location(), format!("file {}", path.display()));
+        let again = backend.onboarding_key().unwrap();
+        assert_eq!(
+            again.public_key_spki(),
+            made.public_key_spki(),
+            "loaded, not made again"
+        );
+        // A new process (a new backend) loads the same key.
+        let restarted = FileBackend::new(dir.path()).onboarding_key().unwrap();
+        assert_eq!(restarted.public_key_spki(), made.public_key_spki());
+
+        // P-256: it signs for rcgen and for rustls (server authentication), with one public key.
+        assert_eq!(made.public_key_spki().len(), 91);
+        let signature = restarted.sign_ecdsa_p256_sha256(b"certificate").unwrap();
+        verify_p256(made.as_ref(), b"certificate", &signature);
+        let tls = restarted.tls_signing_key();
+        assert_eq!(tls.algorithm(), rustls::SignatureAlgorithm::ECDSA);
+        assert_eq!(tls.public_key().unwrap().as_ref(), made.public_key_spki());
+        assert!(
+            tls.choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])
+                .is_some()
+        );
+
+        // Private: 0700 directory, 0600 key, PKCS#8, nothing left behind, no generation made.
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("onboarding")), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        let pem = fs::read_to_string(&path).unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"));
+        let names: Vec<_> = fs::read_dir(dir.path().join("onboarding"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["key.pem"]);
+        assert!(!dir.path().join("gen").exists());
+    }
+
+    #[test]
+    fn onboarding_key_replaces_what_an_interrupted_write_left() {
+        let (dir, backend) = backend();
+        let onboarding = dir.path().join("onboarding");
+        fs::create_dir_all(&onboarding).unwrap();
+        fs::write(onboarding.join(KEY_TEMP_FILE), b"partial").unwrap();
+        let key = backend.onboarding_key().unwrap();
+        assert!(!onboarding.join(KEY_TEMP_FILE).exists());
+        assert_eq!(
+            backend.onboarding_key().unwrap().public_key_spki(),
+            key.public_key_spki()
+        );
+    }
+
+    #[test]
+    fn a_damaged_onboarding_key_is_named_and_kept() {
+        let (_dir, backend) = backend();
+        let path = backend.onboarding_key_path();
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, "this is not a key\n").unwrap();
+        let err = backend.onboarding_key().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "loading the onboarding key {}: not a PEM private key; remove this file and \
+                 restart iotd: a new onboarding key and certificate are made, and the setup code \
+                 on the gateway's label stays valid",
+                path.display()
+            )
+        );
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "this is not a key\n",
+            "kept"
+        );
+
+        // Valid PEM armour, truncated key inside.
+        fs::write(
+            &path,
+            "-----BEGIN PRIVATE KEY-----\nMIIBAA==\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let err = backend.onboarding_key().unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("loading the onboarding key {}: ", path.display())),
+            "{err}"
+        );
+        assert!(err.ends_with(DAMAGED_ONBOARDING_KEY), "{err}");
+
+        // A key, but not P-256: it could not sign the certificate.
+        fs::write(&path, RSA_PKCS1_PEM).unwrap();
+        let err = backend.onboarding_key().unwrap_err();
+        assert!(matches!(err, KeyError::Crypto { .. }), "{err}");
+        assert!(
+            err.to_string().starts_with(&format!(
+                "loading the onboarding key {}: RSA, not ECDSA P-256; remove this file",
+                path.display()
+            )),
+            "{err}"
+        );
+        assert_eq!(fs::read_to_string(&path).unwrap(), RSA_PKCS1_PEM);
+
+        // The fix works: removed, a new key is made.
+        backend.remove_onboarding_key().unwrap();
+        backend.onboarding_key().unwrap();
+    }
+
+    #[test]
+    fn removing_the_onboarding_key_makes_the_next_one_new() {
+        let (dir, backend) = backend();
+        let onboarding = dir.path().join("onboarding");
+        let first = backend.onboarding_key().unwrap().public_key_spki();
+        backend.remove_onboarding_key().unwrap();
+        assert!(!onboarding.exists(), "an empty directory goes too");
+        // Nothing there: fine (a retried removal).
+        backend.remove_onboarding_key().unwrap();
+
+        let second = backend.onboarding_key().unwrap().public_key_spki();
+        assert_ne!(second, first);
+        // Other files (the certificate) stay, and so does their directory.
+        fs::write(onboarding.join("cert.pem"), "cert").unwrap();
+        backend.remove_onboarding_key().unwrap();
+        assert!(!backend.onboarding_key_path().exists());
+        assert!(onboarding.join("cert.pem").exists());
+        let third = backend.onboarding_key().unwrap().public_key_spki();
+        assert_ne!(third, second);
+    }
+
+    #[test]
+    fn the_onboarding_key_is_not_a_generation() {
+        let (dir, backend) = backend();
+        backend.onboarding_key().unwrap();
+        backend.create(1).unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        assert_eq!(store.generations().unwrap(), [1]);
+        backend.remove(1).unwrap();
+        assert!(backend.onboarding_key_path().exists());
     }
 
     #[test]

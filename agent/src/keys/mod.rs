@@ -1,9 +1,16 @@
 //! Device keys behind one small trait, chosen in `main`: a P-256 key in a 0600 file (`file`),
 //! or one made inside the TPM that never leaves it (`tpm`). A key signs in two places: the CSR
 //! (rcgen's remote-key traits) and TLS client authentication (a rustls `SigningKey`).
+//!
+//! Besides the identity generations' keys (`<state>/gen/<n>/`), each backend keeps one more
+//! key: the onboarding server's TLS key, in `<state>/onboarding/` (see
+//! `KeyBackend::onboarding_key`). It is not a generation: `Store::generations()` lists numeric
+//! names under `gen/` only, and the TPM backend never gives it a persistent handle.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub mod file;
@@ -78,6 +85,24 @@ pub trait KeyBackend: Send + Sync + fmt::Debug {
     /// Removes the key of `generation` (after a newer one took over).
     fn remove(&self, generation: u32) -> Result<(), KeyError>;
 
+    /// The onboarding server's TLS key, made on first use and kept in `<state>/onboarding/`:
+    /// a P-256 key that never signs anything but the onboarding server's TLS handshakes.
+    ///
+    /// (It also signs its own self-signed certificate, which the caller keeps beside it.) Later
+    /// calls load the same key. Its files are written, their data and the directory synced,
+    /// before this returns. A damaged key file is an error naming it, never silently replaced;
+    /// a key its keeper can no longer use (a cleared TPM) is `KeyError::Lost`: the caller may
+    /// then `remove_onboarding_key` and call this again for a new one. The setup code on the
+    /// gateway's label does not depend on this key, so a new key costs only a new certificate.
+    /// The TPM backend keeps it as a blob pair under the SRK, never at a persistent handle, in
+    /// both of its modes.
+    fn onboarding_key(&self) -> Result<Arc<dyn DeviceKey>, KeyError>;
+
+    /// Removes the onboarding key's files (nothing else in `<state>/onboarding/`, such as the
+    /// certificate), so that the next `onboarding_key` makes a new key. Removing a key that is
+    /// not there is fine.
+    fn remove_onboarding_key(&self) -> Result<(), KeyError>;
+
     /// How many commands the backend sent to hardware so far (the TPM's), for benchmarks.
     fn commands_issued(&self) -> Option<u64> {
         None
@@ -92,28 +117,73 @@ pub(crate) fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
 /// Removes a key generation's directory once the backend removed its key files: only when
 /// nothing else (the certificate) is left in it, then makes that durable in `<state>/gen`.
 pub(crate) fn remove_generation_dir(
-    state_dir: &std::path::Path,
-    gen_dir: &std::path::Path,
+    state_dir: &Path,
+    gen_dir: &Path,
     action: &'static str,
 ) -> Result<(), KeyError> {
+    remove_empty_dir(&state_dir.join("gen"), gen_dir, action)
+}
+
+/// Removes `dir` (a child of `parent`) if nothing is left in it, then makes that durable in
+/// `parent`. Neither being there is fine.
+fn remove_empty_dir(parent: &Path, dir: &Path, action: &'static str) -> Result<(), KeyError> {
     use std::io::ErrorKind;
-    match std::fs::remove_dir(gen_dir) {
+    match std::fs::remove_dir(dir) {
         Err(e) if !matches!(e.kind(), ErrorKind::NotFound | ErrorKind::DirectoryNotEmpty) => {
             return Err(KeyError::Io {
                 action,
-                path: gen_dir.to_owned(),
+                path: dir.to_owned(),
                 source: e,
             });
         }
         _ => {}
     }
-    let gen_root = state_dir.join("gen");
-    match sync_dir(&gen_root) {
+    match sync_dir(parent) {
         Err(e) if e.kind() != ErrorKind::NotFound => Err(KeyError::Io {
             action,
-            path: gen_root,
+            path: parent.to_owned(),
             source: e,
         }),
         _ => Ok(()),
     }
+}
+
+/// The onboarding key's directory below the state directory (beside `gen/`, not in it).
+pub const ONBOARDING_DIR: &str = "onboarding";
+
+/// `<state_dir>/onboarding`: where each backend keeps the onboarding key.
+pub fn onboarding_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(ONBOARDING_DIR)
+}
+
+/// How to get out of a damaged onboarding key, added to the error that names its file.
+pub(crate) const DAMAGED_ONBOARDING_KEY: &str = "remove this file and restart iotd: a new \
+     onboarding key and certificate are made, and the setup code on the gateway's label stays \
+     valid";
+
+/// Creates `<state>/onboarding/` (0700) if missing, the state directory too (for development
+/// setups; systemd normally makes it), and makes a new directory's entry durable. Errors come
+/// with the path that failed.
+pub(crate) fn ensure_onboarding_dir(state_dir: &Path) -> Result<PathBuf, (PathBuf, io::Error)> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .map_err(|e| (state_dir.to_path_buf(), e))?;
+    let dir = onboarding_dir(state_dir);
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => sync_dir(state_dir).map_err(|e| (state_dir.to_path_buf(), e))?,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) => return Err((dir, e)),
+    }
+    Ok(dir)
+}
+
+/// Removes the onboarding directory if the backend's removal of the key left it empty (the
+/// certificate may still be there), durably.
+pub(crate) fn remove_onboarding_dir(
+    state_dir: &Path,
+    action: &'static str,
+) -> Result<(), KeyError> {
+    remove_empty_dir(state_dir, &onboarding_dir(state_dir), action)
 }

@@ -13,14 +13,18 @@
 //! - `server`: the HTTPS API of §5.4 (axum over rustls): sessions, SPAKE2+ as the verifier, the
 //!   sealed claim, status and events; it talks to the core through the port.
 //! - `window`: when pairing is allowed, and the attempt counter.
+//! - `certificate`: the server's self-signed certificate for the backend's onboarding key.
+//! - `run`: starting the server as a supervised task.
 //!
 //! The reference is the protocol note's §5 (`onboarding-protocol.md`); its vectors are in
 //! `agent/tests/fixtures/onboarding/`.
 
 pub mod bundle;
+pub mod certificate;
 pub mod code;
 pub mod port;
 pub mod register;
+pub mod run;
 pub mod server;
 pub mod session;
 pub mod spake2plus;

@@ -53,6 +53,17 @@
 //! - `remove` evicts the generation's own handle only, and only while the key there is still
 //!   that generation's.
 //!
+//! # The onboarding key
+//!
+//! The onboarding server's TLS key (`KeyBackend::onboarding_key`) is made like a generation's
+//! key in blob mode, from the same template, under the same SRK: `<state>/onboarding/key.pub`
+//! and `<state>/onboarding/key.priv` (0644, in a 0700 directory), loaded for each signature. It
+//! is a blob pair in persistent-handle mode too: it never takes slot A or B, which belong to
+//! the identity generations, and `<state>/onboarding/` is not under `gen/`, so no generation's
+//! `key.handle` scan sees it. A TPM that can no longer load it (cleared, new owner) makes it
+//! `KeyError::Lost`; removing it (`remove_onboarding_key`, files only: the TPM holds nothing
+//! of it between signatures) lets the next `onboarding_key` make a new one.
+//!
 //! # Using the identity from other programs
 //!
 //! With the kernel resource manager (the default TCTI, `device:/dev/tpmrm0`), other programs can
@@ -126,9 +137,13 @@ use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::structures::{Private, Public};
 
 use self::blobs::{HANDLE_FILE, PRIVATE_FILE, PUBLIC_FILE};
+use self::worker::IDENTITY_LOST;
 use self::worker::{TpmError, TpmThread};
 use super::file::p256_spki;
-use super::{DeviceKey, KeyBackend, KeyError, remove_generation_dir};
+use super::{
+    DAMAGED_ONBOARDING_KEY, DeviceKey, KeyBackend, KeyError, ensure_onboarding_dir, onboarding_dir,
+    remove_generation_dir, remove_onboarding_dir,
+};
 
 /// The persistent handle of the storage root key every device key is made under.
 pub const SRK_HANDLE: u32 = 0x8100_0001;
@@ -148,6 +163,9 @@ pub struct TpmBackend {
     /// Held by `create` in persistent-handle mode from choosing a slot until the generation's
     /// `key.handle` names it, so that two generations made at once cannot choose the same.
     slot_choice: Mutex<()>,
+    /// Held by `onboarding_key` and `remove_onboarding_key`: two first uses at once make one
+    /// key, not two racing for the files.
+    onboarding: Mutex<()>,
     /// Whether `open` found no SRK and made (and persisted) one.
     created_srk: bool,
     /// The stale transient objects `open` flushed.
@@ -215,6 +233,7 @@ impl TpmBackend {
             dir: state_dir.to_path_buf(),
             persistent_handle,
             slot_choice: Mutex::new(()),
+            onboarding: Mutex::new(()),
             created_srk,
             flushed,
         })
@@ -238,6 +257,11 @@ impl TpmBackend {
     /// `<state_dir>/gen/<generation>`.
     pub fn generation_dir(&self, generation: u32) -> PathBuf {
         self.dir.join("gen").join(generation.to_string())
+    }
+
+    /// `<state_dir>/onboarding`: the onboarding key's `key.pub` and `key.priv`.
+    pub fn onboarding_dir(&self) -> PathBuf {
+        onboarding_dir(&self.dir)
     }
 
     fn blob_location(&self, gen_dir: &Path) -> String {
@@ -347,6 +371,23 @@ impl TpmBackend {
             material,
             spki,
             location,
+            onboarding: false,
+        }))
+    }
+
+    fn onboarding_key_of(
+        &self,
+        public: Public,
+        private: Private,
+        spki: Vec<u8>,
+        location: String,
+    ) -> Arc<dyn DeviceKey> {
+        Arc::new(TpmKey::new(KeyInner {
+            tpm: self.tpm.clone(),
+            material: Material::Blobs { public, private },
+            spki,
+            location,
+            onboarding: true,
         }))
     }
 }
@@ -557,6 +598,108 @@ impl KeyBackend for TpmBackend {
         self.remove_files(&gen_dir, ACTION)?;
         remove_generation_dir(&self.dir, &gen_dir, ACTION)
     }
+
+    fn onboarding_key(&self) -> Result<Arc<dyn DeviceKey>, KeyError> {
+        const LOADING: &str = "loading the onboarding key";
+        const CREATING: &str = "creating the onboarding key";
+        let _making = self
+            .onboarding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let dir = self.onboarding_dir();
+        let location = self.blob_location(&dir);
+        let read = |name: &str| {
+            let path = dir.join(name);
+            blobs::read_optional(&path).map_err(|source| KeyError::Io {
+                action: LOADING,
+                path,
+                source,
+            })
+        };
+        // A file that is there but unusable is the operator's to remove: replacing it here
+        // would hide whatever damaged it.
+        let damaged = |name: &str, message: String| KeyError::Crypto {
+            action: LOADING,
+            key: dir.join(name).display().to_string(),
+            message: format!("{message}; {DAMAGED_ONBOARDING_KEY}"),
+        };
+
+        // key.pub is written last: without both there is no (complete) key, and one is made.
+        if let (Some(public), Some(private)) = (read(PUBLIC_FILE)?, read(PRIVATE_FILE)?) {
+            let public = blobs::decode_public(&public).map_err(|m| damaged(PUBLIC_FILE, m))?;
+            let private = blobs::decode_private(&private).map_err(|m| damaged(PRIVATE_FILE, m))?;
+            let spki = spki_of(&public).map_err(|m| damaged(PUBLIC_FILE, m))?;
+            // Loaded once now, so that a key the TPM cannot use any more is found here and not
+            // at the first handshake.
+            let (p, q) = (public.clone(), private.clone());
+            self.tpm
+                .call(move |t| t.check_blobs(p, q))
+                .map_err(|e| onboarding_lost(key_error(LOADING, &location, e)))?;
+            return Ok(self.onboarding_key_of(public, private, spki, location));
+        }
+
+        let io_error = |(path, source): (PathBuf, io::Error)| KeyError::Io {
+            action: CREATING,
+            path,
+            source,
+        };
+        let encode_error = |name: &str, message: String| KeyError::Crypto {
+            action: CREATING,
+            key: dir.join(name).display().to_string(),
+            message,
+        };
+        ensure_onboarding_dir(&self.dir).map_err(io_error)?;
+        // What a create interrupted before key.pub left.
+        self.remove_files(&dir, CREATING)?;
+        let (public, private) = self
+            .tpm
+            .call(|t| t.create_key())
+            .map_err(|e| key_error(CREATING, &location, e))?;
+        let spki = spki_of(&public).map_err(|m| encode_error(PUBLIC_FILE, m))?;
+        let public_file =
+            blobs::encode_public(&public).map_err(|m| encode_error(PUBLIC_FILE, m))?;
+        let private_file =
+            blobs::encode_private(&private).map_err(|m| encode_error(PRIVATE_FILE, m))?;
+        // key.pub last: it completes the pair.
+        blobs::write_atomic(&dir, PRIVATE_FILE, &private_file).map_err(io_error)?;
+        blobs::write_atomic(&dir, PUBLIC_FILE, &public_file).map_err(io_error)?;
+        blobs::sync_dir(&dir).map_err(|e| io_error((dir.clone(), e)))?;
+        tracing::info!(key = %location, "created the onboarding server's ECDSA P-256 key in the TPM");
+        Ok(self.onboarding_key_of(public, private, spki, location))
+    }
+
+    fn remove_onboarding_key(&self) -> Result<(), KeyError> {
+        const ACTION: &str = "removing the onboarding key";
+        let _making = self
+            .onboarding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Blobs only: the TPM holds nothing of the key between signatures.
+        let dir = self.onboarding_dir();
+        self.remove_files(&dir, ACTION)?;
+        remove_onboarding_dir(&self.dir, ACTION)
+    }
+}
+
+/// A lost onboarding key's error, said for what it is (the reason is written for identity
+/// keys): the caller makes a new one, and the setup code stays valid.
+fn onboarding_lost(error: KeyError) -> KeyError {
+    match error {
+        KeyError::Lost {
+            action,
+            key,
+            reason,
+        } => KeyError::Lost {
+            action,
+            key,
+            reason: reason.replace(
+                IDENTITY_LOST,
+                "this onboarding key cannot be used again and must be made anew (the setup code \
+                 on the gateway's label stays valid)",
+            ),
+        },
+        other => other,
+    }
 }
 
 /// Slots A and B of persistent-handle mode: the configured handle and the one after it.
@@ -716,6 +859,8 @@ struct KeyInner {
     material: Material,
     spki: Vec<u8>,
     location: String,
+    /// The onboarding server's key, not an identity generation's (for what errors say).
+    onboarding: bool,
 }
 
 impl KeyInner {
@@ -735,7 +880,12 @@ impl KeyInner {
                     .call(move |t| t.sign_persistent(handle, name, digest))
             }
         };
-        result.map_err(|e| key_error(ACTION, &self.location, e))
+        let error = |e| key_error(ACTION, &self.location, e);
+        if self.onboarding {
+            result.map_err(|e| onboarding_lost(error(e)))
+        } else {
+            result.map_err(error)
+        }
     }
 }
 
@@ -823,7 +973,12 @@ impl Signer for TpmSigner {
         self.0.sign(message).map_err(|e| {
             // rustls reports only "handshake failure" to the peer and a string to the caller;
             // the log keeps the TPM's own words.
-            tracing::error!("TLS client authentication: {e}");
+            let role = if self.0.onboarding {
+                "TLS server authentication (onboarding)"
+            } else {
+                "TLS client authentication"
+            };
+            tracing::error!("{role}: {e}");
             rustls::Error::General(e.to_string())
         })
     }

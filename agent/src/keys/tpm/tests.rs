@@ -213,3 +213,32 @@ fn both_slots_must_be_owner_handles_other_than_the_srk() {
         );
     }
 }
+
+#[test]
+fn a_lost_onboarding_key_is_said_to_be_made_anew() {
+    let lost = key_error(
+        "loading the onboarding key",
+        "tpm x parent 0x81000001, blobs /s/onboarding/key.pub+key.priv",
+        TpmError::Lost {
+            reason: format!(
+                "the TPM no longer holds the parent key 0x81000001; {IDENTITY_LOST} (TPM2_Load)"
+            ),
+        },
+    );
+    let err = onboarding_lost(lost);
+    assert!(matches!(err, KeyError::Lost { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "loading the onboarding key tpm x parent 0x81000001, blobs \
+         /s/onboarding/key.pub+key.priv: the TPM no longer holds the parent key 0x81000001; this \
+         onboarding key cannot be used again and must be made anew (the setup code on the \
+         gateway's label stays valid) (TPM2_Load)"
+    );
+    // Other failures are left as they are.
+    let busy = onboarding_lost(key_error(
+        "signing with TPM key",
+        "k",
+        TpmError::Other("stuck".into()),
+    ));
+    assert_eq!(busy.to_string(), "signing with TPM key k: stuck");
+}

@@ -42,6 +42,10 @@ use super::rc::{
 /// client holds swtpm's only connection).
 const JOB_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How a `TpmError::Lost` reason for blobs ends before the TPM's own words: the key in question
+/// is normally an identity generation's; the backend says otherwise for the onboarding key.
+pub(crate) const IDENTITY_LOST: &str = "this identity cannot be used again";
+
 /// Why a TPM job failed.
 #[derive(Debug, Clone)]
 pub(crate) enum TpmError {
@@ -548,8 +552,7 @@ impl Tpm {
             Some(TPM_RC_INTEGRITY | TPM_RC_HANDLE | 0x155) => TpmError::Lost {
                 reason: format!(
                     "the TPM no longer holds the parent key {SRK_HANDLE:#x} this key was made \
-                     under (it was cleared or its owner changed){}; this identity cannot be used \
-                     again ({e})",
+                     under (it was cleared or its owner changed){}; {IDENTITY_LOST} ({e})",
                     if self.srk_created {
                         "; iotd found no key there when it started and made a new one"
                     } else {
@@ -560,7 +563,7 @@ impl Tpm {
             Some(TPM_RC_BINDING) => TpmError::Lost {
                 reason: format!(
                     "the key's public and private blobs do not belong together (one of them was \
-                     replaced or damaged); this identity cannot be used again ({e})"
+                     replaced or damaged); {IDENTITY_LOST} ({e})"
                 ),
             },
             _ => e,

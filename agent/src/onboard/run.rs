@@ -1,0 +1,82 @@
+//! Starting the onboarding server as one of iotd's supervised tasks: the gateway's verifier
+//! record (made by `iotctl onboarding register`), the onboarding key from the key backend, its
+//! certificate, and the listening socket.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::keys::KeyBackend;
+use crate::onboard::port::Port;
+use crate::onboard::register::{OnboardingRecord, RegisterError};
+use crate::onboard::server::{Limits, Server};
+
+/// The running server.
+#[derive(Debug)]
+pub struct Running {
+    pub address: SocketAddr,
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Why the server is not running.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No record: the gateway was not registered for onboarding. Not an error for a gateway
+    /// that provisions with its image's claim.
+    #[error(
+        "onboarding is off: this gateway has no onboarding record ({0}); `iotctl onboarding register` makes one"
+    )]
+    NotRegistered(String),
+    #[error("onboarding is off: {0}")]
+    Failed(String),
+}
+
+/// Starts the onboarding server on `listen` for the core behind `port`.
+pub async fn start(
+    state_dir: &Path,
+    listen: SocketAddr,
+    backend: Arc<dyn KeyBackend>,
+    port: Port,
+) -> Result<Running, StartError> {
+    let record = match OnboardingRecord::read(&crate::onboard::register::record_path(state_dir)) {
+        Ok(record) => record,
+        Err(e @ RegisterError::Missing { .. }) => {
+            return Err(StartError::NotRegistered(e.to_string()));
+        }
+        Err(e) => return Err(StartError::Failed(e.to_string())),
+    };
+    // The key may be in the TPM: its commands block. A key the TPM lost (cleared, new owner)
+    // is made anew: the setup code does not depend on it, and the certificate follows it.
+    let key = tokio::task::spawn_blocking(move || match backend.onboarding_key() {
+        Err(e @ crate::keys::KeyError::Lost { .. }) => {
+            tracing::warn!("{e}; making a new onboarding key");
+            backend.remove_onboarding_key()?;
+            backend.onboarding_key()
+        }
+        other => other,
+    })
+    .await
+    .map_err(|e| StartError::Failed(format!("loading the onboarding key: {e}")))?
+    .map_err(|e| StartError::Failed(e.to_string()))?;
+    let tls = crate::onboard::certificate::server_tls(state_dir, key, &record.serial)
+        .map_err(StartError::Failed)?;
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        StartError::Failed(format!(
+            "listening on {listen} (onboarding.listen): {e}; choose a free address and port"
+        ))
+    })?;
+    let server = Server::new(
+        listener,
+        tls.config,
+        &tls.leaf_der,
+        record,
+        port,
+        Limits::default(),
+    );
+    let address = server
+        .local_addr()
+        .map_err(|e| StartError::Failed(format!("reading the onboarding server's address: {e}")))?;
+    let task = tokio::spawn(server.run());
+    tracing::info!(%address, "onboarding server listening");
+    Ok(Running { address, task })
+}
