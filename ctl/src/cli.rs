@@ -197,6 +197,52 @@ pub enum OnboardingCommand {
     /// this output, or run it again with --replace.
     #[command(after_help = EXIT_CODES_HELP)]
     Register(RegisterArgs),
+    /// Open the onboarding window, so that an installer can pair (root or iotd-admin).
+    ///
+    /// The window also opens by itself while the gateway has no identity and no usable claim.
+    /// Opening it by hand starts a new count of attempts: after 20 wrong codes the window
+    /// closes, and only this command opens it again.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Open(OpenArgs),
+    /// Close the onboarding window now (root or iotd-admin).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Close,
+    /// Show whether the onboarding window is open, and until when.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Status(OnboardingStatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OpenArgs {
+    /// How long: seconds, or with a unit (90s, 10m); 1 s to 15 min.
+    #[arg(long = "for", value_name = "DURATION", default_value = "10m", value_parser = window_duration)]
+    pub duration: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct OnboardingStatusArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// An onboarding window's length: "300", "90s", "10m"; 1 s to 15 min.
+pub fn window_duration(text: &str) -> Result<u32, String> {
+    let (number, unit) = match text.strip_suffix('m') {
+        Some(n) => (n, 60),
+        None => (text.strip_suffix('s').unwrap_or(text), 1),
+    };
+    let seconds = number
+        .parse::<u32>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| format!("{text:?} is not a duration (like 300, 90s or 10m)"))?;
+    if !(1..=900).contains(&seconds) {
+        return Err(format!(
+            "an onboarding window lasts 1 s to 15 min (900 s); {text} is {seconds} s"
+        ));
+    }
+    Ok(seconds)
 }
 
 #[derive(Debug, Args)]
@@ -276,4 +322,21 @@ pub enum OnboardBinding {
     TlsServerEndPoint,
     /// Nothing.
     None,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod window_tests {
+    use super::window_duration;
+
+    #[test]
+    fn window_durations_are_seconds_or_minutes_up_to_15_min() {
+        assert_eq!(window_duration("300"), Ok(300));
+        assert_eq!(window_duration("90s"), Ok(90));
+        assert_eq!(window_duration("15m"), Ok(900));
+        for bad in ["0", "16m", "901", "ten", "-5", "5h", ""] {
+            assert!(window_duration(bad).is_err(), "{bad}");
+        }
+        assert!(window_duration("0").unwrap_err().contains("1 s to 15 min"));
+    }
 }

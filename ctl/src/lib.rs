@@ -101,6 +101,15 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> anyhow::Result<u8> {
         Command::Onboarding(OnboardingCommand::Register(args)) => {
             return onboarding::register(&paths, args.replace);
         }
+        Command::Onboarding(OnboardingCommand::Open(args)) => {
+            runtime.block_on(bus::open_onboarding(args.duration))?;
+        }
+        Command::Onboarding(OnboardingCommand::Close) => {
+            runtime.block_on(bus::close_onboarding())?
+        }
+        Command::Onboarding(OnboardingCommand::Status(args)) => {
+            runtime.block_on(bus::onboarding_status(args.json))?;
+        }
         Command::Onboard(args) => return Ok(runtime.block_on(onboard::run(args))),
         Command::Completions(args) => {
             let mut command = Cli::command();

@@ -399,3 +399,79 @@ async fn end_to_end_with_iotd_and_fake_iot_core() {
     iotd.terminate().await;
     cloud.stop().await;
 }
+
+/// `iotctl onboarding open/close/status`: the request reaches the agent with its duration, the
+/// answers are printed, a duration out of range never leaves iotctl.
+#[tokio::test]
+async fn onboarding_open_close_and_status() {
+    let mut service = Service::start(Snapshot {
+        onboarding_open: true,
+        onboarding_closes_at: Some(1_800_000_600),
+        ..provisioned()
+    })
+    .await;
+    let out = service.run(&["onboarding", "open", "--for", "16m"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+
+    let mut command = service.iotctl(&["onboarding", "open", "--for", "10m"]);
+    let run = command.output();
+    let agent = async {
+        match service.next_command().await {
+            Command::OpenOnboarding { seconds, reply } => {
+                assert_eq!(seconds, 600);
+                reply.send(Ok(1_800_000_600)).unwrap();
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    let (out, ()) = tokio::join!(run, agent);
+    let out = out.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("open until 2027-01-15T08:10:00Z (600 s)"),
+        "{}",
+        describe(&out)
+    );
+
+    let mut command = service.iotctl(&["onboarding", "close"]);
+    let run = command.output();
+    let agent = async {
+        match service.next_command().await {
+            Command::CloseOnboarding(reply) => reply.send(Ok(true)).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let (out, ()) = tokio::join!(run, agent);
+    let out = out.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("onboarding window closed"));
+
+    let out = service.run(&["onboarding", "status", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["open"], true);
+    assert_eq!(json["closesAt"], 1_800_000_600);
+
+    // Without a server on the gateway the agent says so, and iotctl passes it on.
+    let mut command = service.iotctl(&["onboarding", "open"]);
+    let run = command.output();
+    let agent = async {
+        match service.next_command().await {
+            Command::OpenOnboarding { reply, .. } => reply
+                .send(Err(AgentError::permanent(
+                    ErrorCode::NotSupported,
+                    "onboarding is off on this gateway: it has no onboarding record",
+                )))
+                .unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let (out, ()) = tokio::join!(run, agent);
+    let out = out.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("onboarding is off"),
+        "{}",
+        describe(&out)
+    );
+}

@@ -91,20 +91,47 @@ _iotctl() {
             iotctl__subcmd__help__subcmd__config,check)
                 cmd="iotctl__subcmd__help__subcmd__config__subcmd__check"
                 ;;
+            iotctl__subcmd__help__subcmd__onboarding,close)
+                cmd="iotctl__subcmd__help__subcmd__onboarding__subcmd__close"
+                ;;
+            iotctl__subcmd__help__subcmd__onboarding,open)
+                cmd="iotctl__subcmd__help__subcmd__onboarding__subcmd__open"
+                ;;
             iotctl__subcmd__help__subcmd__onboarding,register)
                 cmd="iotctl__subcmd__help__subcmd__onboarding__subcmd__register"
+                ;;
+            iotctl__subcmd__help__subcmd__onboarding,status)
+                cmd="iotctl__subcmd__help__subcmd__onboarding__subcmd__status"
+                ;;
+            iotctl__subcmd__onboarding,close)
+                cmd="iotctl__subcmd__onboarding__subcmd__close"
                 ;;
             iotctl__subcmd__onboarding,help)
                 cmd="iotctl__subcmd__onboarding__subcmd__help"
                 ;;
+            iotctl__subcmd__onboarding,open)
+                cmd="iotctl__subcmd__onboarding__subcmd__open"
+                ;;
             iotctl__subcmd__onboarding,register)
                 cmd="iotctl__subcmd__onboarding__subcmd__register"
+                ;;
+            iotctl__subcmd__onboarding,status)
+                cmd="iotctl__subcmd__onboarding__subcmd__status"
+                ;;
+            iotctl__subcmd__onboarding__subcmd__help,close)
+                cmd="iotctl__subcmd__onboarding__subcmd__help__subcmd__close"
                 ;;
             iotctl__subcmd__onboarding__subcmd__help,help)
                 cmd="iotctl__subcmd__onboarding__subcmd__help__subcmd__help"
                 ;;
+            iotctl__subcmd__onboarding__subcmd__help,open)
+                cmd="iotctl__subcmd__onboarding__subcmd__help__subcmd__open"
+                ;;
             iotctl__subcmd__onboarding__subcmd__help,register)
                 cmd="iotctl__subcmd__onboarding__subcmd__help__subcmd__register"
+                ;;
+            iotctl__subcmd__onboarding__subcmd__help,status)
+                cmd="iotctl__subcmd__onboarding__subcmd__help__subcmd__status"
                 ;;
             *)
                 ;;
@@ -347,7 +374,7 @@ _iotctl() {
             return 0
             ;;
         iotctl__subcmd__help__subcmd__onboarding)
-            opts="register"
+            opts="register open close status"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -360,7 +387,49 @@ _iotctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        iotctl__subcmd__help__subcmd__onboarding__subcmd__close)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iotctl__subcmd__help__subcmd__onboarding__subcmd__open)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         iotctl__subcmd__help__subcmd__onboarding__subcmd__register)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iotctl__subcmd__help__subcmd__onboarding__subcmd__status)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -485,7 +554,7 @@ _iotctl() {
             return 0
             ;;
         iotctl__subcmd__onboarding)
-            opts="-h --config --help register help"
+            opts="-h --config --help register open close status help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -502,8 +571,26 @@ _iotctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        iotctl__subcmd__onboarding__subcmd__close)
+            opts="-h --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         iotctl__subcmd__onboarding__subcmd__help)
-            opts="register help"
+            opts="register open close status help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -516,7 +603,35 @@ _iotctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        iotctl__subcmd__onboarding__subcmd__help__subcmd__close)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         iotctl__subcmd__onboarding__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iotctl__subcmd__onboarding__subcmd__help__subcmd__open)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -544,8 +659,62 @@ _iotctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        iotctl__subcmd__onboarding__subcmd__help__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iotctl__subcmd__onboarding__subcmd__open)
+            opts="-h --for --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --for)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         iotctl__subcmd__onboarding__subcmd__register)
             opts="-h --replace --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iotctl__subcmd__onboarding__subcmd__status)
+            opts="-h --json --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
