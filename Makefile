@@ -45,6 +45,9 @@ bench: setup
 	target/tools/iotd-bench
 	target/tools/fleet-sim
 	target/release/fake-iot-core-bench
+	# Every onboarding parser (the server's request bodies, the claim bundle) against 100 000
+	# generated cases each; make test runs a short set.
+	PROPTEST_CASES=100000 $(CARGO) test --profile tools -p iotd --lib onboard::
 
 clean:
 	$(CARGO) clean
