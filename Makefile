@@ -29,16 +29,19 @@ test-packaging: setup
 	scripts/test-packaging.sh
 	scripts/test-yocto.sh
 
-# The main job on the embedded default: iotd provisions itself against fake-iot-core.
+# Both ways a gateway gets its identity, against fake-iot-core with the key in a swtpm: iotd
+# provisions itself with the factory claim; then a gateway without one is onboarded by an
+# installer (CreateProvisioningClaim, iotctl onboard).
 demo: setup
-	$(CARGO) build --release -p iotd
+	$(CARGO) build --release -p iotd -p iotctl
 	$(CARGO) build --profile tools -p iotd-testkit
 	target/tools/iotd-demo
 
 # Figures, not tests: iotd against AWS's Python SDK client on the same fake (provisioning time),
 # iotd's footprint (memory, size, start-up, idle wake-ups, 500 reconnects, fsyncs), 1000
-# provisionings killed with SIGKILL at random instants, a fleet of 1000 gateways under AWS's
-# quotas, and the fake's own capacity. About 20 minutes.
+# provisionings killed with SIGKILL at random instants, onboarding (iotctl's pairing and
+# hand-over, the gateway's CPU per pairing, claim received → connected), a fleet of 1000
+# gateways under AWS's quotas, and the fake's own capacity. About 20 minutes.
 bench: setup
 	$(CARGO) build --release -p iotd -p iotctl -p fake-iot-core
 	$(CARGO) build --profile tools -p iotd-testkit -p fleet-sim

@@ -10,10 +10,13 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 # packaging tests lint, install and boot the .deb in a debootstrap root. `make bench` counts
 # iotd's fsyncs per provisioning and simulates a slow disk with strace (fault injection delays
 # every fsync; dm-delay would need device-mapper and a block device, which CI containers lack).
+# The discovery test runs private avahi-daemons (mDNS, DNS-SD) in network namespaces it makes
+# with iproute2; it never uses or disturbs an avahi-daemon the host may run.
 packages=(openssl ca-certificates pkg-config libtss2-dev libtss2-tcti-swtpm0 libtss2-tcti-device0
           swtpm swtpm-tools tpm2-tools
           dbus dbus-daemon libglib2.0-bin util-linux passwd systemd
-          lintian debootstrap piuparts systemd-container binutils man-db python3-venv strace)
+          lintian debootstrap piuparts systemd-container binutils man-db python3-venv strace
+          avahi-daemon iproute2)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -109,6 +109,9 @@ pub struct Claims {
     /// The files' claim that was used up or refused in this run (its certificate, and why):
     /// not offered again; other files installed at the same paths are.
     files_spent: Option<(Vec<u8>, String)>,
+    /// Why the last installer's claim was given up (expired, refused): said while the gateway
+    /// waits for the next one, instead of "none is configured".
+    network_spent: Option<String>,
 }
 
 impl Claims {
@@ -117,19 +120,24 @@ impl Claims {
             files,
             memory: None,
             files_spent: None,
+            network_spent: None,
         }
     }
 
     /// A claim handed over in memory; it replaces any earlier one.
     pub fn offer(&mut self, claim: Claim) {
         self.memory = Some(claim);
+        self.network_spent = None;
     }
 
     /// Stops offering `claim` (expired, refused, or deleted after use); `why` says so while the
     /// agent waits for another.
     pub fn forget(&mut self, claim: &Claim, why: impl Into<String>) {
         match claim.origin {
-            ClaimOrigin::Network => self.memory = None,
+            ClaimOrigin::Network => {
+                self.memory = None;
+                self.network_spent = Some(why.into());
+            }
             ClaimOrigin::File => {
                 let der = claim.chain.first().map(|c| c.to_vec()).unwrap_or_default();
                 self.files_spent = Some((der, why.into()));
@@ -148,6 +156,15 @@ impl Claims {
             self.memory = None;
         }
         let Some(files) = &self.files else {
+            if let Some(why) = &self.network_spent {
+                return Err(waiting(
+                    ErrorCode::ClaimMissing,
+                    format!(
+                        "a new claim from an installer (the last one: {why}); hand over a new \
+                         one with iotctl onboard or the installer's app"
+                    ),
+                ));
+            }
             return Err(waiting(
                 ErrorCode::ClaimMissing,
                 "a claim: none is configured (provisioning.claim_certificate and \
@@ -202,5 +219,52 @@ impl Claims {
             ));
         }
         Ok(claim)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    /// An installer's claim: the file backend's test key, certified by the test CA.
+    fn installer_claim() -> Claim {
+        let key_pem = crate::keys::file::testdata::EC_SEC1_PEM;
+        let key = crate::keys::file::FileKey::from_pem(key_pem, std::path::Path::new("k")).unwrap();
+        let der = iotd_testkit::pki::Pki::new().client_cert(&key.public_key_spki());
+        let body = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        let cert_pem = format!("-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n");
+        Claim::from_pem(&cert_pem, key_pem, "handed over by the installer").unwrap()
+    }
+
+    #[test]
+    fn an_installers_claim_is_used_whatever_the_clock_and_its_end_is_said() {
+        let mut claims = Claims::new(None);
+        let claim = installer_claim();
+        claims.offer(claim.clone());
+        // Long after its notAfter by this clock: still offered (AWS judges it).
+        let far = claim.not_after + 10 * 365 * 86_400;
+        assert!(claims.current(far).is_ok());
+        claims.forget(&claim, "expired (AWS IoT refused it)");
+        let waiting = claims.current(0).unwrap_err();
+        assert_eq!(waiting.code, ErrorCode::ClaimMissing);
+        assert_eq!(
+            waiting.what,
+            "a new claim from an installer (the last one: expired (AWS IoT refused it)); hand \
+             over a new one with iotctl onboard or the installer's app"
+        );
+        // A new claim replaces the story.
+        claims.offer(claim);
+        claims.current(0).unwrap();
+    }
+
+    #[test]
+    fn without_files_or_an_installers_claim_none_is_configured() {
+        let waiting = Claims::new(None).current(0).unwrap_err();
+        assert!(
+            waiting.what.starts_with("a claim: none is configured"),
+            "{waiting}"
+        );
     }
 }

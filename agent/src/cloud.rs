@@ -19,8 +19,15 @@ use crate::error::{AgentError, ErrorCode, Retry};
 /// Whose identity a connection uses: errors read differently for each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
-    /// The claim (with its notAfter, for the "claim expired" message).
-    Claim { not_after: i64, path: String },
+    /// The claim (with its notAfter, for the "claim expired" message). `by_clock`: refuse it
+    /// without asking AWS once the gateway's clock is past notAfter. False for an installer's
+    /// claim: it is minutes old by the installer's phone, and a gateway before NTP may be
+    /// hours or years off, so AWS's answer is the one that counts (and is reported).
+    Claim {
+        not_after: i64,
+        path: String,
+        by_clock: bool,
+    },
     /// The device's own certificate.
     Device { certificate_id: String },
 }
@@ -165,7 +172,9 @@ fn classify(
         return match (tls, identity) {
             (
                 rustls::Error::AlertReceived(A::CertificateExpired),
-                Identity::Claim { not_after, path },
+                Identity::Claim {
+                    not_after, path, ..
+                },
             ) => AgentError::permanent(
                 ErrorCode::ClaimExpired,
                 format!(
@@ -381,7 +390,11 @@ impl Session {
         identity: Identity,
         pacer: &ConnectPacer,
     ) -> Result<Session, AgentError> {
-        if let Identity::Claim { not_after, path } = &identity
+        if let Identity::Claim {
+            not_after,
+            path,
+            by_clock: true,
+        } = &identity
             && now() > *not_after
         {
             return Err(AgentError::permanent(
@@ -688,6 +701,7 @@ mod tests {
         Identity::Claim {
             not_after: 1_780_000_000,
             path: "/usr/lib/iotd/claim/claim.pem".into(),
+            by_clock: true,
         }
     }
 

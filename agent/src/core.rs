@@ -185,6 +185,9 @@ pub struct Core {
     installer_claim_lost: bool,
     /// The onboarding server runs.
     onboarding_served: bool,
+    /// Whether the gateway is announced on the local network (DNS-SD), as the discovery task
+    /// last reported it.
+    onboarding_discovery: String,
     /// Resolving them failed this many times in a row.
     parameter_failures: u32,
 }
@@ -538,6 +541,7 @@ impl Core {
             onboarding_phase: None,
             installer_claim_lost,
             onboarding_served: false,
+            onboarding_discovery: "off: the onboarding server does not announce itself".to_owned(),
         };
         if core.machine.work() == Work::WaitForClaim {
             let now = core.clock.now();
@@ -637,6 +641,9 @@ impl Core {
                 || (self.machine.parked && self.claim_is_not_the_installers()));
         if let Some(change) = self.window.need_claim(needed) {
             self.window_changed(change);
+        } else {
+            // A person's close is forgotten once no claim is needed: that is persisted too.
+            self.persist_window();
         }
     }
 
@@ -656,13 +663,28 @@ impl Core {
     fn window_changed(&mut self, change: onboard::window::Change) {
         use onboard::window::Change;
         match change {
-            Change::Opened(opener) => tracing::info!(
-                ?opener,
-                attempts_left = self.window.attempts_left(),
-                closes_at = self.window.closes_at(),
-                "onboarding window open"
-            ),
-            Change::Closed(why) => tracing::info!(why = why.as_str(), "onboarding window closed"),
+            Change::Opened(opener) => {
+                tracing::info!(
+                    ?opener,
+                    attempts_left = self.window.attempts_left(),
+                    closes_at = self.window.closes_at(),
+                    "onboarding window open"
+                );
+                if self.onboarding_served {
+                    let _ = self.events.send(Event::OnboardingOpened {
+                        closes_at: self.window.closes_at().unwrap_or(0),
+                        attempts_left: self.window.attempts_left(),
+                    });
+                }
+            }
+            Change::Closed(why) => {
+                tracing::info!(why = why.as_str(), "onboarding window closed");
+                if self.onboarding_served {
+                    let _ = self.events.send(Event::OnboardingClosed {
+                        reason: why.as_str(),
+                    });
+                }
+            }
         }
         self.persist_window();
     }
@@ -762,6 +784,7 @@ impl Core {
         let closed = self.window.close(onboard::window::Closed::Success);
         self.window_changed(closed);
         self.onboarding_phase = Some(Phase::ClaimReceived);
+        let _ = self.events.send(Event::OnboardingClaimReceived);
         Ok(Ok(()))
     }
 
@@ -777,6 +800,7 @@ impl Core {
                             self.window_changed(change);
                         }
                         if self.persist_window() {
+                            self.publish();
                             Ok(left)
                         } else {
                             Err(Refusal {
@@ -802,10 +826,28 @@ impl Core {
             Request::Paired { peer } => {
                 tracing::info!(%peer, "onboarding: paired with the installer's client");
                 self.onboarding_phase = Some(Phase::Paired);
+                let _ = self.events.send(Event::OnboardingPaired);
+            }
+            Request::Unpaired => {
+                if self.onboarding_phase == Some(Phase::Paired) {
+                    tracing::info!("onboarding: the paired session ended without a claim");
+                    self.onboarding_phase = None;
+                }
             }
             Request::HandOver { plaintext, reply } => {
                 let answer = self.hand_over(&plaintext)?;
+                if answer.is_err() && self.onboarding_phase == Some(Phase::Paired) {
+                    // The session ends with the refusal: the installer pairs again.
+                    self.onboarding_phase = None;
+                }
+                // What the installer's client reads next (`/v1/events`, `/v1/status`) must
+                // already be this claim's progress, not the previous claim's outcome.
+                self.publish();
                 let _ = reply.send(answer);
+            }
+            Request::Discovery { detail } => {
+                tracing::info!("onboarding discovery: {detail}");
+                self.onboarding_discovery = detail;
             }
         }
         Ok(())
@@ -837,6 +879,12 @@ impl Core {
         if self.onboarding_served {
             snap.onboarding_open = self.window.is_open();
             snap.onboarding_closes_at = self.window.closes_at();
+            snap.onboarding_attempts_left = if self.window.is_open() {
+                self.window.attempts_left()
+            } else {
+                0
+            };
+            snap.onboarding_discovery = self.onboarding_discovery.clone();
         }
         let line = snap.status_line.clone();
         let mut line_changed = false;
@@ -971,7 +1019,12 @@ impl Core {
                     Event::Failed { code, message } => {
                         tracing::error!(code = code.as_str(), "{message}");
                     }
-                    Event::Connected { .. } | Event::Disconnected { .. } => {}
+                    Event::Connected { .. }
+                    | Event::Disconnected { .. }
+                    | Event::OnboardingOpened { .. }
+                    | Event::OnboardingClosed { .. }
+                    | Event::OnboardingPaired
+                    | Event::OnboardingClaimReceived => {}
                 }
                 let _ = self.events.send(event);
             }

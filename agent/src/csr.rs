@@ -42,6 +42,9 @@ fn rcgen_error(key: &dyn DeviceKey, e: rcgen::Error) -> KeyError {
     }
 }
 
+/// The onboarding certificate's serial number length (bytes).
+const SERIAL_LEN: usize = 16;
+
 /// A self-signed certificate (DER) for `key`, for the onboarding server: nobody can verify it
 /// (the setup code authenticates the gateway, and the client binds to the certificate it saw),
 /// so it only needs to be stable and this gateway's. Valid from `not_before` for 30 years.
@@ -65,6 +68,12 @@ pub fn self_signed(
         .push(rcgen::DnType::CommonName, common_name);
     params.not_before = not_before;
     params.not_after = not_before.saturating_add(time::Duration::days(30 * 365));
+    // rcgen makes a serial number only with its `crypto` feature, which iotd does not build
+    // (test builds get it from dev-dependencies, so only a release build would fail here):
+    // 16 random bytes, positive as RFC 5280 §4.1.2.2 wants.
+    let mut serial = rand::random::<[u8; SERIAL_LEN]>();
+    serial[0] = (serial[0] & 0x7f) | 0x01;
+    params.serial_number = Some(rcgen::SerialNumber::from(serial.to_vec()));
     let certificate = params.self_signed(&signer);
     if let Some(failure) = signer.failure.take() {
         return Err(failure);
@@ -169,6 +178,28 @@ mod tests {
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, point)
             .verify(info.raw, &csr.signature_value.data)
             .expect("the CSR signature verifies");
+    }
+
+    /// The serial number is iotd's own (rcgen without its `crypto` feature, as in a release
+    /// build, refuses a certificate without one), positive, and new for each certificate.
+    #[test]
+    fn the_self_signed_certificate_has_its_own_positive_serial() {
+        use x509_parser::prelude::X509Certificate;
+        let dir = tempfile::tempdir().unwrap();
+        let key = FileBackend::new(dir.path()).create(1).unwrap();
+
+        let now = time::OffsetDateTime::now_utc();
+        let serials: Vec<Vec<u8>> = (0..2)
+            .map(|_| {
+                let der = self_signed(key.as_ref(), "iotd onboarding GW-1", now).unwrap();
+                let (_, cert) = X509Certificate::from_der(&der).unwrap();
+                let serial = cert.raw_serial().to_vec();
+                assert_eq!(serial.len(), SERIAL_LEN, "{serial:02x?}");
+                assert!(serial[0] & 0x80 == 0 && serial[0] != 0, "{serial:02x?}");
+                serial
+            })
+            .collect();
+        assert_ne!(serials[0], serials[1]);
     }
 
     #[test]

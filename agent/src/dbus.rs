@@ -123,6 +123,8 @@ struct Wire {
     last_error: LastErrorWire,
     onboarding_open: bool,
     onboarding_closes_at: i64,
+    onboarding_attempts_left: u32,
+    onboarding_discovery: String,
 }
 
 impl Wire {
@@ -150,6 +152,8 @@ impl Wire {
             ),
             onboarding_open: s.onboarding_open,
             onboarding_closes_at: s.onboarding_closes_at.unwrap_or(0),
+            onboarding_attempts_left: s.onboarding_attempts_left,
+            onboarding_discovery: s.onboarding_discovery.clone(),
         }
     }
 
@@ -181,6 +185,8 @@ impl Wire {
             endpoint => "Endpoint",
             onboarding_open => "OnboardingOpen",
             onboarding_closes_at => "OnboardingClosesAt",
+            onboarding_attempts_left => "OnboardingAttemptsLeft",
+            onboarding_discovery => "OnboardingDiscovery",
         );
         if self.last_error != new.last_error {
             let value = zbus::Structure::from(new.last_error.clone());
@@ -434,6 +440,19 @@ impl Agent1 {
         self.wire().onboarding_closes_at
     }
 
+    /// Pairing attempts left before the window closes (20 per window); 0 when it is closed.
+    #[zbus(property)]
+    fn onboarding_attempts_left(&self) -> u32 {
+        self.wire().onboarding_attempts_left
+    }
+
+    /// Whether the gateway is announced on the local network (DNS-SD through Avahi), in
+    /// words; "" when the gateway has no onboarding server.
+    #[zbus(property)]
+    fn onboarding_discovery(&self) -> String {
+        self.wire().onboarding_discovery
+    }
+
     /// The version of iotd serving this object.
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
@@ -463,6 +482,28 @@ impl Agent1 {
     /// The MQTT session with the device's identity is up.
     #[zbus(signal)]
     async fn session_up(emitter: &SignalEmitter<'_>, certificate_id: &str) -> zbus::Result<()>;
+
+    /// The onboarding window opened: pairing is allowed until `closes_at` (Unix seconds),
+    /// with `attempts_left` attempts.
+    #[zbus(signal)]
+    async fn onboarding_opened(
+        emitter: &SignalEmitter<'_>,
+        closes_at: i64,
+        attempts_left: u32,
+    ) -> zbus::Result<()>;
+
+    /// The onboarding window closed: `timeout`, `requested`, `attempts` (20 used), `success`
+    /// or `not-needed` (the gateway has an identity or a claim of its own).
+    #[zbus(signal)]
+    async fn onboarding_closed(emitter: &SignalEmitter<'_>, reason: &str) -> zbus::Result<()>;
+
+    /// An installer's client proved it knows the setup code.
+    #[zbus(signal)]
+    async fn onboarding_paired(emitter: &SignalEmitter<'_>) -> zbus::Result<()>;
+
+    /// The installer's claim was accepted; the gateway provisions with it now.
+    #[zbus(signal)]
+    async fn onboarding_claim_received(emitter: &SignalEmitter<'_>) -> zbus::Result<()>;
 
     /// The MQTT session went down: on an error (its code; iotd reconnects by itself), or
     /// because iotd stopped it ("" code: its identity was abandoned).
@@ -541,6 +582,13 @@ async fn emit(emitter: &SignalEmitter<'_>, event: &Event) -> zbus::Result<()> {
             let code = code.map_or("", |c| c.as_str());
             Agent1::session_down(emitter, code, message).await
         }
+        Event::OnboardingOpened {
+            closes_at,
+            attempts_left,
+        } => Agent1::onboarding_opened(emitter, *closes_at, *attempts_left).await,
+        Event::OnboardingClosed { reason } => Agent1::onboarding_closed(emitter, reason).await,
+        Event::OnboardingPaired => Agent1::onboarding_paired(emitter).await,
+        Event::OnboardingClaimReceived => Agent1::onboarding_claim_received(emitter).await,
     }
 }
 

@@ -148,6 +148,15 @@ pub enum Event {
         code: Option<ErrorCode>,
         message: String,
     },
+    /// The onboarding window opened; it closes at `closes_at` (Unix seconds).
+    OnboardingOpened { closes_at: i64, attempts_left: u32 },
+    /// The onboarding window closed: `timeout`, `requested`, `attempts`, `success` or
+    /// `not-needed`.
+    OnboardingClosed { reason: &'static str },
+    /// An installer's client proved it knows the setup code.
+    OnboardingPaired,
+    /// The installer's claim was accepted; provisioning uses it now.
+    OnboardingClaimReceived,
 }
 
 /// What the core must do after a transition, in order.

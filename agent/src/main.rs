@@ -195,7 +195,7 @@ fn main() -> ExitCode {
 /// persisted state: never a half-alive agent.
 async fn serve(settings: config::Settings, backend: Arc<dyn iotd::keys::KeyBackend>) -> ExitCode {
     let state_dir = settings.state_dir.clone();
-    let listen = settings.onboarding.listen;
+    let onboarding_settings = settings.onboarding.clone();
     let onboarding_backend = backend.clone();
     let (mut core, handle) = match iotd::core::Core::new(settings, backend) {
         Ok(c) => c,
@@ -213,7 +213,7 @@ async fn serve(settings: config::Settings, backend: Arc<dyn iotd::keys::KeyBacke
     // image's claim: keep going, say so.
     let onboarding = match iotd::onboard::run::start(
         &state_dir,
-        listen,
+        &onboarding_settings,
         onboarding_backend,
         handle.onboarding.clone(),
     )

@@ -33,6 +33,11 @@ pub struct Snapshot {
     pub last_error: Option<LastError>,
     pub onboarding_open: bool,
     pub onboarding_closes_at: Option<i64>,
+    /// Counted pairing attempts left in the window (0 when closed or not served).
+    pub onboarding_attempts_left: u32,
+    /// Whether the gateway is announced for discovery (DNS-SD), in words; "" when onboarding
+    /// is not served.
+    pub onboarding_discovery: String,
     /// The one-line summary also sent as systemd STATUS=.
     pub status_line: String,
 }
@@ -124,6 +129,8 @@ pub fn snapshot(machine: &Machine, cx: &Context) -> Snapshot {
         last_error: state.last_error.clone(),
         onboarding_open: false,
         onboarding_closes_at: None,
+        onboarding_attempts_left: 0,
+        onboarding_discovery: String::new(),
         status_line: String::new(),
     };
     snap.status_line = status_line(machine, &snap);

@@ -16,7 +16,8 @@ use rustls::client::Resumption;
 use rustls::pki_types::CertificateDer;
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use sha2::{Digest, Sha256};
-use x509_parser::prelude::{FromDer, X509Certificate};
+
+mod x509;
 
 use crate::keys::DeviceKey;
 
@@ -203,28 +204,25 @@ pub fn parse_chain_pem(pem: &str, what: &str) -> Result<Vec<CertificateDer<'stat
 
 /// The SubjectPublicKeyInfo DER of a certificate, to compare with `DeviceKey::public_key_spki`.
 pub fn certificate_spki(cert: &CertificateDer<'_>) -> Result<Vec<u8>, TlsError> {
-    Ok(parse_certificate(cert)?.public_key().raw.to_vec())
+    Ok(parse_certificate(cert)?.spki.to_vec())
 }
 
 /// The certificate's notAfter as Unix seconds.
 pub fn certificate_not_after(cert: &CertificateDer<'_>) -> Result<i64, TlsError> {
-    Ok(parse_certificate(cert)?.validity().not_after.timestamp())
+    Ok(parse_certificate(cert)?.not_after)
 }
 
 /// The certificate's notBefore and notAfter as Unix seconds.
 pub fn certificate_validity(cert: &CertificateDer<'_>) -> Result<(i64, i64), TlsError> {
-    let v = parse_certificate(cert)?.validity().clone();
-    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+    let fields = parse_certificate(cert)?;
+    Ok((fields.not_before, fields.not_after))
 }
 
-fn parse_certificate<'a>(cert: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, TlsError> {
-    match X509Certificate::from_der(cert.as_ref()) {
-        Ok((_, parsed)) => Ok(parsed),
-        Err(e) => Err(TlsError::Certificate {
-            fingerprint: fingerprint(cert),
-            message: e.to_string(),
-        }),
-    }
+fn parse_certificate<'a>(cert: &'a CertificateDer<'_>) -> Result<x509::Fields<'a>, TlsError> {
+    x509::parse(cert.as_ref()).map_err(|message| TlsError::Certificate {
+        fingerprint: fingerprint(cert),
+        message,
+    })
 }
 
 /// "sha256:" and the first 8 bytes of the fingerprint in hex: enough to tell certificates apart
@@ -245,7 +243,7 @@ fn read_file(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
 fn parse_chain_bytes(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = pem_certificates(pem, what)?;
     for (index, cert) in certs.iter().enumerate() {
-        if let Err(e) = X509Certificate::from_der(cert.as_ref()) {
+        if let Err(e) = x509::parse(cert.as_ref()) {
             return Err(TlsError::Pem {
                 what: what.to_string(),
                 message: format!("certificate {} is not valid X.509: {e}", index + 1),

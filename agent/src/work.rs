@@ -120,6 +120,7 @@ impl Resources {
             let identity = cloud::Identity::Claim {
                 not_after: claim.not_after,
                 path: claim.description.clone(),
+                by_clock: claim.origin != crate::store::ClaimOrigin::Network,
             };
             let session = Session::connect(
                 &self.target,

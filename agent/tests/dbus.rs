@@ -175,6 +175,8 @@ fn snapshot() -> Snapshot {
         }),
         onboarding_open: false,
         onboarding_closes_at: None,
+        onboarding_attempts_left: 0,
+        onboarding_discovery: "off: Avahi is not running".into(),
         status_line: "provisioned as gw-test-1".into(),
     }
 }
@@ -332,6 +334,8 @@ async fn unprivileged_user_reads_every_property() {
         ),
         ("OnboardingOpen", "b false"),
         ("OnboardingClosesAt", "x 0"),
+        ("OnboardingAttemptsLeft", "u 0"),
+        ("OnboardingDiscovery", "s \"off: Avahi is not running\""),
         ("Version", version.as_str()),
     ];
     for (property, value) in expected {
@@ -749,8 +753,9 @@ async fn properties_changed_follows_the_snapshot() {
             "Connected",
             "Endpoint",
             "LastError",
+            "OnboardingDiscovery",
         ]),
-        "NextRotation, KeyBackend, OnboardingOpen and OnboardingClosesAt kept their values"
+        "NextRotation, KeyBackend and the onboarding window's properties kept their values"
     );
     let last_error: iotd_api::LastErrorWire = args.changed_properties()["LastError"]
         .try_clone()
@@ -815,6 +820,13 @@ async fn events_become_signals() {
             code: ErrorCode::ClaimRejected,
             message: "AWS IoT refused the claim certificate".into(),
         },
+        Event::OnboardingOpened {
+            closes_at: 1_800_000_600,
+            attempts_left: 20,
+        },
+        Event::OnboardingPaired,
+        Event::OnboardingClaimReceived,
+        Event::OnboardingClosed { reason: "success" },
     ];
     for e in &events {
         f.events.send(e.clone()).unwrap();
@@ -835,9 +847,17 @@ async fn events_become_signals() {
             "SessionUp",
             "SessionDown",
             "SessionUp",
-            "Failed"
+            "Failed",
+            "OnboardingOpened",
+            "OnboardingPaired",
+            "OnboardingClaimReceived",
+            "OnboardingClosed",
         ]
     );
+    let (closes_at, attempts_left): (i64, u32) = received[5].body().deserialize().unwrap();
+    assert_eq!((closes_at, attempts_left), (1_800_000_600, 20));
+    let (reason,): (String,) = received[8].body().deserialize().unwrap();
+    assert_eq!(reason, "success");
     let (thing, cert): (String, String) = received[0].body().deserialize().unwrap();
     assert_eq!((thing.as_str(), cert.as_str()), ("gw-test-1", "c0ffee"));
     let (cert,): (String,) = received[1].body().deserialize().unwrap();

@@ -284,11 +284,19 @@ pub async fn onboarding_status(json: bool) -> anyhow::Result<()> {
     let read = |e| call_error("reading iotd's onboarding properties", e);
     let open = proxy.onboarding_open().await.map_err(read)?;
     let closes_at = proxy.onboarding_closes_at().await.map_err(read)?;
+    let attempts_left = proxy.onboarding_attempts_left().await.map_err(read)?;
+    let discovery = proxy.onboarding_discovery().await.map_err(read)?;
+    let discovery = if discovery.is_empty() {
+        "off: onboarding is off on this gateway".to_owned()
+    } else {
+        discovery
+    };
     if json {
         let value = serde_json::json!({
             "open": open,
             "closesAt": (closes_at > 0).then_some(closes_at),
-            "discovery": "off",
+            "attemptsLeft": attempts_left,
+            "discovery": discovery,
         });
         println!("{value}");
         return Ok(());
@@ -299,8 +307,10 @@ pub async fn onboarding_status(json: bool) -> anyhow::Result<()> {
         (false, _) => "closed (iotctl onboarding open opens it)".to_owned(),
     };
     println!("Window:    {window}");
-    // DNS-SD publication (Avahi) is not in this build: installers reach the gateway by address.
-    println!("Discovery: off (reach the gateway by its address)");
+    if open {
+        println!("Attempts:  {attempts_left} left");
+    }
+    println!("Discovery: {discovery}");
     Ok(())
 }
 

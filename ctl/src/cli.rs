@@ -37,7 +37,12 @@ Exit codes:
      cannot be read, or whose key is not the certificate's
   3  the gateway is not reachable: HOST does not resolve, no TCP connection or TLS handshake
      at HOST:PORT, or the connection broke before the claim was handed over (nothing was
-     handed over: run the command again)";
+     handed over: run the command again)
+
+With --discover:
+  0  at least one gateway is waiting (they are listed)
+  1  no gateway announced itself within --for, or Avahi's browsing failed
+  3  Avahi is not reachable: no system bus, or nothing owns org.freedesktop.Avahi on it";
 
 /// Field-operations tool for iotd, the gateway's AWS IoT identity agent.
 ///
@@ -124,6 +129,13 @@ pub enum Command {
     /// this soon after CreateProvisioningClaim.
     ///
     /// Each wrong code costs one of the gateway's attempts (20 per onboarding window).
+    ///
+    /// With --discover, iotctl instead lists the gateways on the local network whose
+    /// onboarding window is open: they announce themselves over DNS-SD (_iotd-onboard._tcp,
+    /// with their serial and model), which iotctl browses through Avahi's D-Bus API, so
+    /// avahi-daemon must run on this computer. It prints one line per gateway: its serial,
+    /// model, host name and port, and address. The serial to onboard with is still the one on
+    /// the label: compare it with the list, never take it from the network.
     #[command(after_help = ONBOARD_EXIT_CODES_HELP)]
     Onboard(OnboardArgs),
 }
@@ -256,15 +268,15 @@ pub struct RegisterArgs {
 pub struct OnboardArgs {
     /// The gateway: a host name or an IP address (an IPv6 one in brackets when a port
     /// follows), and the port of its onboarding endpoint (default 8443).
-    #[arg(value_name = "HOST[:PORT]")]
-    pub gateway: String,
+    #[arg(value_name = "HOST[:PORT]", required_unless_present = "discover")]
+    pub gateway: Option<String>,
     /// The setup code on the gateway's label: 16 digits (XXXX-XXXX-XXXX-XXXX; spaces and
     /// hyphens are ignored). "-" reads it from the first line of standard input, which keeps it
     /// out of the process list.
     #[arg(
         long,
         value_name = "CODE",
-        required_unless_present = "qr",
+        required_unless_present_any = ["qr", "discover"],
         requires = "serial",
         conflicts_with = "qr"
     )]
@@ -273,7 +285,7 @@ pub struct OnboardArgs {
     #[arg(
         long,
         value_name = "SERIAL",
-        required_unless_present = "qr",
+        required_unless_present_any = ["qr", "discover"],
         requires = "code",
         conflicts_with = "qr"
     )]
@@ -283,11 +295,11 @@ pub struct OnboardArgs {
     #[arg(long, value_name = "PAYLOAD")]
     pub qr: Option<String>,
     /// The claim certificate, PEM (CreateProvisioningClaim's certificatePem).
-    #[arg(long, value_name = "FILE")]
-    pub claim_cert: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "discover")]
+    pub claim_cert: Option<PathBuf>,
     /// The claim's private key, PEM (CreateProvisioningClaim's keyPair.PrivateKey).
-    #[arg(long, value_name = "FILE")]
-    pub claim_key: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "discover")]
+    pub claim_key: Option<PathBuf>,
     /// The provisioning template the gateway registers with (one its configuration allows;
     /// default: the gateway's configured template).
     #[arg(long, value_name = "TEMPLATE")]
@@ -310,9 +322,50 @@ pub struct OnboardArgs {
     )]
     pub timeout: u64,
     /// Print one JSON object per line for each step and event, and a final result object
-    /// ({"result", "exit_code", ...}) instead of text.
+    /// ({"result", "exit_code", ...}) instead of text. With --discover: one object,
+    /// {"result", "exit_code", "gateways": [{"serial", "model", "host", "port", "address",
+    /// "interface", "name", "txt"}]}.
     #[arg(long)]
     pub json: bool,
+    /// Instead of onboarding a gateway, list the gateways on the local network whose
+    /// onboarding window is open (DNS-SD _iotd-onboard._tcp, browsed through Avahi).
+    #[arg(
+        long,
+        conflicts_with_all = [
+            "gateway", "code", "serial", "qr", "claim_cert", "claim_key", "template", "params",
+            "binding", "timeout",
+        ]
+    )]
+    pub discover: bool,
+    /// With --discover: how long to listen for announcements, in seconds or with a unit (3s,
+    /// 1m); 1 s to 5 min. Gateways answer within a second on a quiet network.
+    #[arg(
+        long = "for",
+        value_name = "DURATION",
+        default_value = "3s",
+        value_parser = discover_duration,
+        requires = "discover"
+    )]
+    pub discover_for: u32,
+}
+
+/// How long `onboard --discover` browses: "5", "3s", "1m"; 1 s to 5 min.
+pub fn discover_duration(text: &str) -> Result<u32, String> {
+    let (number, unit) = match text.strip_suffix('m') {
+        Some(n) => (n, 60),
+        None => (text.strip_suffix('s').unwrap_or(text), 1),
+    };
+    let seconds = number
+        .parse::<u32>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| format!("{text:?} is not a duration (like 3, 3s or 1m)"))?;
+    if !(1..=300).contains(&seconds) {
+        return Err(format!(
+            "discovery lasts 1 s to 5 min (300 s); {text} is {seconds} s"
+        ));
+    }
+    Ok(seconds)
 }
 
 /// `--binding`.

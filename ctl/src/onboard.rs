@@ -12,8 +12,10 @@
 //! 3. The prover's secret from the code, the serial and the gateway's PBKDF parameters; SPAKE2+
 //!    as the prover over the context of everything step 2 exchanged, bound (by default) to the
 //!    TLS certificate iotctl saw: `POST /v1/pair/start`. If the gateway's `confirm_v` does not
-//!    check out, iotctl stops without sending `/v1/pair/finish`: a wrong code, or someone in
-//!    between (a relay that re-terminates TLS changes the binding).
+//!    check out (a wrong code, or someone in between: a relay that re-terminates TLS changes
+//!    the binding), iotctl ends the session with a `/v1/pair/finish` carrying random bytes,
+//!    which tell the gateway nothing but free it at once for the next try (else it would keep
+//!    the unfinished session, and answer `busy`, for up to 30 s), and stops.
 //! 4. `POST /v1/pair/finish`, then the claim bundle sealed with the session's client-to-gateway
 //!    key (`POST /v1/claim`), and the gateway's sealed ack, which must say `accepted`.
 //! 5. The gateway's progress from `GET /v1/events` (Server-Sent Events of the `/v1/status`
@@ -29,6 +31,7 @@
 //! arguments while iotctl runs), and the decoded key inside ring while the claim files are
 //! checked.
 
+mod discover;
 mod http;
 
 use std::collections::BTreeMap;
@@ -73,6 +76,9 @@ fn client_id() -> String {
 
 /// `iotctl onboard`: runs it and returns the exit code (the outcome is printed).
 pub async fn run(args: OnboardArgs) -> u8 {
+    if args.discover {
+        return discover::run(Duration::from_secs(args.discover_for.into()), args.json).await;
+    }
     let out = Output::new(args.json);
     match onboard(args, &out).await {
         Ok(done) => {
@@ -382,18 +388,23 @@ fn read_pem(path: &std::path::Path, what: &str) -> Result<Zeroizing<String>, Sto
 /// computer's clock (a warning says if it thinks the claim expired): the gateway uses the claim
 /// at once and reports AWS's answer.
 fn claim_files(args: &OnboardArgs) -> Result<ClaimFiles, Stop> {
-    let certificate_pem = read_pem(&args.claim_cert, "claim certificate")?;
-    let private_key_pem = read_pem(&args.claim_key, "claim key")?;
+    let (Some(claim_cert), Some(claim_key)) = (&args.claim_cert, &args.claim_key) else {
+        return Err(Stop::usage(
+            "give the claim's files: --claim-cert and --claim-key",
+        ));
+    };
+    let certificate_pem = read_pem(claim_cert, "claim certificate")?;
+    let private_key_pem = read_pem(claim_key, "claim key")?;
     iotd::claim::Claim::from_pem(
         &certificate_pem,
         &private_key_pem,
-        args.claim_cert.display().to_string(),
+        claim_cert.display().to_string(),
     )
     .map_err(|e| {
         Stop::usage(format!(
             "the claim files (--claim-cert {}, --claim-key {}): {e}; the gateway would refuse them",
-            args.claim_cert.display(),
-            args.claim_key.display()
+            claim_cert.display(),
+            claim_key.display()
         ))
     })?;
     Ok(ClaimFiles {
@@ -453,7 +464,12 @@ fn bundle_json(bundle: &Bundle<'_>) -> Result<Zeroizing<Vec<u8>>, Stop> {
 // The flow.
 
 async fn onboard(mut args: OnboardArgs, out: &Output) -> Result<Done, Stop> {
-    let target = Target::parse(&args.gateway, DEFAULT_PORT).map_err(Stop::usage)?;
+    let Some(gateway) = args.gateway.as_deref() else {
+        return Err(Stop::usage(
+            "give the gateway's HOST[:PORT] (iotctl onboard --discover lists those waiting)",
+        ));
+    };
+    let target = Target::parse(gateway, DEFAULT_PORT).map_err(Stop::usage)?;
     let Label { serial, code } = label(&mut args)?;
     let parameters = parameters(&args.params)?;
     if args
@@ -683,13 +699,13 @@ async fn pair(
     let confirmed = match prover.finish(&share_v, &confirm_v) {
         Ok(confirmed) => confirmed,
         Err(Spake2PlusError::ConfirmationMismatch) => {
+            abandon(gateway, &session_id).await;
             return Err(Stop::failed(
                 "wrong-code",
                 format!(
                     "the gateway did not prove it knows this code: wrong code, or someone in \
-                     between (a relay that re-terminates TLS). Nothing more was sent. Check the \
-                     code and serial on the label and try again{left}; the gateway keeps the \
-                     unfinished session for up to 30 s"
+                     between (a relay that re-terminates TLS). Nothing was sent that depends \
+                     on the code. Check the code and serial on the label and try again{left}"
                 ),
             ));
         }
@@ -757,6 +773,23 @@ async fn post(
         return Err(protocol(endpoint, "its answer is not version 1 (\"v\": 1)"));
     }
     Ok(answer)
+}
+
+/// Ends a session whose `confirm_v` did not check out: a `/v1/pair/finish` with random bytes
+/// for `confirm_p` (the gateway refuses it and ends the session; random bytes reveal nothing
+/// about the code), so the gateway is free for the next try at once. Best effort: the answer
+/// is not needed, and a gateway that does not answer drops the session at its step deadline.
+async fn abandon(gateway: &mut Gateway, session_id: &[u8]) {
+    let mut noise = [0u8; 32];
+    if rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut noise)
+        .is_err()
+    {
+        return;
+    }
+    let body = json!({ "v": 1, "session_id": b64(session_id), "confirm_p": b64(&noise) });
+    let _ = gateway.post(FINISH, &body).await;
 }
 
 /// A refusal, from the profile's error body (or what there is of it).

@@ -218,6 +218,8 @@ async fn core(
                 let _ = reply.send(Ok(()));
                 tokio::spawn(play(script.clone(), view.clone()));
             }
+            // Only iotd's discovery task sends it; this gateway has none.
+            Request::Discovery { .. } | Request::Unpaired => {}
         }
     }
 }

@@ -246,6 +246,13 @@ pub trait Agent1 {
     fn onboarding_open(&self) -> zbus::Result<bool>;
     #[zbus(property)]
     fn onboarding_closes_at(&self) -> zbus::Result<i64>;
+    /// Pairing attempts left in the open window; 0 when it is closed.
+    #[zbus(property)]
+    fn onboarding_attempts_left(&self) -> zbus::Result<u32>;
+    /// Whether the gateway is announced for discovery (DNS-SD), in words; "" without an
+    /// onboarding server.
+    #[zbus(property)]
+    fn onboarding_discovery(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
 
@@ -265,6 +272,19 @@ pub trait Agent1 {
     /// because iotd stopped it ("" code: its identity was abandoned).
     #[zbus(signal)]
     fn session_down(&self, code: &str, message: &str) -> zbus::Result<()>;
+    /// The onboarding window opened until `closes_at`, with `attempts_left` pairing attempts.
+    #[zbus(signal)]
+    fn onboarding_opened(&self, closes_at: i64, attempts_left: u32) -> zbus::Result<()>;
+    /// The onboarding window closed: `timeout`, `requested`, `attempts`, `success` or
+    /// `not-needed`.
+    #[zbus(signal)]
+    fn onboarding_closed(&self, reason: &str) -> zbus::Result<()>;
+    /// An installer's client proved it knows the setup code.
+    #[zbus(signal)]
+    fn onboarding_paired(&self) -> zbus::Result<()>;
+    /// The installer's claim was accepted; the gateway provisions with it now.
+    #[zbus(signal)]
+    fn onboarding_claim_received(&self) -> zbus::Result<()>;
 }
 
 #[cfg(test)]

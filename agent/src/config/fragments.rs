@@ -143,6 +143,8 @@ pub(super) struct StateFragment {
 pub(super) struct OnboardingFragment {
     /// Written like a template parameter: a string, `{ file = … }` or `{ command = […] }`.
     pub serial: Option<Spanned<ParameterFragment>>,
+    /// Like `serial`; announced in the DNS-SD TXT record (`model=`).
+    pub model: Option<Spanned<ParameterFragment>>,
     pub listen: Option<Spanned<String>>,
     pub allowed_templates: Option<Spanned<Vec<String>>>,
     pub allowed_endpoints: Option<Spanned<Vec<String>>>,

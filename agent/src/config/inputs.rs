@@ -55,6 +55,7 @@ pub(super) struct Layer {
     pub persistent_handle: Option<Located<u32>>,
     pub state_dir: Option<Located<PathBuf>>,
     pub onboarding_serial: Option<Located<ParameterSource>>,
+    pub onboarding_model: Option<Located<ParameterSource>>,
     pub onboarding_listen: Option<Located<std::net::SocketAddr>>,
     pub allowed_templates: Option<Located<Vec<String>>>,
     pub allowed_endpoints: Option<Located<Vec<String>>>,
@@ -88,6 +89,7 @@ impl Layer {
             persistent_handle,
             state_dir,
             onboarding_serial,
+            onboarding_model,
             onboarding_listen,
             allowed_templates,
             allowed_endpoints,
@@ -118,6 +120,7 @@ impl Layer {
         over(&mut self.persistent_handle, persistent_handle);
         over(&mut self.state_dir, state_dir);
         over(&mut self.onboarding_serial, onboarding_serial);
+        over(&mut self.onboarding_model, onboarding_model);
         over(&mut self.onboarding_listen, onboarding_listen);
         over(&mut self.allowed_templates, allowed_templates);
         over(&mut self.allowed_endpoints, allowed_endpoints);
@@ -265,6 +268,7 @@ impl Layer {
     ) -> Result<(), ConfigError> {
         let OnboardingFragment {
             serial,
+            model,
             listen,
             allowed_templates,
             allowed_endpoints,
@@ -313,6 +317,14 @@ impl Layer {
                 return Err(check.invalid(key, span, &message));
             }
             self.onboarding_serial = Some(Located {
+                value,
+                at: check.source.locate(span.start),
+            });
+        }
+        if let Some(model) = model {
+            let span = model.span();
+            let value = parameter("onboarding.model", model, check)?;
+            self.onboarding_model = Some(Located {
                 value,
                 at: check.source.locate(span.start),
             });

@@ -192,6 +192,10 @@ pub struct OnboardingSettings {
     /// The gateway's serial as printed on its label: SPAKE2+'s idVerifier, and in the QR
     /// payload. Resolved by [`OnboardingSettings::resolve_serial`]; `None` when not configured.
     pub serial: Option<ParameterSource>,
+    /// The gateway's model, announced with the serial while the window is open (DNS-SD TXT
+    /// `model=`). Resolved by [`OnboardingSettings::resolve_model`]; `None` when not configured
+    /// (the announcement then reads the device tree's or DMI's model).
+    pub model: Option<ParameterSource>,
     /// Where the onboarding server listens.
     pub listen: std::net::SocketAddr,
     /// The templates an installer's claim may name; the configured template when not set.
@@ -226,20 +230,38 @@ impl OnboardingSettings {
         })?;
         Ok(values.remove(ONBOARDING_SERIAL_NAME))
     }
+
+    /// Resolves `onboarding.model` now, like [`OnboardingSettings::resolve_serial`] (it blocks
+    /// for up to 5 s); `None` when it is not configured.
+    pub fn resolve_model(&self) -> Result<Option<String>, ConfigError> {
+        let Some(source) = &self.model else {
+            return Ok(None);
+        };
+        let sources = BTreeMap::from([(ONBOARDING_MODEL_NAME.to_owned(), source.clone())]);
+        let mut values =
+            parameters::resolve_all(&sources, PARAMETER_COMMAND_TIMEOUT).map_err(|cause| {
+                ConfigError::OnboardingModel {
+                    cause: Box::new(cause),
+                }
+            })?;
+        Ok(values.remove(ONBOARDING_MODEL_NAME))
+    }
 }
 
 /// The name `onboarding.serial` is resolved under by the template parameter resolver, whose
 /// messages name `provisioning.parameters.<name>`; [`ConfigError::OnboardingSerial`] puts the
 /// right key in their place.
 const ONBOARDING_SERIAL_NAME: &str = "serial";
+/// The same for `onboarding.model` and [`ConfigError::OnboardingModel`].
+const ONBOARDING_MODEL_NAME: &str = "model";
 
-/// A resolver message about `onboarding.serial`, with its key in place of the template
+/// A resolver message about `onboarding.<name>`, with its key in place of the template
 /// parameter's.
-fn onboarding_serial_message(cause: &ConfigError) -> String {
+fn onboarding_key_message(name: &str, cause: &ConfigError) -> String {
     let message = cause.to_string();
-    let parameter = parameter_context(ONBOARDING_SERIAL_NAME);
+    let parameter = parameter_context(name);
     match message.strip_prefix(&parameter) {
-        Some(rest) => format!("resolving onboarding.serial{rest}"),
+        Some(rest) => format!("resolving onboarding.{name}{rest}"),
         None => message,
     }
 }
@@ -364,8 +386,11 @@ pub enum ConfigError {
     },
     /// Resolving `onboarding.serial` (a file or command) failed; `cause` is the resolver's
     /// error, and the message names the key in its place.
-    #[error("{}", onboarding_serial_message(cause))]
+    #[error("{}", onboarding_key_message(ONBOARDING_SERIAL_NAME, cause))]
     OnboardingSerial { cause: Box<ConfigError> },
+    /// Resolving `onboarding.model` failed, as for [`ConfigError::OnboardingSerial`].
+    #[error("{}", onboarding_key_message(ONBOARDING_MODEL_NAME, cause))]
+    OnboardingModel { cause: Box<ConfigError> },
 }
 
 /// Where a template parameter's value was read from, for [`ConfigError::ParameterValue`].
@@ -431,7 +456,9 @@ impl ConfigError {
                 problem,
                 ..
             } => *problem == ValueProblem::Empty,
-            ConfigError::OnboardingSerial { cause } => cause.is_transient(),
+            ConfigError::OnboardingSerial { cause } | ConfigError::OnboardingModel { cause } => {
+                cause.is_transient()
+            }
             ConfigError::ReadFile { .. }
             | ConfigError::NotUtf8 { .. }
             | ConfigError::MissingFile { .. }
@@ -452,7 +479,7 @@ impl ConfigError {
             | ConfigError::ParameterCommandTimeout { name, .. }
             | ConfigError::ParameterValue { name, .. } => Some(name),
             // Resolved like one, but not a template parameter.
-            ConfigError::OnboardingSerial { .. } => None,
+            ConfigError::OnboardingSerial { .. } | ConfigError::OnboardingModel { .. } => None,
             ConfigError::ReadFile { .. }
             | ConfigError::NotUtf8 { .. }
             | ConfigError::MissingFile { .. }
@@ -582,6 +609,7 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
         persistent_handle,
         state_dir,
         onboarding_serial,
+        onboarding_model,
         onboarding_listen,
         allowed_templates,
         allowed_endpoints,
@@ -693,6 +721,7 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
         state_dir: state_dir.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |d| d.value),
         onboarding: OnboardingSettings {
             serial: onboarding_serial.map(|s| s.value),
+            model: onboarding_model.map(|m| m.value),
             listen: onboarding_listen.map_or_else(
                 || std::net::SocketAddr::from(([0, 0, 0, 0], DEFAULT_ONBOARDING_PORT)),
                 |l| l.value,

@@ -1426,6 +1426,7 @@ fn onboarding_defaults() -> OnboardingSettings {
     let s = load_parts(&[("/etc/iotd/config.toml", REQUIRED)]).unwrap();
     OnboardingSettings {
         serial: None,
+        model: None,
         listen: "0.0.0.0:8443".parse().unwrap(),
         allowed_templates: vec![s.provisioning.template.clone()],
         allowed_endpoints: vec![s.cloud.endpoint.clone()],
@@ -1532,7 +1533,7 @@ fn a_bad_onboarding_serial_is_refused_where_it_is_written() {
         ("[onboarding]\nserial = 42\n", "key onboarding.serial"),
         (
             "[onboarding]\nserail = \"A\"\n",
-            "unknown key (expected one of: serial, listen, allowed_templates, \
+            "unknown key (expected one of: serial, model, listen, allowed_templates, \
              allowed_endpoints, installer_parameters); did you mean serial?",
         ),
         ("onboarding = [1]\n", "expected a [onboarding] table"),
@@ -1540,6 +1541,46 @@ fn a_bad_onboarding_serial_is_refused_where_it_is_written() {
         let error = error_of(text);
         assert!(error.contains(says), "{text:?}: {error}");
     }
+}
+
+#[test]
+fn the_onboarding_model_is_written_and_resolved_like_the_serial() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("model");
+    fs::write(&file, "Raspberry Pi 4 Model B Rev 1.4\0").unwrap();
+    let s = with(&format!(
+        "[onboarding]\nmodel = {{ file = \"{}\" }}\n",
+        file.display()
+    ));
+    assert_eq!(
+        s.onboarding.model,
+        Some(ParameterSource::File(file.clone()))
+    );
+    assert_eq!(
+        s.onboarding.resolve_model().unwrap().as_deref(),
+        Some("Raspberry Pi 4 Model B Rev 1.4")
+    );
+    assert_eq!(onboarding_defaults().resolve_model().unwrap(), None);
+    let e = error_of("[onboarding]\nmodel = { file = \"model.txt\" }\n");
+    assert!(
+        e.contains("key onboarding.model.file: \"model.txt\" is not an absolute path"),
+        "{e}"
+    );
+    let missing = tmp.path().join("missing");
+    let error = OnboardingSettings {
+        model: Some(ParameterSource::File(missing.clone())),
+        ..onboarding_defaults()
+    }
+    .resolve_model()
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "resolving onboarding.model: reading file {}: No such file or directory (os error 2)",
+            missing.display()
+        )
+    );
+    assert_eq!(error.parameter(), None, "not a template parameter");
 }
 
 #[test]

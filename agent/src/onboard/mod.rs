@@ -15,6 +15,8 @@
 //! - `window`: when pairing is allowed, and the attempt counter.
 //! - `certificate`: the server's self-signed certificate for the backend's onboarding key.
 //! - `run`: starting the server as a supervised task.
+//! - `discovery`: announcing the gateway (DNS-SD `_iotd-onboard._tcp` through Avahi) while the
+//!   window is open, and the Avahi D-Bus API that `iotctl onboard --discover` browses with.
 //!
 //! The reference is the protocol note's §5 (`onboarding-protocol.md`); its vectors are in
 //! `agent/tests/fixtures/onboarding/`.
@@ -22,6 +24,7 @@
 pub mod bundle;
 pub mod certificate;
 pub mod code;
+pub mod discovery;
 pub mod port;
 pub mod register;
 pub mod run;

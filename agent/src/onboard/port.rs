@@ -88,12 +88,19 @@ pub enum Request {
     },
     /// A client proved it knows the code (`/v1/pair/finish` succeeded).
     Paired { peer: std::net::SocketAddr },
+    /// The paired session ended without handing over a claim (it expired, or its `/v1/claim`
+    /// did not open): the installer's client is no longer paired.
+    Unpaired,
     /// The opened claim bundle (plaintext JSON): the core validates it and provisions with
     /// it at once. Answered once the claim is accepted or refused.
     HandOver {
         plaintext: Zeroizing<Vec<u8>>,
         reply: oneshot::Sender<Result<(), Refusal>>,
     },
+    /// The discovery task's news: whether the gateway is announced on the local network
+    /// (DNS-SD through Avahi), in words for `iotctl onboarding status` ("announced as … on
+    /// port 8443", "off: Avahi is not running").
+    Discovery { detail: String },
 }
 
 /// The server's end.

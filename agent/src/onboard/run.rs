@@ -1,12 +1,15 @@
 //! Starting the onboarding server as one of iotd's supervised tasks: the gateway's verifier
 //! record (made by `iotctl onboarding register`), the onboarding key from the key backend, its
-//! certificate, and the listening socket.
+//! certificate, and the listening socket; and, beside it, the task that announces it on the
+//! local network while the window is open (`discovery`).
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::config::OnboardingSettings;
 use crate::keys::KeyBackend;
+use crate::onboard::discovery::{self, Announcement};
 use crate::onboard::port::Port;
 use crate::onboard::register::{OnboardingRecord, RegisterError};
 use crate::onboard::server::{Limits, Server};
@@ -31,13 +34,16 @@ pub enum StartError {
     Failed(String),
 }
 
-/// Starts the onboarding server on `listen` for the core behind `port`.
+/// Starts the onboarding server on `settings.listen` for the core behind `port`, and the
+/// discovery task. The discovery task is not supervised: it never ends while the core runs, and
+/// what goes wrong with Avahi is reported (`OnboardingDiscovery`), never a reason to stop iotd.
 pub async fn start(
     state_dir: &Path,
-    listen: SocketAddr,
+    settings: &OnboardingSettings,
     backend: Arc<dyn KeyBackend>,
     port: Port,
 ) -> Result<Running, StartError> {
+    let listen = settings.listen;
     let record = match OnboardingRecord::read(&crate::onboard::register::record_path(state_dir)) {
         Ok(record) => record,
         Err(e @ RegisterError::Missing { .. }) => {
@@ -65,12 +71,13 @@ pub async fn start(
             "listening on {listen} (onboarding.listen): {e}; choose a free address and port"
         ))
     })?;
+    let serial = record.serial.clone();
     let server = Server::new(
         listener,
         tls.config,
         &tls.leaf_der,
         record,
-        port,
+        port.clone(),
         Limits::default(),
     );
     let address = server
@@ -78,5 +85,17 @@ pub async fn start(
         .map_err(|e| StartError::Failed(format!("reading the onboarding server's address: {e}")))?;
     let task = tokio::spawn(server.run());
     tracing::info!(%address, "onboarding server listening");
+    // The model may come from a command (up to 5 s): resolved inside the task, so that the
+    // server does not wait for it.
+    let settings = settings.clone();
+    tokio::spawn(async move {
+        let model = discovery::model(&settings).await;
+        let announcement = Announcement {
+            serial,
+            model,
+            address,
+        };
+        discovery::announce(announcement, port).await;
+    });
     Ok(Running { address, task })
 }

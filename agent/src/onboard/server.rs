@@ -438,6 +438,23 @@ impl Shared {
             && let Some(session) = slot.take()
         {
             tracing::info!(peer = %session.peer, "onboarding: the session expired ({})", session.step.name());
+            drop(slot);
+            self.ended(&session.step);
+        }
+    }
+
+    /// A session in `step` ended without a claim handed over: the core stops showing the
+    /// client as paired. `try_send`: callers hold no lock but may not wait; the channel has
+    /// room, as there is one session at a time.
+    fn ended(&self, step: &Step) {
+        if matches!(step, Step::Paired(_)) {
+            self.unpaired();
+        }
+    }
+
+    fn unpaired(&self) {
+        if self.requests.try_send(Request::Unpaired).is_err() {
+            tracing::warn!("onboarding: the core was not told that the paired session ended");
         }
     }
 
@@ -477,16 +494,22 @@ impl Shared {
                     ))
                 } else {
                     let state = session.step.name();
-                    *slot = None;
+                    let ended = slot.take();
                     drop(slot);
                     self.rearm.notify_one();
+                    if let Some(session) = ended {
+                        self.ended(&session.step);
+                    }
                     Err(ApiError::wrong_state(endpoint, state))
                 }
             }
             Some(session) if same_id(&session.id, id) => {
-                *slot = None;
+                let ended = slot.take();
                 drop(slot);
                 self.rearm.notify_one();
+                if let Some(session) = ended {
+                    self.ended(&session.step);
+                }
                 Err(ApiError::no_session())
             }
             _ => Err(ApiError::no_session()),
@@ -1261,6 +1284,7 @@ async fn claim_step(app: &App, request: HttpRequest) -> Result<Value, ApiError> 
     let plaintext = match channel.open(MessageType::Claim, asked.seq, &asked.ct) {
         Ok(plaintext) => plaintext,
         Err(error) => {
+            shared.unpaired();
             return Err(match error {
                 SessionError::BadSequence { expected, got } => ApiError::new(
                     StatusCode::BAD_REQUEST,

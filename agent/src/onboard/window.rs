@@ -24,6 +24,11 @@ pub const MAX_OPEN_SECS: i64 = 900;
 pub struct Persisted {
     /// Attempts counted since the window was last opened by a person (or since success).
     pub attempts_used: u32,
+    /// A person closed the window (`iotctl onboarding close`) while the gateway needed a
+    /// claim: it stays closed, across restarts, until a person opens it again or the gateway
+    /// no longer needs a claim.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub closed_by_request: bool,
 }
 
 /// Why the window is open.
@@ -118,10 +123,14 @@ impl Window {
     }
 
     /// The gateway needs a claim (`needed`) or not: opens an automatic window (unless the cap
-    /// was reached) or closes one. A requested window is left alone.
+    /// was reached or a person closed it) or closes one. A requested window is left alone.
     pub fn need_claim(&mut self, needed: bool) -> Option<Change> {
+        if !needed {
+            // The next time a claim is needed is a new occasion for an installer.
+            self.persisted.closed_by_request = false;
+        }
         match (needed, self.open) {
-            (true, None) if !self.capped() => {
+            (true, None) if !self.capped() && !self.persisted.closed_by_request => {
                 self.open = Some(Opener::Automatic);
                 self.closes_at = None;
                 Some(Change::Opened(Opener::Automatic))
@@ -137,6 +146,7 @@ impl Window {
             return Err(OpenError::Duration(secs));
         }
         self.persisted.attempts_used = 0;
+        self.persisted.closed_by_request = false;
         self.open = Some(Opener::Requested);
         self.closes_at = Some(now.saturating_add(secs));
         Ok(Change::Opened(Opener::Requested))
@@ -146,8 +156,10 @@ impl Window {
     pub fn close(&mut self, why: Closed) -> Change {
         self.open = None;
         self.closes_at = None;
-        if why == Closed::Success {
-            self.persisted.attempts_used = 0;
+        match why {
+            Closed::Success => self.persisted.attempts_used = 0,
+            Closed::Requested => self.persisted.closed_by_request = true,
+            Closed::Timeout | Closed::Cap | Closed::NotNeeded => {}
         }
         Change::Closed(why)
     }
@@ -261,5 +273,32 @@ mod tests {
         // A provisioned gateway closes an automatic window.
         w.need_claim(true);
         assert_eq!(w.need_claim(false), Some(Change::Closed(Closed::NotNeeded)));
+    }
+
+    #[test]
+    fn a_window_a_person_closed_stays_closed_until_opened_or_no_longer_needed() {
+        let mut w = Window::new(Persisted::default());
+        w.need_claim(true);
+        assert_eq!(
+            w.close(Closed::Requested),
+            Change::Closed(Closed::Requested)
+        );
+        assert_eq!(w.need_claim(true), None, "not reopened by itself");
+        let mut restarted = Window::new(w.persisted.clone());
+        assert_eq!(restarted.need_claim(true), None, "nor after a restart");
+        assert_eq!(
+            restarted.count_attempt(0),
+            Err(AttemptError::Closed),
+            "pairing is refused"
+        );
+        // A person opens it again.
+        restarted.open_for(60, 0).unwrap();
+        assert!(!restarted.persisted.closed_by_request);
+        // Or the gateway stops needing a claim: the next need opens a window again.
+        w.need_claim(false);
+        assert_eq!(w.need_claim(true), Some(Change::Opened(Opener::Automatic)));
+        // The flag is not written when unset, so older state files read the same.
+        let json = serde_json::to_string(&Persisted::default()).unwrap();
+        assert_eq!(json, r#"{"attemptsUsed":0}"#);
     }
 }

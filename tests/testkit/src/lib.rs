@@ -6,9 +6,12 @@
 // clearest way to say so.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod avahi;
 pub mod dbus_daemon;
+pub mod onboarding;
 pub mod pki;
 pub mod swtpm;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Frame, Incoming};
 use proptest::prelude::*;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::sync::{mpsc, watch};
 
 use super::*;
@@ -86,70 +86,8 @@ fn self_signed(name: &str) -> (Arc<rustls::ServerConfig>, Vec<u8>) {
     (Arc::new(config), leaf)
 }
 
-/// Accepts any server certificate (its handshake signature still checked) and keeps the leaf.
-#[derive(Debug)]
-struct AcceptAny {
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    seen: Arc<Mutex<Option<Vec<u8>>>>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        *lock(&self.seen) = Some(end_entity.to_vec());
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-fn accept_any(seen: Arc<Mutex<Option<Vec<u8>>>>) -> Arc<rustls::ClientConfig> {
-    let provider = ring_provider();
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny { provider, seen }))
-        .with_no_client_auth();
-    Arc::new(config)
+fn accept_any() -> Arc<rustls::ClientConfig> {
+    iotd_testkit::tls::accept_any().0
 }
 
 async fn tls_connect(
@@ -187,12 +125,8 @@ struct Client {
 
 impl Client {
     fn new(addr: SocketAddr) -> Self {
-        let seen = Arc::new(Mutex::new(None));
-        Self {
-            addr,
-            config: accept_any(seen.clone()),
-            seen,
-        }
+        let (config, seen) = iotd_testkit::tls::accept_any();
+        Self { addr, config, seen }
     }
 
     /// The leaf certificate of the last connection.
@@ -252,6 +186,8 @@ impl Client {
 struct CoreLog {
     counted: u32,
     paired: u32,
+    /// Paired sessions that ended without a claim.
+    unpaired: u32,
     handed_over: Vec<Vec<u8>>,
 }
 
@@ -296,6 +232,24 @@ fn unix_now() -> i64 {
 }
 
 impl Gateway {
+    /// Waits until the core was told of `n` paired sessions that ended without a claim.
+    async fn wait_unpaired(&self, n: u32) {
+        let mut view = self.view.subscribe();
+        let log = self.log.clone();
+        tokio::time::timeout(Duration::from_secs(5), async move {
+            while lock(&log).unpaired < n {
+                view.changed().await.unwrap();
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} of {n} ended paired sessions reported",
+                lock(&self.log).unpaired
+            )
+        });
+    }
+
     async fn start() -> Self {
         Self::with(Limits::default(), open_view(20)).await
     }
@@ -353,6 +307,10 @@ impl Gateway {
                             lock(&log).paired += 1;
                             view.send_modify(|v| v.phase = Phase::Paired);
                         }
+                        Request::Unpaired => {
+                            lock(&log).unpaired += 1;
+                            view.send_modify(|v| v.phase = Phase::Waiting);
+                        }
                         Request::HandOver { plaintext, reply } => {
                             lock(&log).handed_over.push(plaintext.to_vec());
                             let answer = lock(&hand_over).clone();
@@ -364,6 +322,8 @@ impl Gateway {
                             }
                             let _ = reply.send(answer);
                         }
+                        // Only iotd's discovery task sends it; this gateway has none.
+                        Request::Discovery { .. } => {}
                     }
                 }
             })
@@ -806,6 +766,10 @@ async fn a_changed_ciphertext_or_sequence_number_is_refused_and_ends_the_session
         "decrypt_failed",
     );
     assert!(lock(&gateway.log).handed_over.is_empty());
+    // Each paired session that ended this way was reported, so the installer no longer shows
+    // as paired.
+    let paired = lock(&gateway.log).paired;
+    gateway.wait_unpaired(paired).await;
 }
 
 #[tokio::test]
@@ -907,7 +871,7 @@ impl Relay {
                     let Ok(mut downstream) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let config = accept_any(Arc::new(Mutex::new(None)));
+                    let config = accept_any();
                     let mut up = tls_connect(upstream, config).await;
                     let _ = tokio::io::copy_bidirectional(&mut downstream, &mut up).await;
                 });
@@ -959,7 +923,7 @@ async fn a_client_that_goes_away_while_its_attempt_is_counted_frees_the_slot() {
     let params = params(&client, "none").await;
     let prover = params.prover(&gateway.code);
     let body = params.start_body(prover.share()).to_string();
-    let mut tls = tls_connect(gateway.addr, accept_any(Arc::new(Mutex::new(None)))).await;
+    let mut tls = tls_connect(gateway.addr, accept_any()).await;
     tls.write_all(
         format!(
             "POST {START} HTTP/1.1\r\nhost: gateway.local\r\ncontent-type: application/json\r\n\
@@ -1123,6 +1087,8 @@ async fn sessions_expire_after_a_step_deadline_or_their_lifetime() {
         "no_session",
     );
     assert!(lock(&gateway.log).handed_over.is_empty());
+    // The paired session that expired was reported.
+    gateway.wait_unpaired(1).await;
 }
 
 #[tokio::test]

@@ -17,15 +17,25 @@
 //! the runs once, half twice (the second iotd killed the same way); then started again, it must
 //! end provisioned with the certificate it uses ACTIVE and attached to its thing. Certificates
 //! issued in a run besides that one are its duplicates.
+//!
+//! Onboarding: each run is a new gateway with no claim, registered with `iotctl onboarding
+//! register` and started waiting; a claim from the fake's CreateProvisioningClaim (AWS's REST
+//! path) is handed over with `iotctl onboard --json`, whose lines are timestamped as they
+//! arrive. The CLI's time is from its spawn to its "claim-accepted" line; the gateway's CPU is
+//! iotd's (every thread's run time, /proc/PID/task/*/schedstat) from just before that spawn to
+//! that line; claim received → connected is from iotd's own log stamps (microseconds, in the
+//! process that does the work), from "received the installer's claim" to "provisioned:
+//! connected".
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, ValueEnum};
 use iotd_testkit::dbus_daemon::DbusDaemon;
+use iotd_testkit::onboarding::{self, Gateway};
 use iotd_testkit::{Cloud, CrashRng, CrashRun, Iotd, WAIT, config, machine};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -121,6 +131,9 @@ enum Part {
     /// SIGKILL once or twice at random instants of a provisioning: runs recovered, duplicate
     /// certificates.
     Crash,
+    /// trusted-user onboarding: iotctl's pairing + hand-over, the gateway's CPU per pairing,
+    /// claim received → connected (file key, swtpm), idle RSS of an onboarded gateway.
+    Onboarding,
 }
 
 impl Args {
@@ -232,8 +245,7 @@ async fn bench(args: Args) -> Result<()> {
     // What the parts need is checked before any runs: a missing tool fails now, not after
     // minutes of other figures.
     let python = args.runs(Part::Provisioning).then(python).transpose()?;
-    let iotctl = args
-        .runs(Part::Size)
+    let iotctl = (args.runs(Part::Size) || args.runs(Part::Onboarding))
         .then(|| iotd_testkit::release_binary("iotctl"))
         .transpose()
         .map_err(anyhow::Error::msg)?;
@@ -467,18 +479,25 @@ async fn bench(args: Args) -> Result<()> {
             "",
         ));
     }
+    if let Some(iotctl) = iotctl.as_deref().filter(|_| args.runs(Part::Onboarding)) {
+        onboardings(&args, &exe, iotctl, &mut rows, &mut failed).await?;
+    }
     cloud.stop().await;
     if args.runs(Part::Crash) {
         notes.extend(crashes(&args, &exe, &mut rows, &mut failed).await?);
     }
 
-    if let Some(iotctl) = iotctl {
-        // 3. Binary sizes.
-        for (name, binary, target) in [("iotd", &exe, Some(5.0)), ("iotctl", &iotctl, None)] {
+    if let Some(iotctl) = iotctl.filter(|_| args.runs(Part::Size)) {
+        // 3. Binary sizes. iotd has no build without onboarding: its server is always in.
+        let binaries = [
+            ("iotd", ", onboarding server included", &exe, Some(5.0)),
+            ("iotctl", "", &iotctl, None),
+        ];
+        for (name, note, binary, target) in binaries {
             let size = stripped_size(binary)? as f64 / 1e6;
             rows.push(Row::one(
                 format!(
-                    "stripped {name} ({}, release profile: opt-level z, fat LTO)",
+                    "stripped {name} ({}, release profile: opt-level z, fat LTO{note})",
                     std::env::consts::ARCH
                 ),
                 format!("{size:.2} MB"),
@@ -734,6 +753,280 @@ async fn crashes(
     ])
 }
 
+/// One onboarding, measured (see the module's comment).
+struct Onboarded {
+    /// iotctl's spawn → its "claim-accepted" line.
+    accepted_ms: f64,
+    /// iotd's run time over that span; None when one of its threads exited meanwhile (its time
+    /// went with it).
+    cpu_ms: Option<f64>,
+    /// utime + stime over that span, in clock ticks.
+    cpu_ticks: u64,
+    /// iotd's log: "received the installer's claim" → "provisioned: connected".
+    received_to_connected_ms: f64,
+    /// iotctl's lines: "claim-accepted" → the "connected" phase.
+    accepted_to_connected_ms: f64,
+    /// What the claim had left when iotctl saw the gateway connected, in seconds.
+    claim_left: f64,
+    /// The PBKDF2 iterations iotctl ran (the record's).
+    iterations: u64,
+}
+
+/// The onboarding part: `--runs` gateways onboarded with their key in a file, as many with it
+/// in a fresh swtpm each, interleaved; then the last file-key gateway, restarted, idle.
+///
+/// On a fake of its own: after the other parts (500 reconnects) the shared one answers slower,
+/// which tripled claim received → connected.
+async fn onboardings(
+    args: &Args,
+    exe: &Path,
+    iotctl: &Path,
+    rows: &mut Vec<Row>,
+    failed: &mut u32,
+) -> Result<()> {
+    let cloud = Cloud::start().await;
+    let measured = onboarding_runs(args, &cloud, exe, iotctl, rows, failed).await;
+    cloud.stop().await;
+    measured
+}
+
+async fn onboarding_runs(
+    args: &Args,
+    cloud: &Cloud,
+    exe: &Path,
+    iotctl: &Path,
+    rows: &mut Vec<Row>,
+    failed: &mut u32,
+) -> Result<()> {
+    let (mut file, mut tpm) = (Vec::new(), Vec::new());
+    let mut kept = None;
+    for run in 1..=args.runs {
+        // Interleaved, so that a slow spell of the machine hits both alike.
+        let serial = format!("onboard-file-{run:03}");
+        match onboard_once(cloud, exe, iotctl, &serial, None).await {
+            Ok((o, gateway)) => {
+                file.push(o);
+                kept = Some(gateway);
+            }
+            Err(e) => fail(failed, &serial, &e),
+        }
+        let serial = format!("onboard-tpm-{run:03}");
+        let swtpm = iotd_testkit::swtpm::Swtpm::start();
+        match onboard_once(cloud, exe, iotctl, &serial, Some(&swtpm)).await {
+            Ok((o, _)) => tpm.push(o),
+            Err(e) => fail(failed, &serial, &e),
+        }
+        let last = |v: &[Onboarded], f: fn(&Onboarded) -> f64| {
+            v.last().map_or_else(|| "-".to_owned(), |o| ms(f(o)))
+        };
+        eprintln!(
+            "onboarding run {run:>3}/{}: iotctl to claim accepted: file {}, swtpm {}; claim \
+             received → connected: file {}, swtpm {}",
+            args.runs,
+            last(&file, |o| o.accepted_ms),
+            last(&tpm, |o| o.accepted_ms),
+            last(&file, |o| o.received_to_connected_ms),
+            last(&tpm, |o| o.received_to_connected_ms),
+        );
+    }
+    let of = |v: &[Onboarded], f: fn(&Onboarded) -> f64| v.iter().map(f).collect::<Vec<_>>();
+    let cpu = |v: &[Onboarded]| v.iter().filter_map(|o| o.cpu_ms).collect::<Vec<_>>();
+    let ms2 = |v: f64| format!("{v:.2} ms");
+    let iterations = file.iter().chain(&tpm).map(|o| o.iterations).max();
+    rows.push(Row::spread(
+        format!(
+            "iotctl onboard: start → claim accepted (client side: process start, TLS, \
+             PBKDF2-HMAC-SHA256 × {}, SPAKE2+, the sealed claim), gateway with file key",
+            iterations.map_or_else(|| "?".to_owned(), |n| n.to_string())
+        ),
+        &of(&file, |o| o.accepted_ms),
+        ms,
+        "",
+    ));
+    rows.push(Row::spread(
+        "… gateway with its keys in swtpm (its TLS key too)",
+        &of(&tpm, |o| o.accepted_ms),
+        ms,
+        "",
+    ));
+    rows.push(Row::spread(
+        "gateway CPU per pairing + hand-over (iotd, all threads' run time from \
+         /proc/PID/task/*/schedstat, iotctl's start → its claim-accepted line), file key",
+        &cpu(&file),
+        ms2,
+        "",
+    ));
+    rows.push(Row::spread(
+        "… key in swtpm (iotd's own CPU: the TLS signature is swtpm's)",
+        &cpu(&tpm),
+        ms2,
+        "",
+    ));
+    if !file.is_empty() {
+        let tick_ms = procfs::clock_tick_ms();
+        let ticks: u64 = file.iter().map(|o| o.cpu_ticks).sum();
+        rows.push(Row::one(
+            format!(
+                "… file key, by utime + stime (/proc/PID/stat, {tick_ms:.0} ms ticks): total of \
+                 {} runs / {}",
+                file.len(),
+                file.len()
+            ),
+            ms(ticks as f64 * tick_ms / file.len() as f64),
+            "",
+        ));
+    }
+    rows.push(Row::spread(
+        "claim received → connected with its own identity (iotd's log stamps), file key",
+        &of(&file, |o| o.received_to_connected_ms),
+        ms,
+        "",
+    ));
+    rows.push(Row::spread(
+        "… key in swtpm",
+        &of(&tpm, |o| o.received_to_connected_ms),
+        ms,
+        "",
+    ));
+    rows.push(Row::spread(
+        "… as iotctl sees it (claim-accepted line → connected event), file key",
+        &of(&file, |o| o.accepted_to_connected_ms),
+        ms,
+        "",
+    ));
+    rows.push(Row::spread(
+        "… as iotctl sees it, key in swtpm",
+        &of(&tpm, |o| o.accepted_to_connected_ms),
+        ms,
+        "",
+    ));
+    let mut left = of(&file, |o| o.claim_left);
+    left.extend(of(&tpm, |o| o.claim_left));
+    rows.push(Row::spread(
+        format!(
+            "time the claim had left when connected (of its {} s, by iotctl)",
+            onboarding::CLAIM_LIFETIME_SECS
+        ),
+        &left,
+        |v| format!("{v:.0} s"),
+        "",
+    ));
+    if let Some((gateway, listen)) = kept {
+        let idle = gateway.idle_onboarded(listen, args.idle_secs).await?;
+        rows.push(Row::one(
+            format!(
+                "RSS idle of an onboarded gateway (file key; onboarding server running, window \
+                 closed), restarted, connected, after {} s + {} s idle",
+                SETTLE.as_secs(),
+                args.idle_secs
+            ),
+            mib_mb(idle.0),
+            &verdict(idle.0 * 1024.0 <= 8e6, "≤ 8 MB"),
+        ));
+        rows.push(Row::one("PSS idle, same moment", mib(idle.1), ""));
+    }
+    Ok(())
+}
+
+/// A new gateway (`serial`, its key in `tpm` or a file) onboarded: registered, started waiting,
+/// a claim created and handed over with iotctl, provisioned; iotd stopped. The gateway is
+/// returned for a restart, with the onboarding server's address.
+async fn onboard_once(
+    cloud: &Cloud,
+    exe: &Path,
+    iotctl: &Path,
+    serial: &str,
+    tpm: Option<&iotd_testkit::swtpm::Swtpm>,
+) -> Result<(Onboarded, (Resident, std::net::SocketAddr))> {
+    let dir = tempfile::tempdir()?;
+    let gateway = Gateway::new(cloud, dir.path(), serial, tpm)?;
+    let label = gateway.register(iotctl)?;
+    let (script, log) = quiet_iotd(exe, dir.path())?;
+    let mut iotd =
+        Iotd::start_with_config(&script, &gateway.config_path, &gateway.state_dir, &[]).await;
+    let measured = measure_onboarding(cloud, iotctl, &gateway, &label.qr, &mut iotd, &log).await;
+    let measured =
+        measured.map_err(|e| e.context(iotd_testkit::log_tail(&log, 10).trim_end().to_owned()));
+    let exit = iotd.terminate().await;
+    let measured = measured?;
+    if exit.code() != Some(0) {
+        bail!("iotd exited with {exit} on SIGTERM, not 0");
+    }
+    let config = std::fs::read_to_string(&gateway.config_path)
+        .with_context(|| format!("reading {}", gateway.config_path.display()))?;
+    let resident = Resident {
+        dir,
+        script,
+        log,
+        config,
+        thing: gateway.thing,
+    };
+    Ok((measured, (resident, gateway.listen)))
+}
+
+async fn measure_onboarding(
+    cloud: &Cloud,
+    iotctl: &Path,
+    gateway: &Gateway,
+    qr: &str,
+    iotd: &mut Iotd,
+    log: &Path,
+) -> Result<Onboarded> {
+    onboarding::wait_open(iotd, gateway.listen, LIMIT).await?;
+    let pid = iotd.pid().context("iotd's pid")?;
+    let claim_dir = tempfile::tempdir()?;
+    let claim =
+        onboarding::create_provisioning_claim(cloud, onboarding::TEMPLATE, claim_dir.path())
+            .await?;
+    let site = format!("{}=bench", onboarding::INSTALLER_PARAMETER);
+    let cpu_now = || {
+        let run_time = procfs::run_time_ns(pid)
+            .with_context(|| format!("reading /proc/{pid}/task/*/schedstat"))?;
+        let ticks = procfs::cpu_ticks(pid)
+            .with_context(|| format!("reading iotd's CPU time from /proc/{pid}/stat"))?;
+        Ok::<_, anyhow::Error>((run_time, ticks))
+    };
+    let before = cpu_now()?;
+    let mut cli = onboarding::Onboard::spawn(iotctl, &gateway.address(), qr, &claim, &[&site])?;
+    let deadline = Instant::now() + LIMIT;
+    let (mut accepted, mut connected) = (None, None);
+    while let Some(line) = cli.next(deadline).await? {
+        match (line.kind(), line.phase()) {
+            // Read first: the gateway goes on provisioning meanwhile.
+            ("claim-accepted", _) => accepted = Some((line.at, cpu_now()?)),
+            (_, Some("connected")) => connected = Some(line.at),
+            _ => {}
+        }
+    }
+    let result = cli.finish(deadline).await?;
+    let (accepted_at, after) =
+        accepted.ok_or_else(|| anyhow!("iotctl printed no claim-accepted line: {result}"))?;
+    let connected_at =
+        connected.ok_or_else(|| anyhow!("iotctl printed no connected phase: {result}"))?;
+    let done = format!(
+        "STATUS=Provisioned as {}; certificate valid until",
+        gateway.thing
+    );
+    wait_for(iotd, &done, log, Instant::now()).await?;
+    let received = onboarding::log_instant(log, onboarding::LOG_CLAIM_RECEIVED)?;
+    let connected = onboarding::log_instant(log, onboarding::LOG_CONNECTED)?;
+    let ((ns_before, threads_before), ticks_before) = before;
+    let ((ns_after, threads_after), ticks_after) = after;
+    // A thread that came is counted from its start; one that went took its time with it.
+    let kept = threads_before.iter().all(|t| threads_after.contains(t));
+    Ok(Onboarded {
+        accepted_ms: accepted_at.as_secs_f64() * 1e3,
+        cpu_ms: kept.then(|| ns_after.saturating_sub(ns_before) as f64 / 1e6),
+        cpu_ticks: ticks_after.saturating_sub(ticks_before),
+        received_to_connected_ms: (connected - received) * 1e3,
+        accepted_to_connected_ms: (connected_at - accepted_at).as_secs_f64() * 1e3,
+        claim_left: result["claim_seconds_left"]
+            .as_f64()
+            .ok_or_else(|| anyhow!("iotctl's result has no claim_seconds_left: {result}"))?,
+        iterations: gateway.pbkdf_iterations()?,
+    })
+}
+
 fn fail(failed: &mut u32, serial: &str, e: &anyhow::Error) {
     *failed += 1;
     eprintln!("{serial} FAILED: {e:#}");
@@ -831,6 +1124,21 @@ mod procfs {
                 Some((t.file_name().to_string_lossy().into_owned(), n))
             })
             .collect()
+    }
+
+    /// The run time of every live thread (schedstat's first field), in nanoseconds, and their
+    /// ids: exact where utime + stime count in clock ticks (10 ms at CLK_TCK 100).
+    pub fn run_time_ns(pid: u32) -> Option<(u64, Vec<String>)> {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        let mut total = 0;
+        let mut tids = Vec::new();
+        for task in tasks.flatten() {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+            tids.push(task.file_name().to_string_lossy().into_owned());
+        }
+        tids.sort();
+        Some((total, tids))
     }
 
     pub fn clock_tick_ms() -> f64 {
@@ -1417,8 +1725,9 @@ impl Resident {
         Ok(elapsed.as_secs_f64() * 1e3)
     }
 
-    /// Connected and idle as in production (bus, watchdog); then forced reconnects.
-    async fn idle(&self, cloud: &Cloud, bus: &str, args: &Args) -> Result<Idle> {
+    /// Started as in production (bus, watchdog, the journal's log level) and connected; its
+    /// pid.
+    async fn start_connected(&self, bus: &str) -> Result<(Iotd, u32)> {
         let mut iotd = self
             .start(&[
                 ("DBUS_SYSTEM_BUS_ADDRESS", bus),
@@ -1429,6 +1738,44 @@ impl Resident {
             .await;
         wait_for(&mut iotd, &self.connected(), &self.log, Instant::now()).await?;
         let pid = iotd.pid().context("iotd's pid")?;
+        Ok((iotd, pid))
+    }
+
+    /// An onboarded gateway restarted as in production: its onboarding server runs (it must
+    /// accept a connection), its window closed; VmRSS and PSS in KiB after `SETTLE` and
+    /// `idle_secs` connected and idle.
+    async fn idle_onboarded(
+        &self,
+        listen: std::net::SocketAddr,
+        idle_secs: u64,
+    ) -> Result<(f64, f64)> {
+        let bus = DbusDaemon::start(
+            &[&repo().join("packaging/dbus/io.iotd.Agent1.conf")],
+            Some(r#"<policy user="root"><allow own="io.iotd.Agent1"/></policy>"#),
+        );
+        let (mut iotd, pid) = self.start_connected(bus.address()).await?;
+        tokio::net::TcpStream::connect(listen)
+            .await
+            .with_context(|| format!("connecting to the onboarding server on {listen}"))?;
+        eprintln!(
+            "onboarded gateway idle: settling {} s, then {idle_secs} s …",
+            SETTLE.as_secs()
+        );
+        tokio::time::sleep(SETTLE + Duration::from_secs(idle_secs)).await;
+        let rss_kib = procfs::status_kib(pid, "VmRSS")
+            .with_context(|| format!("reading VmRSS from /proc/{pid}/status"))?;
+        let pss_kib = procfs::pss_kib(pid)
+            .with_context(|| format!("reading Pss from /proc/{pid}/smaps_rollup"))?;
+        let exit = iotd.terminate().await;
+        if exit.code() != Some(0) {
+            bail!("iotd exited with {exit} on SIGTERM, not 0");
+        }
+        Ok((rss_kib, pss_kib))
+    }
+
+    /// Connected and idle as in production (bus, watchdog); then forced reconnects.
+    async fn idle(&self, cloud: &Cloud, bus: &str, args: &Args) -> Result<Idle> {
+        let (mut iotd, pid) = self.start_connected(bus).await?;
         eprintln!(
             "idle: settling {} s, then counting for {} s …",
             SETTLE.as_secs(),

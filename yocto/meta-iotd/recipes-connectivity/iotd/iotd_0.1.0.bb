@@ -92,6 +92,10 @@ CONFFILES:${PN} = "${sysconfdir}/iotd/config.toml"
 # dbus: the system bus iotd serves on. libtss2-tcti-device: dlopened by libtss2-tctildr, so
 # the shared-library scan cannot see it. tpm2-tss: its udev rules give /dev/tpmrm0 to group tss.
 RDEPENDS:${PN} += "ca-certificates dbus libtss2 libtss2-tcti-device tpm2-tss"
+# avahi-daemon announces a gateway waiting for an installer (DNS-SD _iotd-onboard._tcp) over
+# its D-Bus API; without it onboarding works by address. A recommendation, so an image that
+# provisions from its own claim can leave it out (BAD_RECOMMENDATIONS).
+RRECOMMENDS:${PN} += "avahi-daemon"
 
 # The crates need Rust 1.89 (zbus 6). Say so when the recipe is parsed, instead of failing in
 # do_compile after fetching every crate: scarthgap's own Rust is 1.75 (see the layer's README).
