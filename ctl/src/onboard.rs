@@ -657,10 +657,12 @@ async fn pair(
         &format!(
             "gateway {serial} matches the label{}{}",
             attempts.map_or(String::new(), |n| format!("; {n} attempts left")),
-            closes_in.map_or(String::new(), |s| format!(
-                ", window closes in {}",
-                duration_text(s)
-            )),
+            // 0: the window opened by itself and stays open while the gateway needs a claim.
+            closes_in.map_or(String::new(), |s| if s > 0 {
+                format!(", window closes in {}", duration_text(s))
+            } else {
+                ", window open while the gateway needs a claim".to_owned()
+            }),
         ),
         json!({ "serial": serial, "attempts_left": attempts, "window_closes_in": closes_in }),
     );

@@ -225,6 +225,11 @@ impl Server {
                             drop(tcp);
                             continue;
                         }
+                        // Progress events (`/v1/events`) are small writes: without this the
+                        // client's delayed ACK holds each one back by up to 40 ms.
+                        if let Err(error) = tcp.set_nodelay(true) {
+                            tracing::debug!(%peer, "onboarding: TCP_NODELAY: {error}");
+                        }
                         let app = App { shared: shared.clone(), peer };
                         connections.spawn(connection(tcp, tls.clone(), app, router.clone()));
                     }
