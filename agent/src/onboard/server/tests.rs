@@ -184,11 +184,22 @@ impl Client {
 /// What the test core saw.
 #[derive(Debug, Default)]
 struct CoreLog {
+    /// CountAttempt requests received (before any `count_delay`).
+    asked: u32,
     counted: u32,
     paired: u32,
     /// Paired sessions that ended without a claim.
     unpaired: u32,
     handed_over: Vec<Vec<u8>>,
+}
+
+/// Wakes the waiters of the core's log when dropped (after a request was handled).
+struct NotifyOnDrop<'a>(&'a tokio::sync::Notify);
+
+impl Drop for NotifyOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.notify_waiters();
+    }
 }
 
 struct Gateway {
@@ -197,6 +208,8 @@ struct Gateway {
     code: SetupCode,
     view: watch::Sender<View>,
     log: Arc<Mutex<CoreLog>>,
+    /// Told each time the core's log changes.
+    logged: Arc<tokio::sync::Notify>,
     /// What the core answers to a hand-over.
     hand_over: Arc<Mutex<Result<(), Refusal>>>,
     /// How long the core takes to count an attempt.
@@ -232,22 +245,30 @@ fn unix_now() -> i64 {
 }
 
 impl Gateway {
-    /// Waits until the core was told of `n` paired sessions that ended without a claim.
-    async fn wait_unpaired(&self, n: u32) {
-        let mut view = self.view.subscribe();
-        let log = self.log.clone();
-        tokio::time::timeout(Duration::from_secs(5), async move {
-            while lock(&log).unpaired < n {
-                view.changed().await.unwrap();
+    /// Waits until the core's log satisfies `done` (5 s at most).
+    async fn wait_log(&self, what: &str, done: impl Fn(&CoreLog) -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let notified = self.logged.notified();
+                tokio::pin!(notified);
+                // Registered before the check, so a change right after it is not missed.
+                notified.as_mut().enable();
+                if done(&lock(&self.log)) {
+                    return;
+                }
+                notified.await;
             }
         })
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "{} of {n} ended paired sessions reported",
-                lock(&self.log).unpaired
-            )
-        });
+        .await;
+        assert!(waited.is_ok(), "the core's log never showed {what}");
+    }
+
+    /// Waits until the core was told of `n` paired sessions that ended without a claim.
+    async fn wait_unpaired(&self, n: u32) {
+        self.wait_log(&format!("{n} ended paired sessions"), |log| {
+            log.unpaired >= n
+        })
+        .await;
     }
 
     async fn start() -> Self {
@@ -277,13 +298,18 @@ impl Gateway {
         let log = Arc::new(Mutex::new(CoreLog::default()));
         let hand_over = Arc::new(Mutex::new(Ok(())));
         let count_delay = Arc::new(Mutex::new(Duration::ZERO));
+        let logged = Arc::new(tokio::sync::Notify::new());
         let core = {
             let (view, log, hand_over) = (view_tx.clone(), log.clone(), hand_over.clone());
-            let count_delay = count_delay.clone();
+            let (count_delay, logged) = (count_delay.clone(), logged.clone());
             tokio::spawn(async move {
                 while let Some(request) = incoming.recv().await {
+                    // Whatever the request changes in the log, waiters look again afterwards.
+                    let _notify = NotifyOnDrop(&logged);
                     match request {
                         Request::CountAttempt { reply, .. } => {
+                            lock(&log).asked += 1;
+                            logged.notify_waiters();
                             let delay = *lock(&count_delay);
                             tokio::time::sleep(delay).await;
                             let current = view.borrow().clone();
@@ -337,6 +363,7 @@ impl Gateway {
             code,
             view: view_tx,
             log,
+            logged,
             hand_over,
             count_delay,
             tasks: vec![server, core],
@@ -934,7 +961,10 @@ async fn a_client_that_goes_away_while_its_attempt_is_counted_frees_the_slot() {
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The client leaves once the core has the attempt (and sits on it for 2 s).
+    gateway
+        .wait_log("the attempt asked for", |log| log.asked == 1)
+        .await;
     let _ = tls.shutdown().await;
     drop(tls);
     // Well before the core answers, the session is gone and another client may pair.
@@ -952,7 +982,9 @@ async fn a_client_that_goes_away_while_its_attempt_is_counted_frees_the_slot() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The attempt was counted all the same: the core had it.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    gateway
+        .wait_log("the attempt counted", |log| log.counted >= 1)
+        .await;
     assert_eq!(gateway.counted(), 1);
 }
 
