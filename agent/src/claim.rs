@@ -32,6 +32,10 @@ pub struct Claim {
     /// lets an installer supply. They travel with the claim, which lives in memory only.
     pub template: Option<String>,
     pub installer_parameters: std::collections::BTreeMap<String, String>,
+    /// The endpoint the claim is for, when the installer named one of
+    /// `onboarding.allowed_endpoints` other than `cloud.endpoint` (`None`: `cloud.endpoint`).
+    /// The identity made with it belongs there.
+    pub endpoint: Option<String>,
 }
 
 impl Claim {
@@ -76,6 +80,7 @@ impl Claim {
             description,
             template: None,
             installer_parameters: std::collections::BTreeMap::new(),
+            endpoint: None,
         })
     }
 }

@@ -382,6 +382,11 @@ async fn forward(
 }
 
 impl Session {
+    /// The host it is connected to.
+    pub fn host(&self) -> &str {
+        &self.target.host
+    }
+
     /// Connects and waits for CONNACK.
     pub async fn connect(
         target: &Target,

@@ -35,6 +35,8 @@ pub struct Credentials {
     pub not_after: i64,
     /// Where the key is, for the snapshot and the identity record.
     pub key_location: String,
+    /// The endpoint the identity belongs to (`None`: `cloud.endpoint`).
+    pub endpoint: Option<String>,
 }
 
 impl std::fmt::Debug for Credentials {

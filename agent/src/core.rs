@@ -545,7 +545,8 @@ impl Core {
         };
         if core.machine.work() == Work::WaitForClaim {
             let now = core.clock.now();
-            core.waiting_for_claim = core.claims.current(now).err().map(|w| w.what);
+            let waiting = core.claims.current(now).err();
+            core.waiting_for_claim = waiting.map(|w| core.waiting_for(w));
         }
         core.publish();
         Ok((
@@ -727,6 +728,15 @@ impl Core {
         Ok(())
     }
 
+    /// What the gateway waits for, in words (status, D-Bus).
+    fn waiting_for(&self, waiting: crate::claim::Waiting) -> String {
+        if self.installer_claim_lost {
+            "a claim: the installer's claim was lost in a restart; hand over a new one".to_owned()
+        } else {
+            waiting.what
+        }
+    }
+
     /// The installer's claim bundle (opened by the server): validated, then used at once.
     fn hand_over(
         &mut self,
@@ -757,25 +767,18 @@ impl Core {
                 }));
             }
         };
-        if let Some(endpoint) = &handed.endpoint
-            && !endpoint.eq_ignore_ascii_case(&self.res.settings.cloud.endpoint)
-        {
-            // The identity would have to remember its endpoint across restarts: not yet.
-            return Ok(Err(Refusal {
-                code: "claim_invalid",
-                status: 422,
-                message: format!(
-                    "this gateway connects only to its configured endpoint {}; request a claim \
-                     for it, without another endpoint",
-                    self.res.settings.cloud.endpoint
-                ),
-            }));
-        }
         let mut claim = handed.claim;
         claim.template = Some(handed.template);
         claim.installer_parameters = handed.parameters;
+        // Another allowed endpoint: the identity made with this claim belongs there (it
+        // remembers it, see `store::Identity::endpoint`).
+        claim.endpoint = handed.endpoint;
         tracing::info!(
             template = claim.template.as_deref().unwrap_or_default(),
+            endpoint = claim
+                .endpoint
+                .as_deref()
+                .unwrap_or(&self.res.settings.cloud.endpoint),
             not_after = handed.not_after,
             "onboarding: received the installer's claim; provisioning with it"
         );
@@ -853,6 +856,18 @@ impl Core {
         Ok(())
     }
 
+    /// The endpoint the gateway talks to: its certificate's, or before it has one its claim's.
+    fn endpoint(&self) -> &str {
+        let state = &self.machine.state;
+        let certified = state.identity.is_some() || state.endpoint().is_some();
+        let endpoint = if certified {
+            state.endpoint()
+        } else {
+            self.claim.as_ref().and_then(|c| c.endpoint.as_deref())
+        };
+        endpoint.unwrap_or(&self.res.settings.cloud.endpoint)
+    }
+
     fn publish(&mut self) {
         let cx = snapshot::Context {
             key_backend: self.res.backend.kind(),
@@ -868,10 +883,7 @@ impl Core {
                         .as_ref()
                         .and_then(|i| i.key.clone())
                 }),
-            endpoint: format!(
-                "{}:{}",
-                self.res.settings.cloud.endpoint, self.res.settings.cloud.port
-            ),
+            endpoint: format!("{}:{}", self.endpoint(), self.res.settings.cloud.port),
             state_dir: self.res.store.dir().to_owned(),
             waiting_for_claim: self.waiting_for_claim.clone(),
         };
@@ -1129,13 +1141,7 @@ impl Core {
                         self.apply(Input::ClaimAvailable(origin))?;
                     }
                     Err(waiting) => {
-                        let why = if self.installer_claim_lost {
-                            "a claim: the installer's claim was lost in a restart; hand over a \
-                             new one"
-                                .to_owned()
-                        } else {
-                            waiting.what
-                        };
+                        let why = self.waiting_for(waiting);
                         if self.waiting_for_claim.as_ref() != Some(&why) {
                             tracing::info!("waiting for {why}");
                         }
@@ -1153,6 +1159,7 @@ impl Core {
                         certificate_id: i.certificate_id.clone(),
                         certificate_pem: i.certificate_pem.clone(),
                         thing_name: i.thing_name.clone(),
+                        endpoint: i.endpoint.clone(),
                     };
                     self.connect(verify);
                     return Ok(());
@@ -1280,7 +1287,7 @@ impl Core {
             }
             Ok(Produced::Credentials(credentials)) => {
                 let connection = Connection::start(
-                    self.res.target.clone(),
+                    self.res.target(credentials.endpoint.as_deref()),
                     self.res.pacer.clone(),
                     self.res.settings.cloud.throttle_retry_max,
                     credentials.clone(),

@@ -76,6 +76,8 @@ pub enum Input {
         certificate_id: String,
         certificate_pem: String,
         ownership_token: String,
+        /// The endpoint of the claim that requested it, when not `cloud.endpoint`.
+        endpoint: Option<String>,
     },
     /// RegisterThing accepted the certificate.
     ThingRegistered {
@@ -204,6 +206,9 @@ pub enum Work {
         certificate_pem: String,
         ownership_token: String,
         issued_at: i64,
+        /// Where the certificate was issued (`None`: `cloud.endpoint`): only a claim for
+        /// the same endpoint can register it.
+        endpoint: Option<String>,
     },
     /// Connect with the registered certificate; success commits it.
     VerifyIdentity {
@@ -211,6 +216,8 @@ pub enum Work {
         certificate_id: String,
         certificate_pem: String,
         thing_name: String,
+        /// Where the identity lives (`None`: `cloud.endpoint`).
+        endpoint: Option<String>,
     },
 }
 
@@ -329,24 +336,28 @@ impl Machine {
                 certificate_pem,
                 ownership_token,
                 issued_at,
+                endpoint,
             }) => Work::RegisterThing {
                 generation: *generation,
                 certificate_id: certificate_id.clone(),
                 certificate_pem: certificate_pem.clone(),
                 ownership_token: ownership_token.clone(),
                 issued_at: *issued_at,
+                endpoint: endpoint.clone(),
             },
             Some(Step::ThingRegistered {
                 generation,
                 certificate_id,
                 certificate_pem,
                 thing_name,
+                endpoint,
                 ..
             }) => Work::VerifyIdentity {
                 generation: *generation,
                 certificate_id: certificate_id.clone(),
                 certificate_pem: certificate_pem.clone(),
                 thing_name: thing_name.clone(),
+                endpoint: endpoint.clone(),
             },
         }
     }
@@ -458,6 +469,7 @@ impl Machine {
                 certificate_id,
                 certificate_pem,
                 ownership_token,
+                endpoint,
             } => {
                 let generation = *generation;
                 let cloud = self.policy.cloud_generated_keys;
@@ -467,6 +479,7 @@ impl Machine {
                     certificate_pem: certificate_pem.clone(),
                     ownership_token: ownership_token.clone(),
                     issued_at: now,
+                    endpoint: endpoint.clone(),
                 };
                 self.advance(
                     &input,
@@ -490,6 +503,7 @@ impl Machine {
                         generation,
                         certificate_id,
                         certificate_pem,
+                        endpoint,
                         ..
                     }),
                     origin,
@@ -503,6 +517,7 @@ impl Machine {
                     certificate_pem,
                     thing_name: thing_name.clone(),
                     device_configuration: device_configuration.clone(),
+                    endpoint,
                 };
                 // From here on a restart needs no claim: connecting as the thing completes it.
                 // Durable when a restart from certificate-issued would find no claim (it is
@@ -528,6 +543,7 @@ impl Machine {
                         certificate_pem,
                         thing_name,
                         device_configuration,
+                        endpoint,
                     }),
                     origin,
                 )) = self.provisioning().map(|(s, o)| (s.clone(), o))
@@ -535,6 +551,7 @@ impl Machine {
                     return Err(self.illegal(&input));
                 };
                 self.state.identity = Some(Identity {
+                    endpoint,
                     generation,
                     certificate_id: certificate_id.clone(),
                     certificate_pem,
@@ -870,6 +887,7 @@ mod tests {
 
     fn issued(generation: u32) -> Input {
         Input::CertificateIssued {
+            endpoint: None,
             generation,
             certificate_id: format!("cert-{generation}"),
             certificate_pem: format!("PEM {generation}"),
@@ -931,6 +949,40 @@ mod tests {
     }
 
     #[test]
+    fn the_certificates_endpoint_goes_with_it_to_the_identity() {
+        let mut m = fresh(Policy::default());
+        m.apply(Input::ClaimAvailable(ClaimOrigin::Network), NOW)
+            .unwrap();
+        m.apply(Input::KeyCreated { generation: 1 }, NOW).unwrap();
+        let elsewhere = Some("b-ats.iot.eu-west-1.amazonaws.com".to_owned());
+        let Input::CertificateIssued {
+            generation,
+            certificate_id,
+            certificate_pem,
+            ownership_token,
+            ..
+        } = issued(1)
+        else {
+            unreachable!()
+        };
+        let input = Input::CertificateIssued {
+            generation,
+            certificate_id,
+            certificate_pem,
+            ownership_token,
+            endpoint: elsewhere.clone(),
+        };
+        m.apply(input, NOW).unwrap();
+        assert!(matches!(m.work(), Work::RegisterThing { endpoint, .. } if endpoint == elsewhere));
+        m.apply(registered(), NOW).unwrap();
+        assert!(matches!(m.work(), Work::VerifyIdentity { endpoint, .. } if endpoint == elsewhere));
+        m.apply(verified(), NOW).unwrap();
+        let identity = m.state.identity.as_ref().unwrap();
+        assert_eq!(identity.endpoint, elsewhere);
+        assert_eq!(m.state.endpoint(), elsewhere.as_deref());
+    }
+
+    #[test]
     fn provisioning_with_a_csr_step_by_step() {
         let mut m = fresh(Policy::default());
         let t = m
@@ -953,6 +1005,7 @@ mod tests {
         assert_eq!(
             m.work(),
             Work::RegisterThing {
+                endpoint: None,
                 generation: 1,
                 certificate_id: "cert-1".into(),
                 certificate_pem: "PEM 1".into(),
@@ -967,6 +1020,7 @@ mod tests {
         assert_eq!(
             m.work(),
             Work::VerifyIdentity {
+                endpoint: None,
                 generation: 1,
                 certificate_id: "cert-1".into(),
                 certificate_pem: "PEM 1".into(),
@@ -1269,6 +1323,7 @@ mod tests {
             staged_generation: 2,
             trigger: Trigger::OnDemand,
             step: Some(Step::CertificateIssued {
+                endpoint: None,
                 generation: 2,
                 certificate_id: "cert-2".into(),
                 certificate_pem: "PEM 2".into(),
@@ -1519,6 +1574,7 @@ mod tests {
             staged_generation: 2,
             trigger: Trigger::Job { job_id: "j".into() },
             step: Some(Step::CertificateIssued {
+                endpoint: None,
                 generation: 2,
                 certificate_id: "cert-2".into(),
                 certificate_pem: "PEM 2".into(),

@@ -126,6 +126,7 @@ fn identity(
         not_after: cert.validity.1,
         device_configuration: record.device_configuration,
         committed_at: record.committed_at,
+        endpoint: record.endpoint,
     })
 }
 

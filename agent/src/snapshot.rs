@@ -28,7 +28,9 @@ pub struct Snapshot {
     /// Where the key is (`DeviceKey::location`), once there is one.
     pub key_reference: Option<String>,
     pub connected: bool,
-    /// "host:port".
+    /// "host:port": where the identity belongs (or, before there is one, where the claim at
+    /// hand is for), which an installer's claim can have made another allowed endpoint than
+    /// `cloud.endpoint`.
     pub endpoint: String,
     pub last_error: Option<LastError>,
     pub onboarding_open: bool,
@@ -188,6 +190,7 @@ mod tests {
 
     fn identity() -> Identity {
         Identity {
+            endpoint: None,
             generation: 2,
             certificate_id: "c2".into(),
             certificate_pem: "PEM".into(),
@@ -222,6 +225,7 @@ mod tests {
             operation: Some(Operation::Provisioning {
                 claim: ClaimOrigin::File,
                 step: Some(Step::CertificateIssued {
+                    endpoint: None,
                     generation: 1,
                     certificate_id: "c1".into(),
                     certificate_pem: "PEM".into(),

@@ -48,6 +48,12 @@ pub struct Identity {
     pub device_configuration: BTreeMap<String, String>,
     /// When this identity became the current one (Unix seconds).
     pub committed_at: i64,
+    /// The AWS IoT endpoint (host) the identity belongs to when it is not `cloud.endpoint`:
+    /// an installer's claim for another of `onboarding.allowed_endpoints` made it there, and
+    /// its certificate and thing exist in that account and region only. `None`: the
+    /// configured endpoint, whatever it is now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 /// Where the claim of a provisioning came from.
@@ -79,6 +85,10 @@ pub enum Step {
         certificate_pem: String,
         ownership_token: String,
         issued_at: i64,
+        /// The endpoint that issued it, when not `cloud.endpoint` (see `Identity::endpoint`):
+        /// only a claim for that endpoint can register it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<String>,
     },
     /// RegisterThing accepted: the thing exists and the certificate is ACTIVE and attached.
     /// Connecting with it is what verifies it; only then is it committed as the identity.
@@ -89,6 +99,8 @@ pub enum Step {
         certificate_pem: String,
         thing_name: String,
         device_configuration: BTreeMap<String, String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<String>,
     },
 }
 
@@ -276,6 +288,18 @@ impl State {
             )
     }
 
+    /// The endpoint (host) the gateway's certificate belongs to when it is not `cloud.endpoint`:
+    /// the operation's certificate's, or else the identity's. `None`: `cloud.endpoint`.
+    pub fn endpoint(&self) -> Option<&str> {
+        let step = self.operation.as_ref().and_then(Operation::step);
+        match step {
+            Some(
+                Step::CertificateIssued { endpoint, .. } | Step::ThingRegistered { endpoint, .. },
+            ) => endpoint.as_deref(),
+            _ => self.identity.as_ref().and_then(|i| i.endpoint.as_deref()),
+        }
+    }
+
     /// The abandoned certificates not reported yet, oldest first.
     pub fn unreported_certificates(&self) -> impl Iterator<Item = &str> {
         self.abandoned_certificates
@@ -387,6 +411,7 @@ fn migrate_v1(old: v1::State, certificate: impl Fn(u32) -> V1Certificate) -> Sta
                 certificate_pem: certificate(generation).pem,
                 ownership_token,
                 issued_at,
+                endpoint: None,
             }),
         ),
         v1::Step::ThingRegistered {
@@ -402,6 +427,7 @@ fn migrate_v1(old: v1::State, certificate: impl Fn(u32) -> V1Certificate) -> Sta
                 certificate_pem: certificate(generation).pem,
                 thing_name,
                 device_configuration,
+                endpoint: None,
             }),
         ),
         v1::Step::Provisioned {
@@ -424,6 +450,7 @@ fn migrate_v1(old: v1::State, certificate: impl Fn(u32) -> V1Certificate) -> Sta
                     not_after,
                     device_configuration,
                     committed_at: provisioned_at,
+                    endpoint: None,
                 }),
                 None,
             )
@@ -527,6 +554,8 @@ pub struct IdentityRecord {
     #[serde(default)]
     pub device_configuration: BTreeMap<String, String>,
     pub committed_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 impl From<&Identity> for IdentityRecord {
@@ -536,6 +565,7 @@ impl From<&Identity> for IdentityRecord {
             thing_name: i.thing_name.clone(),
             device_configuration: i.device_configuration.clone(),
             committed_at: i.committed_at,
+            endpoint: i.endpoint.clone(),
         }
     }
 }
@@ -935,6 +965,7 @@ mod tests {
 
     fn registered() -> Step {
         Step::ThingRegistered {
+            endpoint: None,
             generation: 1,
             certificate_id: "ab".into(),
             certificate_pem: String::new(),
@@ -953,6 +984,7 @@ mod tests {
                 operation: Some(Operation::Provisioning {
                     claim: ClaimOrigin::Network,
                     step: Some(Step::CertificateIssued {
+                        endpoint: None,
                         generation: 1,
                         certificate_id: "ab".into(),
                         certificate_pem: "PEM".into(),
@@ -965,6 +997,7 @@ mod tests {
             },
             State {
                 identity: Some(Identity {
+                    endpoint: None,
                     generation: 1,
                     certificate_id: "ab".into(),
                     certificate_pem: "PEM".into(),
@@ -1171,6 +1204,7 @@ mod directory_tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut identity = Identity {
+            endpoint: None,
             generation: 3,
             certificate_id: "ab".into(),
             certificate_pem: "PEM".into(),
@@ -1187,6 +1221,59 @@ mod directory_tests {
         assert!(store.write_identity_record(&identity).unwrap());
         let record = store.read_identity_record(3).unwrap();
         assert_eq!(record, IdentityRecord::from(&identity));
+        // An identity of another endpoint says so in its record; one of cloud.endpoint
+        // writes no key, as records did before endpoints were remembered.
+        let text = fs::read_to_string(dir.path().join("gen/3/identity.json")).unwrap();
+        assert!(!text.contains("endpoint"), "{text}");
+        identity.endpoint = Some("b-ats.iot.eu-west-1.amazonaws.com".into());
+        assert!(store.write_identity_record(&identity).unwrap());
+        let record = store.read_identity_record(3).unwrap();
+        assert_eq!(record.endpoint, identity.endpoint);
+    }
+
+    #[test]
+    fn the_endpoint_is_the_operations_certificates_then_the_identitys() {
+        let identity = |endpoint: Option<&str>| Identity {
+            endpoint: endpoint.map(str::to_owned),
+            generation: 1,
+            certificate_id: "a".into(),
+            certificate_pem: String::new(),
+            thing_name: "gw".into(),
+            key: None,
+            not_before: 0,
+            not_after: 1,
+            device_configuration: BTreeMap::new(),
+            committed_at: 0,
+        };
+        let issued = |endpoint: Option<&str>| Step::CertificateIssued {
+            generation: 2,
+            certificate_id: "b".into(),
+            certificate_pem: String::new(),
+            ownership_token: "t".into(),
+            issued_at: 0,
+            endpoint: endpoint.map(str::to_owned),
+        };
+        let mut state = State::default();
+        assert_eq!(state.endpoint(), None);
+        state.identity = Some(identity(Some("b.example")));
+        assert_eq!(state.endpoint(), Some("b.example"));
+        state.operation = Some(Operation::Rotation {
+            staged_generation: 2,
+            trigger: Trigger::OnDemand,
+            step: Some(Step::KeyReady { generation: 2 }),
+        });
+        assert_eq!(state.endpoint(), Some("b.example"));
+        state.operation = Some(Operation::Provisioning {
+            claim: ClaimOrigin::Network,
+            step: Some(issued(Some("c.example"))),
+        });
+        assert_eq!(state.endpoint(), Some("c.example"));
+        state.identity = None;
+        state.operation = Some(Operation::Provisioning {
+            claim: ClaimOrigin::Network,
+            step: Some(issued(None)),
+        });
+        assert_eq!(state.endpoint(), None);
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub struct Resources {
     pub trust: ServerTrust,
     pub pacer: Arc<ConnectPacer>,
     pub claim_client_id: String,
+    /// `cloud.endpoint`'s target; see `target`.
     pub target: Target,
 }
 
@@ -88,6 +89,16 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Resources {
+    /// Where to connect for an identity or a claim of `endpoint` (`None`: `cloud.endpoint`):
+    /// the same port, keep-alive and trust, another host.
+    pub fn target(&self, endpoint: Option<&str>) -> Target {
+        let mut target = self.target.clone();
+        if let Some(host) = endpoint {
+            host.clone_into(&mut target.host);
+        }
+        target
+    }
+
     fn client_tls(
         &self,
         chain: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -108,6 +119,11 @@ impl Resources {
         slot: &'a mut Option<Session>,
         claim: Option<&Claim>,
     ) -> Result<&'a mut Session, AgentError> {
+        let target = self.target(claim.and_then(|c| c.endpoint.as_deref()));
+        // A connection left open for a claim of another endpoint is of no use for this one.
+        if slot.as_ref().is_some_and(|s| s.host() != target.host) {
+            *slot = None;
+        }
         if slot.is_none() {
             let claim = claim.ok_or_else(|| {
                 AgentError::permanent(ErrorCode::ClaimMissing, "no claim is at hand")
@@ -123,14 +139,14 @@ impl Resources {
                 by_clock: claim.origin != crate::store::ClaimOrigin::Network,
             };
             let session = Session::connect(
-                &self.target,
+                &target,
                 config,
                 &self.claim_client_id,
                 identity,
                 &self.pacer,
             )
             .await?;
-            tracing::info!(client_id = %self.claim_client_id, "connected with the claim");
+            tracing::info!(client_id = %self.claim_client_id, endpoint = %target.host, "connected with the claim");
             *slot = Some(session);
         }
         slot.as_mut()
@@ -322,6 +338,7 @@ async fn step(
                 certificate_id: issued.certificate_id,
                 certificate_pem: issued.certificate_pem,
                 ownership_token: issued.certificate_ownership_token,
+                endpoint: claim.and_then(|c| c.endpoint.clone()),
             }
         }
         Work::RequestCertificate { generation } => {
@@ -343,6 +360,7 @@ async fn step(
                 certificate_id: issued.certificate_id,
                 certificate_pem: issued.certificate_pem,
                 ownership_token: issued.certificate_ownership_token,
+                endpoint: claim.and_then(|c| c.endpoint.clone()),
             }
         }
         Work::RegisterThing {
@@ -350,8 +368,26 @@ async fn step(
             certificate_id,
             certificate_pem,
             ownership_token,
+            endpoint,
             ..
         } => {
+            let claimed = claim.and_then(|c| c.endpoint.as_deref());
+            if claimed != endpoint.as_deref() {
+                // The certificate and its token exist in the account and region of the
+                // endpoint that issued them; the claim at hand (a new installer's) is for
+                // another. A new certificate from this claim's endpoint is what can work.
+                let name = |e: Option<&str>| e.unwrap_or(&res.settings.cloud.endpoint).to_owned();
+                return Err(AgentError::new(
+                    ErrorCode::Rejected,
+                    Retry::RestartFromCsr,
+                    format!(
+                        "certificate {certificate_id} was issued by {}, and the claim at hand is for {}; \
+                         requesting a new certificate with it",
+                        name(endpoint.as_deref()),
+                        name(claimed)
+                    ),
+                ));
+            }
             let mut parameters = parameters(res, resolved).await?.as_ref().clone();
             // What the installer supplied with the claim; never a device-sourced value (the
             // bundle's validation refuses those names).
@@ -408,10 +444,16 @@ async fn step(
             certificate_id,
             certificate_pem,
             thing_name,
+            endpoint,
         } => {
-            return credentials(res, generation, certificate_id, certificate_pem, thing_name)
-                .await
-                .map(Produced::Credentials);
+            let signed = Signed {
+                generation,
+                certificate_id,
+                certificate_pem,
+                thing_name,
+                endpoint,
+            };
+            return credentials(res, signed).await.map(Produced::Credentials);
         }
         Work::Idle | Work::Serve | Work::WaitForClaim => {
             return Err(AgentError::permanent(
@@ -426,15 +468,28 @@ async fn step(
     })
 }
 
-/// The credentials to connect as the device with `generation`'s key and certificate
-/// (`certificate_pem`, state.json's copy; empty for a state migrated without it: then the file).
-pub async fn credentials(
-    res: &Arc<Resources>,
-    generation: u32,
-    certificate_id: String,
-    certificate_pem: String,
-    thing_name: String,
-) -> Result<Credentials, AgentError> {
+/// A registered certificate and where it connects: what `credentials` makes a connection's
+/// credentials of.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    pub generation: u32,
+    pub certificate_id: String,
+    /// State.json's copy; empty for a state migrated without it: then the file.
+    pub certificate_pem: String,
+    pub thing_name: String,
+    /// `None`: `cloud.endpoint`.
+    pub endpoint: Option<String>,
+}
+
+/// The credentials to connect as the device with `generation`'s key and certificate.
+pub async fn credentials(res: &Arc<Resources>, signed: Signed) -> Result<Credentials, AgentError> {
+    let Signed {
+        generation,
+        certificate_id,
+        certificate_pem,
+        thing_name,
+        endpoint,
+    } = signed;
     let key = existing_key(
         res,
         generation,
@@ -466,5 +521,6 @@ pub async fn credentials(
         not_before,
         not_after,
         key_location,
+        endpoint,
     })
 }

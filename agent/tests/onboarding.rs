@@ -16,11 +16,15 @@
 //!   (wrong) clock thinks expired is still used;
 //! - a template or a parameter the gateway does not allow, a key that is not the
 //!   certificate's (iotctl refuses it before the network);
-//! - a window closed by hand; a second client while one is pairing.
+//! - a window closed by hand; a second client while one is pairing;
+//! - an endpoint the gateway does not allow; one it allows (a second fake on 127.0.0.2 stands
+//!   for another account's endpoint): the identity is made there and stays there across
+//!   restarts and a rebuilt state.json; and a certificate issued there is not registered with a
+//!   later claim for the configured endpoint.
 //!
 //! What iotctl cannot send is covered at the server's level (agent/src/onboard/server/tests.rs,
-//! bundle/tests.rs): a bundle naming an endpoint (iotctl has no option for one), a mismatched
-//! key reaching the gateway, replays, reflection, bad shares, oversized bodies.
+//! bundle/tests.rs): a mismatched key reaching the gateway, replays, reflection, bad shares,
+//! oversized bodies.
 //!
 //! The relay is in this file: rustls on both sides, the plaintext copied both ways. Through it,
 //! iotctl with `--binding none` (as a browser pairs) works, which lets the wrong-code test end
@@ -180,14 +184,25 @@ impl Gateway {
     /// Registers gateway `serial` (config key section `key`), starts iotd, and waits until it
     /// waits for a claim with its servers up.
     async fn start(cloud: &Cloud, serial: &str, key: &str, with_bus: bool) -> Gateway {
+        Self::start_adjusted(cloud, serial, key, with_bus, |_, config| config).await
+    }
+
+    /// `start`, with the configuration as `adjust` (given the gateway's directory) makes it.
+    async fn start_adjusted(
+        cloud: &Cloud,
+        serial: &str,
+        key: &str,
+        with_bus: bool,
+        adjust: impl FnOnce(&Path, String) -> String,
+    ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config_path = dir.path().join("config.toml");
-        std::fs::write(
-            &config_path,
+        let config = adjust(
+            dir.path(),
             gateway_config(cloud, dir.path(), serial, port, key),
-        )
-        .unwrap();
+        );
+        std::fs::write(&config_path, config).unwrap();
         // On the production line: the record, and the label.
         let label = register(&config_path);
         let bus = with_bus.then(|| DbusDaemon::start(&[&dbus_policy_file()], Some(ROOT_MAY_OWN)));
@@ -297,6 +312,19 @@ impl Gateway {
     /// `iotctl onboard` to this gateway's label, with `code`.
     fn onboard(&self, target: &str, code: &str, claim: &ClaimFiles) -> Onboard {
         Onboard::new(target, &self.label.serial, code, claim)
+    }
+
+    /// `iotctl onboard` with the right code, `claim` and `args`, which the gateway refuses with
+    /// `422 claim_invalid`, the message naming each of `named` (the session had paired).
+    async fn claim_refused(&self, claim: &ClaimFiles, args: &[&str], named: &[&str]) {
+        let run = self
+            .onboard(&self.target(), &self.label.code, claim)
+            .arg(args)
+            .run()
+            .await;
+        let message = run.assert_refused("/v1/claim", 422, "claim_invalid");
+        assert!(named.iter().all(|n| message.contains(n)), "{run}");
+        assert_eq!(run.events("paired").len(), 1, "{run}");
     }
 
     /// Nothing reached the cloud, and the gateway has started no provisioning.
@@ -1048,26 +1076,14 @@ async fn claims_the_gateway_does_not_allow_are_refused_and_it_keeps_waiting() {
     // The phase /v1/status shows after each refusal; checked last, so that the rest runs.
     let mut phases = Vec::new();
 
-    let run = gateway
-        .onboard(&target, &right, &claim)
-        .arg(&["--template", "other"])
-        .run()
+    gateway
+        .claim_refused(&claim, &["--template", "other"], &["template", "other"])
         .await;
-    let message = run.assert_refused("/v1/claim", 422, "claim_invalid");
-    assert!(
-        message.contains("template") && message.contains("other"),
-        "{run}"
-    );
-    assert_eq!(run.events("paired").len(), 1, "{run}");
     phases.push(gateway.wait_open(19).await["phase"].clone());
 
-    let run = gateway
-        .onboard(&target, &right, &claim)
-        .arg(&["--param", "Nope=x"])
-        .run()
+    gateway
+        .claim_refused(&claim, &["--param", "Nope=x"], &["Nope"])
         .await;
-    let message = run.assert_refused("/v1/claim", 422, "claim_invalid");
-    assert!(message.contains("Nope"), "{run}");
     phases.push(gateway.wait_open(18).await["phase"].clone());
 
     let other = new_claim(&cloud, gateway.dir.path(), "other").await;
@@ -1177,5 +1193,182 @@ async fn a_second_client_is_busy_while_one_is_pairing() {
         .iotd
         .wait_status("Provisioned as gw-b1; certificate")
         .await;
+    assert!(gateway.iotd.terminate().await.success());
+}
+
+/// Two fakes on the same port: `home`, the gateway's configured endpoint (`localhost`, on
+/// 127.0.0.1), and `other` on 127.0.0.2, standing for another account's or region's endpoint
+/// that the gateway's configuration allows (`onboarding.allowed_endpoints`). The gateway trusts
+/// both fakes' root CAs (one bundle, as Amazon's roots serve every region). `other` takes
+/// ClientHellos without SNI: it is addressed by IP, for which TLS sends none.
+async fn two_endpoints(serial: &str) -> (Cloud, Cloud, Gateway) {
+    let home = Cloud::start().await;
+    let at = SocketAddr::from(([127, 0, 0, 2], home.mqtt_port()));
+    // rustls sends no SNI for an IP address, which AWS (and the fake, by default) refuses.
+    let other = Cloud::start_on(at, |s| {
+        s.server_names = vec!["127.0.0.2".to_owned()];
+        s.require_sni = false;
+    })
+    .await;
+    let gateway = Gateway::start_adjusted(&home, serial, "", false, |dir, config| {
+        let roots = dir.join("roots.pem");
+        let both = [home.root_ca(), other.root_ca()]
+            .map(|path| std::fs::read_to_string(path).unwrap())
+            .concat();
+        std::fs::write(&roots, both).unwrap();
+        let config = config.replace(home.root_ca(), roots.to_str().unwrap());
+        format!("{config}allowed_endpoints = [\"127.0.0.2\"]\n")
+    })
+    .await;
+    (home, other, gateway)
+}
+
+/// The fake's CONNECTs (client ids), in order.
+fn connects(cloud: &Cloud) -> Vec<String> {
+    cloud
+        .log()
+        .into_iter()
+        .filter(|e| e.kind == "connect")
+        .map(|e| e.client_id)
+        .collect()
+}
+
+/// A claim the installer made for another endpoint the gateway allows (`iotctl onboard
+/// --endpoint`): the thing and its certificate are made there, and the identity remembers it.
+/// After a restart, and after a restart that finds state.json gone (rebuilt from `gen/`), the
+/// gateway connects to that endpoint again, never to its configured one. An endpoint the
+/// gateway does not allow is refused first.
+#[tokio::test]
+async fn a_claim_for_another_allowed_endpoint_makes_the_identity_there_and_it_stays() {
+    let (home, other, mut gateway) = two_endpoints("x1").await;
+    let claim = new_claim(&other, gateway.dir.path(), "claim").await;
+    let (target, code) = (gateway.target(), gateway.label.code.clone());
+
+    gateway
+        .claim_refused(
+            &claim,
+            &["--endpoint", "127.0.0.9"],
+            &["127.0.0.9", "127.0.0.2"],
+        )
+        .await;
+    gateway.wait_open(19).await;
+
+    let run = gateway
+        .onboard(&target, &code, &claim)
+        .arg(&["--endpoint", "127.0.0.2"])
+        .run()
+        .await;
+    run.assert_connected();
+    gateway
+        .iotd
+        .wait_status("Provisioned as gw-x1; certificate")
+        .await;
+    let state = gateway.iotd.state();
+    assert_eq!(state["identity"]["endpoint"], "127.0.0.2", "{state}");
+    let generation = state["identity"]["generation"].as_u64().unwrap();
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(
+            gateway
+                .iotd
+                .state_dir
+                .join(format!("gen/{generation}/identity.json")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["endpoint"], "127.0.0.2", "{record}");
+    assert!(other.registry()["things"]["gw-x1"].is_object());
+    assert!(home.registry()["things"].get("gw-x1").is_none());
+
+    // A restart, then one without state.json: both connect to where the identity is.
+    for lose_state in [false, true] {
+        let before = connects(&other).len();
+        assert!(gateway.iotd.terminate().await.success());
+        if lose_state {
+            std::fs::remove_file(gateway.iotd.state_dir.join("state.json")).unwrap();
+        }
+        gateway.iotd = Iotd::start_with_config(
+            &iotd_binary(),
+            &gateway.config_path,
+            &gateway.dir.path().join("state"),
+            &[],
+        )
+        .await;
+        gateway
+            .iotd
+            .wait_status("Provisioned as gw-x1; certificate valid until")
+            .await;
+        let after = connects(&other);
+        assert_eq!(after[before..], ["gw-x1"], "{after:?}");
+        assert_eq!(gateway.iotd.state()["identity"]["endpoint"], "127.0.0.2");
+    }
+    assert_eq!(connects(&home), Vec::<String>::new());
+    assert!(gateway.iotd.terminate().await.success());
+}
+
+/// The installer's first claim was for another endpoint, where the certificate was issued but
+/// RegisterThing kept failing; iotd restarted (the claim is lost with it) and a second
+/// installer's claim is for the configured endpoint. The certificate of the first endpoint is
+/// not offered there: the gateway asks its configured endpoint for a new one, registers it,
+/// and records the first as abandoned.
+#[tokio::test]
+async fn a_certificate_from_one_endpoint_is_not_registered_with_a_claim_for_another() {
+    let (home, other, mut gateway) = two_endpoints("x2").await;
+    other.add_fault(
+        json!({"api": "RegisterThing", "action": "reject", "statusCode": 503,
+        "errorCode": "ServiceUnavailable", "errorMessage": "held", "count": 1000}),
+    );
+    let (target, code) = (gateway.target(), gateway.label.code.clone());
+    let first = new_claim(&other, gateway.dir.path(), "first").await;
+    let (child, _) = gateway
+        .onboard(&target, &code, &first)
+        .arg(&["--endpoint", "127.0.0.2", "--timeout", "60"])
+        .spawn();
+    gateway
+        .iotd
+        .wait_status("Provisioning (certificate-issued); retrying")
+        .await;
+    let state = gateway.iotd.state();
+    let step = &state["operation"]["step"];
+    assert_eq!(step["endpoint"], "127.0.0.2", "{state}");
+    assert_eq!(state["operation"]["claim"], "network", "{state}");
+    let abandoned = step["certificateId"].as_str().unwrap().to_owned();
+    drop(child);
+
+    gateway.restart().await;
+    assert!(
+        gateway
+            .iotd
+            .seen
+            .iter()
+            .any(|l| l.contains("lost in a restart")),
+        "{:?}",
+        gateway.iotd.seen
+    );
+    gateway
+        .wait_for("an open window", |s| s["window"] == "open")
+        .await;
+    let second = new_claim(&home, gateway.dir.path(), "second").await;
+    gateway
+        .onboard(&target, &code, &second)
+        .run()
+        .await
+        .assert_connected();
+    gateway
+        .iotd
+        .wait_status("Provisioned as gw-x2; certificate")
+        .await;
+    let state = gateway.iotd.state();
+    assert!(state["identity"].get("endpoint").is_none(), "{state}");
+    assert_ne!(state["identity"]["certificateId"], abandoned.as_str());
+    assert!(
+        state["abandonedCertificates"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(abandoned)),
+        "{state}"
+    );
+    assert!(home.registry()["things"]["gw-x2"].is_object());
+    assert!(other.registry()["things"].get("gw-x2").is_none());
     assert!(gateway.iotd.terminate().await.success());
 }

@@ -262,7 +262,8 @@ impl<'a> Context<'a> {
             let resolved = match self.settings() {
                 Err(e) => Err(e),
                 Ok(s) => {
-                    let (host, port) = (s.cloud.endpoint.clone(), s.cloud.port);
+                    let port = s.cloud.port;
+                    let host = self.host()?;
                     self.resolve(&host, port)
                 }
             };
@@ -328,8 +329,20 @@ impl<'a> Context<'a> {
     }
 
     fn endpoint(&mut self) -> Result<String, String> {
-        let s = self.settings()?;
-        Ok(format!("{}:{}", s.cloud.endpoint, s.cloud.port))
+        let port = self.settings()?.cloud.port;
+        Ok(format!("{}:{port}", self.host()?))
+    }
+
+    /// The endpoint's host: where the gateway's certificate belongs (an installer's claim can
+    /// have made it another allowed endpoint's), or `cloud.endpoint`.
+    fn host(&mut self) -> Result<String, String> {
+        let configured = self.settings()?.cloud.endpoint.clone();
+        // Without the state (not root, or none yet) the configured endpoint is the one.
+        let remembered = self
+            .state()
+            .ok()
+            .and_then(|s| s.endpoint().map(str::to_owned));
+        Ok(remembered.unwrap_or(configured))
     }
 
     /// The trust anchors for the endpoint's certificate; errors name the key and the remedy
@@ -633,10 +646,7 @@ fn endpoint_resolves(ctx: &mut Context<'_>) -> CheckResult {
     }
     match ctx.addresses() {
         Ok(addrs) => {
-            let host = ctx
-                .settings()
-                .map(|s| s.cloud.endpoint.clone())
-                .unwrap_or_default();
+            let host = ctx.host().unwrap_or_default();
             if host.parse::<std::net::IpAddr>().is_ok() {
                 return CheckResult::Ok(format!("{host} is an IP address: nothing to resolve"));
             }
@@ -717,10 +727,8 @@ fn handshake(
 /// A handshake as `identity` with the endpoint, if it is reachable.
 fn try_identity(ctx: &mut Context<'_>, identity: TlsIdentity) -> Result<String, String> {
     let trust = ctx.trust()?;
-    let (host, alpn) = {
-        let s = ctx.settings()?;
-        (s.cloud.endpoint.clone(), s.cloud.alpn)
-    };
+    let alpn = ctx.settings()?.cloud.alpn;
+    let host = ctx.host()?;
     let config = iotd::tls::client_config(&trust, identity, alpn).map_err(|e| error_chain(&e))?;
     let addr = ctx.reachable()?;
     with_deadline(NETWORK_TIMEOUT * 3, "the TLS handshake", move || {

@@ -304,6 +304,12 @@ pub struct OnboardArgs {
     /// default: the gateway's configured template).
     #[arg(long, value_name = "TEMPLATE")]
     pub template: Option<String>,
+    /// The AWS IoT endpoint the claim was made for (its account's and region's data endpoint,
+    /// aws iot describe-endpoint --endpoint-type iot:Data-ATS), when it is not the gateway's
+    /// configured one; the gateway's configuration must allow it
+    /// (onboarding.allowed_endpoints), and its identity then belongs there.
+    #[arg(long, value_name = "HOST")]
+    pub endpoint: Option<String>,
     /// A template parameter for the gateway's registration (repeatable), e.g. Site=Hamburg-3;
     /// only names the gateway's configuration lets an installer supply.
     #[arg(long = "param", value_name = "NAME=VALUE")]
@@ -332,8 +338,8 @@ pub struct OnboardArgs {
     #[arg(
         long,
         conflicts_with_all = [
-            "gateway", "code", "serial", "qr", "claim_cert", "claim_key", "template", "params",
-            "binding", "timeout",
+            "gateway", "code", "serial", "qr", "claim_cert", "claim_key", "template", "endpoint",
+            "params", "binding", "timeout",
         ]
     )]
     pub discover: bool,

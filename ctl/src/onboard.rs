@@ -433,6 +433,8 @@ struct Bundle<'a> {
     not_after: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     template: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    endpoint: Option<&'a str>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     parameters: &'a BTreeMap<String, String>,
 }
@@ -445,7 +447,8 @@ fn bundle_json(bundle: &Bundle<'_>) -> Result<Zeroizing<Vec<u8>>, Stop> {
         .iter()
         .map(|(k, v)| k.len() + v.len())
         .sum::<usize>()
-        + bundle.template.map_or(0, str::len);
+        + bundle.template.map_or(0, str::len)
+        + bundle.endpoint.map_or(0, str::len);
     let capacity = 6 * (bundle.certificate_pem.len() + bundle.private_key_pem.len() + extra) + 512;
     let mut out = Zeroizing::new(Vec::with_capacity(capacity));
     serde_json::to_writer(&mut *out, bundle)
@@ -479,6 +482,14 @@ async fn onboard(mut args: OnboardArgs, out: &Output) -> Result<Done, Stop> {
     {
         return Err(Stop::usage("--template: the template name is empty"));
     }
+    if let Some(endpoint) = args.endpoint.as_deref()
+        && (endpoint.is_empty() || endpoint.contains([':', '/', ' ']) || endpoint.len() > 253)
+    {
+        return Err(Stop::usage(format!(
+            "--endpoint: {endpoint:?} is not a host name (give the endpoint's host only, \
+             without scheme or port)"
+        )));
+    }
     let claim = claim_files(&args)?;
     let bundle = bundle_json(&Bundle {
         v: 1,
@@ -486,6 +497,7 @@ async fn onboard(mut args: OnboardArgs, out: &Output) -> Result<Done, Stop> {
         private_key_pem: &claim.private_key_pem,
         not_after: claim.not_after,
         template: args.template.as_deref(),
+        endpoint: args.endpoint.as_deref(),
         parameters: &parameters,
     })?;
     drop(claim.private_key_pem);
@@ -1110,6 +1122,7 @@ mod tests {
             private_key_pem: "K\n",
             not_after: None,
             template: None,
+            endpoint: None,
             parameters: &none,
         })
         .unwrap();
@@ -1124,6 +1137,7 @@ mod tests {
             private_key_pem: "K",
             not_after: Some(1_700_000_000),
             template: Some("T"),
+            endpoint: Some("b-ats.iot.eu-west-1.amazonaws.com"),
             parameters: &some,
         })
         .unwrap();
@@ -1131,7 +1145,8 @@ mod tests {
         assert_eq!(
             value,
             json!({"v": 1, "certificate_pem": "C", "private_key_pem": "K",
-                   "not_after": 1_700_000_000, "template": "T", "parameters": {"Site": "H"}})
+                   "not_after": 1_700_000_000, "template": "T",
+                   "endpoint": "b-ats.iot.eu-west-1.amazonaws.com", "parameters": {"Site": "H"}})
         );
         let big = "x".repeat(MAX_BUNDLE_LEN);
         let stop = bundle_json(&Bundle {
@@ -1140,6 +1155,7 @@ mod tests {
             private_key_pem: "K",
             not_after: None,
             template: None,
+            endpoint: None,
             parameters: &none,
         })
         .unwrap_err();

@@ -43,6 +43,7 @@ fn bundle_holds_the_facts_and_no_secrets() {
                 operation: Some(Operation::Provisioning {
                     claim: ClaimOrigin::File,
                     step: Some(Step::CertificateIssued {
+                        endpoint: None,
                         generation: 1,
                         certificate_id: "c0ffee".into(),
                         certificate_pem: String::new(),

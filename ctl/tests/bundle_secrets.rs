@@ -110,6 +110,7 @@ fn state() -> State {
         operation: Some(Operation::Provisioning {
             claim: ClaimOrigin::File,
             step: Some(Step::CertificateIssued {
+                endpoint: None,
                 generation: 1,
                 certificate_id: "c0ffee".into(),
                 certificate_pem: String::new(),

@@ -500,7 +500,7 @@ _iotctl() {
             return 0
             ;;
         iotctl__subcmd__onboard)
-            opts="-h --code --serial --qr --claim-cert --claim-key --template --param --binding --timeout --json --discover --for --config --help"
+            opts="-h --code --serial --qr --claim-cert --claim-key --template --endpoint --param --binding --timeout --json --discover --for --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -527,6 +527,10 @@ _iotctl() {
                     return 0
                     ;;
                 --template)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --endpoint)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

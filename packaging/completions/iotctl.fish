@@ -93,6 +93,7 @@ complete -c iotctl -n "__fish_iotctl_using_subcommand onboard" -l qr -d 'The tex
 complete -c iotctl -n "__fish_iotctl_using_subcommand onboard" -l claim-cert -d 'The claim certificate, PEM (CreateProvisioningClaim\'s certificatePem)' -r -F
 complete -c iotctl -n "__fish_iotctl_using_subcommand onboard" -l claim-key -d 'The claim\'s private key, PEM (CreateProvisioningClaim\'s keyPair.PrivateKey)' -r -F
 complete -c iotctl -n "__fish_iotctl_using_subcommand onboard" -l template -d 'The provisioning template the gateway registers with (one its configuration allows; default: the gateway\'s configured template)' -r
+complete -c iotctl -n "__fish_iotctl_using_subcommand onboard" -l endpoint -d 'The AWS IoT endpoint the claim was made for (its account\'s and region\'s data endpoint, aws iot describe-endpoint --endpoint-type iot:Data-ATS), when it is not the gateway\'s configured one; the gateway\'s configuration must allow it (onboarding.allowed_endpoints), and its identity then belongs there' -r
 complete -c iotctl -n "__fish_iotctl_using_subcommand onboard" -l param -d 'A template parameter for the gateway\'s registration (repeatable), e.g. Site=Hamburg-3; only names the gateway\'s configuration lets an installer supply' -r
 complete -c iotctl -n "__fish_iotctl_using_subcommand onboard" -l binding -d 'What the pairing binds besides the code: the TLS certificate iotctl saw (tls-server-end-point), or nothing (none, as a browser must)' -r -f -a "tls-server-end-point\t'The SHA-256 of the gateway\'s TLS certificate, as iotctl saw it'
 none\t'Nothing'"

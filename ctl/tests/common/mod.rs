@@ -169,6 +169,7 @@ pub fn save_provisioned(store: &Store, thing: &str, not_after: i64) {
         .save(
             &State {
                 identity: Some(Identity {
+                    endpoint: None,
                     generation: 1,
                     certificate_id: "c0ffee".into(),
                     certificate_pem: store.read_certificate(1).unwrap(),

@@ -131,8 +131,8 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()
 
 impl Authority {
     /// Loads the root CA from `dir` (creating it on first start) and makes a fresh server
-    /// certificate for `localhost`, `127.0.0.1` and `::1`.
-    pub fn load_or_create(dir: &Path, now: i64) -> Result<Self, CaError> {
+    /// certificate for `localhost`, `127.0.0.1`, `::1` and `more` (DNS names or IP addresses).
+    pub fn load_or_create(dir: &Path, now: i64, more: &[String]) -> Result<Self, CaError> {
         let root_path = dir.join("root-ca.pem");
         let key_path = dir.join("root-ca.key");
         let (root_pem, root_key) = if root_path.exists() && key_path.exists() {
@@ -202,6 +202,18 @@ impl Authority {
             .push(SanType::IpAddress(std::net::IpAddr::from(
                 std::net::Ipv6Addr::LOCALHOST,
             )));
+        for name in more {
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => {
+                    SanType::DnsName(name.clone().try_into().map_err(|source| CaError::Rcgen {
+                        action: "naming the server certificate (--server-name)",
+                        source,
+                    })?)
+                }
+            };
+            params.subject_alt_names.push(san);
+        }
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "*.iot.us-east-1.amazonaws.com");
         params.distinguished_name = dn;

@@ -57,6 +57,10 @@ struct Args {
     /// What RegisterThing does with a thing property OverrideSettings leaves out.
     #[arg(long, default_value = "replace", value_parser = parse_override)]
     default_override: Override,
+    /// A name the server certificate is also for (repeatable; a DNS name or an IP address),
+    /// besides localhost, 127.0.0.1 and ::1: for a fake listening on another address.
+    #[arg(long = "server-name", value_name = "NAME")]
+    server_names: Vec<String>,
     /// Region in ARNs.
     #[arg(long, default_value = "us-east-1")]
     region: String,
@@ -158,6 +162,7 @@ fn main() -> ExitCode {
     settings.disconnect_on_denied_publish = !args.keep_connection_on_denied_publish;
     settings.default_override = args.default_override;
     settings.throttles = args.throttles.into_iter().flatten().collect();
+    settings.server_names = args.server_names;
     let options = Options {
         settings,
         mqtt: args.mqtt,

@@ -300,7 +300,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let registry = load_registry(&dir)?;
     let clock = Arc::new(Clock::default());
     clock.set_offset(registry.clock_offset);
-    let ca = Authority::load_or_create(&dir, clock.now())?;
+    let ca = Authority::load_or_create(&dir, clock.now(), &options.settings.server_names)?;
     let (chain, key) = ca.server_identity();
     let plain = crate::tls::server_config(clock.clone(), chain.clone(), key.clone_key(), false)?;
     let alpn = crate::tls::server_config(clock.clone(), chain, key, true)?;

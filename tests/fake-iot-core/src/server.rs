@@ -45,6 +45,10 @@ pub struct Settings {
     /// Requests per second above which an API answers 429 (for `Connect`: the account-wide
     /// CONNECT rate, refused in the CONNACK). None by default; AWS's are in `AWS_QUOTAS`.
     pub throttles: Vec<(Api, u32)>,
+    /// Names the server certificate is for besides `localhost`, 127.0.0.1 and ::1 (DNS names
+    /// or IP addresses): a second fake on another loopback address stands for another
+    /// account's or region's endpoint.
+    pub server_names: Vec<String>,
 }
 
 /// AWS's published defaults (archived quota table): RegisterThing 10/s,
@@ -71,6 +75,7 @@ impl Settings {
             default_override: Override::Replace,
             hook_timeout: Duration::from_secs(5),
             throttles: Vec::new(),
+            server_names: Vec::new(),
         }
     }
 

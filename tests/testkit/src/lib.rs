@@ -104,10 +104,20 @@ impl Cloud {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut fake_iot_core::Settings)) -> Cloud {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), adjust).await
+    }
+
+    /// The fake with its MQTT listener on `mqtt` (the others on random ports of 127.0.0.1):
+    /// a second fake on another loopback address, same port, stands for another account's or
+    /// region's endpoint (`adjust` names that address in its certificate, `server_names`).
+    pub async fn start_on(
+        mqtt: std::net::SocketAddr,
+        adjust: impl FnOnce(&mut fake_iot_core::Settings),
+    ) -> Cloud {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = fake_iot_core::Settings::new(dir.path().join("cloud"));
         adjust(&mut settings);
-        Self::start_settings(dir, settings).await
+        Self::start_at(dir, settings, mqtt).await
     }
 
     /// The fake with the state (CA, registry) of an earlier run, copied from `state` (a test
@@ -116,14 +126,18 @@ impl Cloud {
         let dir = tempfile::tempdir().unwrap();
         copy_tree(state, &dir.path().join("cloud"));
         let settings = fake_iot_core::Settings::new(dir.path().join("cloud"));
-        Self::start_settings(dir, settings).await
+        Self::start_at(dir, settings, "127.0.0.1:0".parse().unwrap()).await
     }
 
-    async fn start_settings(dir: tempfile::TempDir, settings: fake_iot_core::Settings) -> Cloud {
+    async fn start_at(
+        dir: tempfile::TempDir,
+        settings: fake_iot_core::Settings,
+        mqtt: std::net::SocketAddr,
+    ) -> Cloud {
         let any = "127.0.0.1:0".parse().unwrap();
         let options = Options {
             settings,
-            mqtt: any,
+            mqtt,
             mqtt_alpn: any,
             http: any,
             templates: vec![("gateway".into(), gateway_template().display().to_string())],
