@@ -12,15 +12,91 @@
 //! on `Reported`. A report the device policy does not allow makes AWS close the connection;
 //! after three connections lost that way in a row the task stops publishing reports (until
 //! the identity changes or iotd restarts) and says so, rather than disconnect forever.
+//!
+//! A rotation's requests (CreateCertificateFromCsr, RegisterThing) go over this session too:
+//! the core hands the task an `Exchange` (through an `Exchanger`), which runs on the session
+//! between the task's own reads, while connected; one that waits too long is given up by its
+//! caller and then never runs.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cloud::{self, ConnectPacer, Message, Session, SessionEvent, Target};
-use crate::error::{AgentError, Backoff, ErrorCode};
+use crate::error::{AgentError, Backoff, ErrorCode, Retry};
+
+/// Requests run on the live session by someone else than the task (see the module comment).
+pub type Exchange = Box<
+    dyn for<'s> FnOnce(&'s mut Session) -> Pin<Box<dyn Future<Output = ()> + Send + 's>> + Send,
+>;
+
+/// A future borrowing the session.
+pub type OnSession<'s, T> = Pin<Box<dyn Future<Output = Result<T, AgentError>> + Send + 's>>;
+
+/// Runs requests on the production session (a clone per unit of work).
+#[derive(Clone)]
+pub struct Exchanger {
+    jobs: mpsc::UnboundedSender<Exchange>,
+}
+
+impl std::fmt::Debug for Exchanger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchanger").finish_non_exhaustive()
+    }
+}
+
+impl Exchanger {
+    /// One whose connection is gone: every request fails at once (a rotation step started
+    /// while no production connection exists).
+    pub fn closed() -> Self {
+        let (jobs, _) = mpsc::unbounded_channel();
+        Self { jobs }
+    }
+
+    /// Runs `f` on the session once the connection is up, waiting at most `wait` for that and
+    /// for `f`. `what` names the request for errors ("requesting a certificate").
+    pub async fn run<T, F>(&self, what: &str, wait: Duration, f: F) -> Result<T, AgentError>
+    where
+        T: Send + 'static,
+        F: for<'s> FnOnce(&'s mut Session) -> OnSession<'s, T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Exchange = Box::new(move |session| {
+            Box::pin(async move {
+                // The caller gave up waiting (the connection was down too long): a request
+                // made now would issue a certificate nobody uses.
+                if tx.is_closed() {
+                    return;
+                }
+                let _ = tx.send(f(session).await);
+            })
+        });
+        let stopped = || {
+            AgentError::new(
+                ErrorCode::Network,
+                Retry::Reconnect,
+                format!("{what}: the production connection stopped"),
+            )
+        };
+        self.jobs.send(job).map_err(|_| stopped())?;
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err(AgentError::new(
+                ErrorCode::Network,
+                Retry::SameConnection,
+                format!(
+                    "{what}: the production connection was not up (or gave no answer) within {} s",
+                    wait.as_secs()
+                ),
+            )),
+        }
+    }
+}
 
 /// Everything the task needs to connect as the device.
 #[derive(Clone)]
@@ -90,6 +166,7 @@ pub struct Connection {
     certificate_id: String,
     stop: Option<oneshot::Sender<()>>,
     reports: mpsc::UnboundedSender<Report>,
+    jobs: mpsc::UnboundedSender<Exchange>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -104,6 +181,7 @@ impl Connection {
     ) -> Self {
         let (stop, stopped) = oneshot::channel();
         let (reports, queued) = mpsc::unbounded_channel();
+        let (jobs, exchanges) = mpsc::unbounded_channel();
         let certificate_id = credentials.certificate_id.clone();
         let task = tokio::spawn(run(
             target,
@@ -111,13 +189,25 @@ impl Connection {
             throttle_retry_max,
             credentials,
             events,
-            Channels { stopped, queued },
+            Channels {
+                stopped,
+                queued,
+                exchanges,
+            },
         ));
         Self {
             certificate_id,
             stop: Some(stop),
             reports,
+            jobs,
             task,
+        }
+    }
+
+    /// Runs requests on this connection's session (a rotation's).
+    pub fn exchanger(&self) -> Exchanger {
+        Exchanger {
+            jobs: self.jobs.clone(),
         }
     }
 
@@ -154,6 +244,7 @@ impl Drop for Connection {
 struct Channels {
     stopped: oneshot::Receiver<()>,
     queued: mpsc::UnboundedReceiver<Report>,
+    exchanges: mpsc::UnboundedReceiver<Exchange>,
 }
 
 /// The reports waiting for the broker's acknowledgement, oldest first.
@@ -233,6 +324,7 @@ async fn run(
     let Channels {
         mut stopped,
         mut queued,
+        mut exchanges,
     } = channels;
     let certificate_id = credentials.certificate_id.clone();
     let identity = cloud::Identity::Device {
@@ -285,6 +377,13 @@ async fn run(
                             Err(e) => break e,
                         },
                         Some(report) = queued.recv() => outbox.add(report),
+                        Some(exchange) = exchanges.recv() => {
+                            exchange(&mut session).await;
+                            // It read the session's events itself and may have taken the
+                            // acknowledgement of a report in flight: that one goes out again
+                            // (the backend takes a report twice; it must not miss one).
+                            outbox.in_flight = None;
+                        }
                         _ = &mut stopped => {
                             session.disconnect().await;
                             return;

@@ -183,6 +183,15 @@ pub struct Core {
     /// The provisioning in progress at start used an installer's claim, which lived in memory
     /// only: the installer must hand over a new one.
     installer_claim_lost: bool,
+    /// Transient failures of the rotation in progress: after `ROTATION_TRIES` it is rolled
+    /// back (and tried again after rotation.retry_interval).
+    rotation_failures: u32,
+    /// The staged certificate's connection failed this many times in a row (its verification).
+    staged_downs: u32,
+    /// A scheduled rotation is due but the clock is not trusted yet: when to look again.
+    clock_recheck_at: Option<tokio::time::Instant>,
+    /// Said once per wait: the clock is not trusted.
+    clock_wait_logged: bool,
     /// The onboarding server runs.
     onboarding_served: bool,
     /// Whether the gateway is announced on the local network (DNS-SD), as the discovery task
@@ -408,6 +417,69 @@ fn record_identity(
 
 /// Where abandoned certificates are reported: `cloud.report_topic` with `{thing}` replaced by
 /// the thing name; `None` when it is empty (reports off).
+/// The rotation failpoint (test-hooks: `IOTD_TEST_FAILPOINT`) of `input` applied to `machine`:
+/// iotd aborts just after that transition, as if the power went, so that a test can restart
+/// it from every step of a rotation.
+#[cfg(feature = "test-hooks")]
+fn rotation_failpoint(input: &Input, machine: &crate::fsm::Machine) -> Option<&'static str> {
+    let rotating = matches!(
+        machine.state.operation,
+        Some(crate::store::Operation::Rotation { .. })
+    );
+    Some(match input {
+        Input::RotationDue(_) => "rotation-started",
+        Input::KeyCreated { .. } if rotating => "rotation-key-ready",
+        Input::CertificateIssued { .. } if rotating => "rotation-certificate-issued",
+        Input::ThingRegistered { .. } if rotating => "rotation-thing-registered",
+        Input::IdentityVerified { .. } if rotating => "rotation-committed",
+        Input::Failed(_) if rotating => "rotation-failed",
+        Input::RotationReported { .. } => "rotation-reported",
+        Input::PreviousExpired => "rotation-previous-removed",
+        _ => return None,
+    })
+}
+
+/// The rotation failpoints, in the order a rotation reaches them.
+#[cfg(feature = "test-hooks")]
+pub const ROTATION_FAILPOINTS: [&str; 6] = [
+    "rotation-started",
+    "rotation-key-ready",
+    "rotation-certificate-issued",
+    "rotation-thing-registered",
+    "rotation-committed",
+    "rotation-reported",
+];
+
+/// A duration in whole seconds, as the state machine counts.
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// After this many transient failures in a row a rotation is rolled back.
+const ROTATION_TRIES: u32 = 4;
+/// The staged certificate's connection may fail this often (the network's doing) before the
+/// rotation is rolled back; a refusal (revoked, inactive, not authorised) rolls back at once.
+const STAGED_DOWNS: u32 = 3;
+/// While a scheduled rotation waits for the clock to be trusted, it is looked at this often:
+/// systemd-timesyncd's flag file gives no notification iotd could wait on without inotify.
+const CLOCK_RECHECK: Duration = Duration::from_secs(60);
+/// Written by systemd-timesyncd once the clock is synchronised.
+const TIMESYNC_FLAG: &str = "/run/systemd/timesync/synchronized";
+
+/// The wall-clock time `at` (Unix seconds) on tokio's monotonic clock.
+fn instant_at(at: i64, now: i64) -> tokio::time::Instant {
+    let secs = u64::try_from(at.saturating_sub(now)).unwrap_or(0);
+    tokio::time::Instant::now() + Duration::from_secs(secs)
+}
+
+fn rotation_report_topic(settings: &Settings, thing: &str) -> Option<String> {
+    let topic = &settings.rotation.report_topic;
+    (!topic.is_empty()).then(|| topic.replace("{thing}", thing))
+}
+
+/// The id under which a rotation report is queued (an abandoned certificate's is its id).
+const ROTATION_REPORT_PREFIX: &str = "rotation:";
+
 fn report_topic(settings: &Settings, thing: &str) -> Option<String> {
     let topic = &settings.cloud.report_topic;
     (!topic.is_empty()).then(|| topic.replace("{thing}", thing))
@@ -424,6 +496,10 @@ async fn until(at: Option<tokio::time::Instant>) {
 enum Wake {
     Work(Box<Done>),
     Retry,
+    /// The scheduled rotation is due (or the clock is to be looked at again).
+    Rotation,
+    /// The previous identity's grace period is over.
+    PreviousExpired,
     Command(Command),
     Connection(ConnectionEvent),
     Onboarding(onboard::port::Request),
@@ -483,6 +559,8 @@ impl Core {
                 == CertificateSource::CloudGenerated,
             reprovision_when_key_lost: settings.provisioning.reprovision_when_key_lost,
             delete_claim: settings.provisioning.delete_claim,
+            grace_period: secs(settings.rotation.grace_period),
+            retry_interval: secs(settings.rotation.retry_interval),
         };
         let state_onboarding = state.onboarding.clone();
         let installer_claim_lost = matches!(
@@ -540,6 +618,10 @@ impl Core {
             onboarding_requests: core_end.requests,
             onboarding_phase: None,
             installer_claim_lost,
+            rotation_failures: 0,
+            staged_downs: 0,
+            clock_recheck_at: None,
+            clock_wait_logged: false,
             onboarding_served: false,
             onboarding_discovery: "off: the onboarding server does not announce itself".to_owned(),
         };
@@ -603,9 +685,22 @@ impl Core {
                 let secs = u64::try_from(at - self.clock.now()).unwrap_or(0);
                 tokio::time::Instant::now() + Duration::from_secs(secs)
             });
+            let now = self.clock.now();
+            let rotation_at = self
+                .clock_recheck_at
+                .or_else(|| self.next_rotation().map(|at| instant_at(at, now)));
+            let previous_expires = self
+                .machine
+                .state
+                .previous
+                .as_ref()
+                .filter(|_| self.machine.state.operation.is_none())
+                .map(|p| instant_at(p.delete_after, now));
             let wake = tokio::select! {
                 done = finished(&mut self.work) => Wake::Work(Box::new(done)),
                 () = until(self.retry_at) => Wake::Retry,
+                () = until(rotation_at) => Wake::Rotation,
+                () = until(previous_expires) => Wake::PreviousExpired,
                 // Without a D-Bus API every sender may be gone: the branch is then disabled.
                 Some(c) = self.commands.recv() => Wake::Command(c),
                 Some(e) = self.connection_rx.recv() => Wake::Connection(e),
@@ -619,6 +714,21 @@ impl Core {
                     self.finish(*done)?;
                 }
                 Wake::Retry => self.retry_at = None,
+                Wake::Rotation => self.rotation_due()?,
+                Wake::PreviousExpired => {
+                    let due = self
+                        .machine
+                        .state
+                        .previous
+                        .as_ref()
+                        .is_some_and(|p| p.delete_after <= self.clock.now());
+                    if due {
+                        tracing::info!(
+                            "the previous identity's grace period (rotation.grace_period) is over; removing its key"
+                        );
+                        self.apply(Input::PreviousExpired)?;
+                    }
+                }
                 Wake::Command(c) => self.command(c)?,
                 Wake::Connection(e) => self.connection_event(e)?,
                 Wake::Onboarding(r) => self.onboarding_request(r)?,
@@ -888,6 +998,7 @@ impl Core {
             waiting_for_claim: self.waiting_for_claim.clone(),
         };
         let mut snap = snapshot::snapshot(&self.machine, &cx);
+        snap.next_rotation = self.next_rotation();
         if self.onboarding_served {
             snap.onboarding_open = self.window.is_open();
             snap.onboarding_closes_at = self.window.closes_at();
@@ -976,6 +1087,8 @@ impl Core {
     /// Applies `input` to the state machine and carries out its actions.
     fn apply(&mut self, input: Input) -> Result<(), CoreError> {
         let before = self.machine.describe();
+        #[cfg(feature = "test-hooks")]
+        let point = rotation_failpoint(&input, &self.machine);
         let t = self.machine.apply(input, self.clock.now())?;
         let after = self.machine.describe();
         if before != after {
@@ -983,6 +1096,14 @@ impl Core {
         }
         for action in t.actions {
             self.act(action);
+        }
+        #[cfg(feature = "test-hooks")]
+        if let Some(point) = point
+            && std::env::var("IOTD_TEST_FAILPOINT").as_deref() == Ok(point)
+        {
+            // As a power cut would, right after the transition and its actions.
+            tracing::warn!(point, "test hook: failpoint reached; aborting");
+            std::process::abort();
         }
         Ok(())
     }
@@ -1031,6 +1152,22 @@ impl Core {
                     Event::Failed { code, message } => {
                         tracing::error!(code = code.as_str(), "{message}");
                     }
+                    Event::CredentialsRotated {
+                        certificate_id,
+                        not_after,
+                    } => tracing::info!(
+                        certificate_id = %certificate_id,
+                        not_after = %crate::cloud::rfc3339(*not_after),
+                        "rotation committed: connected with the new certificate"
+                    ),
+                    Event::RotationStarted { id, trigger } => {
+                        tracing::info!(%id, trigger, "rotation started");
+                    }
+                    Event::RotationFailed { code, message, .. } => {
+                        tracing::warn!(code = code.as_str(), "{message}");
+                    }
+                    // Loud: the gateway runs on a certificate the fleet meant to replace.
+                    Event::FellBack { message, .. } => tracing::error!("{message}"),
                     Event::Connected { .. }
                     | Event::Disconnected { .. }
                     | Event::OnboardingOpened { .. }
@@ -1069,6 +1206,16 @@ impl Core {
                 // identity (see `recover`), even if removing its key fails.
                 if let Err(e) = store.remove_identity_record(generation) {
                     tracing::warn!("{e}");
+                }
+                // The certificate is of no use without its key (and its id is recorded where
+                // it matters): the key's removal then takes the whole generation directory.
+                let certificate = store.certificate_path(generation);
+                match std::fs::remove_file(&certificate) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => tracing::warn!(
+                        "removing certificate {} of generation {generation}: {e}",
+                        certificate.display()
+                    ),
+                    _ => {}
                 }
                 if let Err(e) = backend.remove(generation) {
                     tracing::warn!("removing the key of generation {generation}: {e}");
@@ -1188,7 +1335,9 @@ impl Core {
                         .claim
                         .as_ref()
                         .is_some_and(|c| c.origin == ClaimOrigin::Network || c.not_after > now);
-                    if !matches!(work, Work::CreateKey { .. }) && !usable {
+                    // A rotation talks to the cloud as the device: no claim.
+                    let needs_claim = !matches!(work, Work::CreateKey { .. }) && !self.rotating();
+                    if needs_claim && !usable {
                         match self.claims.current(now) {
                             Ok(claim) => self.claim = Some(claim),
                             Err(waiting) => {
@@ -1246,6 +1395,12 @@ impl Core {
             session: self.session.take(),
             parameters: self.parameters.clone(),
             cleanup: self.cleanup.take(),
+            production: self.rotating().then(|| {
+                self.live
+                    .as_ref()
+                    .map(|l| l.connection.exchanger())
+                    .unwrap_or_else(crate::connection::Exchanger::closed)
+            }),
         };
         let task = tokio::spawn(work::run(self.res.clone(), work.clone(), carried));
         self.work = Some((work, task));
@@ -1267,6 +1422,13 @@ impl Core {
             }
         }
         self.start(verify);
+    }
+
+    fn rotating(&self) -> bool {
+        matches!(
+            self.machine.state.operation,
+            Some(crate::store::Operation::Rotation { .. })
+        )
     }
 
     fn finish(&mut self, done: Done) -> Result<(), CoreError> {
@@ -1306,6 +1468,13 @@ impl Core {
     fn failed(&mut self, mut e: AgentError) -> Result<(), CoreError> {
         self.look_for_claims = true;
         e = count_parameter_failure(e, &mut self.parameter_failures);
+        if self.rotating() && matches!(e.retry, Retry::SameConnection | Retry::Reconnect) {
+            self.rotation_failures += 1;
+            if self.rotation_failures >= ROTATION_TRIES {
+                e.message = format!("{} ({ROTATION_TRIES} tries)", e.message);
+                e.retry = Retry::Permanent;
+            }
+        }
         if matches!(
             e.code,
             ErrorCode::ClaimExpired | ErrorCode::ClaimMissing | ErrorCode::ClaimRejected
@@ -1367,6 +1536,15 @@ impl Core {
         let (Some(live), Some(identity)) = (&self.live, &self.machine.state.identity) else {
             return;
         };
+        if let Some(topic) = rotation_report_topic(&self.res.settings, &identity.thing_name) {
+            for report in &self.machine.state.rotation.reports {
+                live.connection.report(crate::connection::Report {
+                    id: format!("{ROTATION_REPORT_PREFIX}{}", report.new_certificate_id),
+                    topic: topic.clone(),
+                    payload: serde_json::to_vec(report).unwrap_or_default(),
+                });
+            }
+        }
         let Some(topic) = report_topic(&self.res.settings, &identity.thing_name) else {
             return;
         };
@@ -1421,6 +1599,12 @@ impl Core {
                 if live.credentials.certificate_id != certificate_id {
                     return Ok(());
                 }
+                if let Some(new) = id.strip_prefix(ROTATION_REPORT_PREFIX) {
+                    tracing::info!(new_certificate_id = %new, "the rotation report was acknowledged");
+                    return self.apply(Input::RotationReported {
+                        new_certificate_id: new.to_owned(),
+                    });
+                }
                 tracing::info!(
                     certificate_id = %id,
                     "reported the abandoned certificate to the fleet's backend"
@@ -1436,6 +1620,42 @@ impl Core {
                     return Ok(());
                 }
                 let failure = Failure::new(&error, Some(retry_in));
+                let state = &self.machine.state;
+                let committed = state
+                    .identity
+                    .as_ref()
+                    .is_some_and(|i| i.certificate_id == certificate_id);
+                if state.identity.is_some() && !committed {
+                    // A rotation's new certificate, being verified: a refusal rolls the
+                    // rotation back at once, the network's failures after a few tries.
+                    self.staged_downs += 1;
+                    let refused = !matches!(
+                        error.code,
+                        ErrorCode::Network | ErrorCode::Throttled | ErrorCode::NoReply
+                    );
+                    if refused || self.staged_downs >= STAGED_DOWNS {
+                        let e = AgentError::permanent(
+                            error.code,
+                            format!(
+                                "the new certificate {certificate_id} did not connect: {error}"
+                            ),
+                        );
+                        return self.failed(e);
+                    }
+                    return Ok(());
+                }
+                let refused = matches!(
+                    error.code,
+                    ErrorCode::CertificateRevoked | ErrorCode::CertificateInactive
+                );
+                let now = self.clock.now();
+                let fallback = state
+                    .previous
+                    .as_ref()
+                    .is_some_and(|p| p.identity.not_after > now);
+                if committed && refused && fallback && state.operation.is_none() {
+                    return self.apply(Input::FallBack(failure));
+                }
                 if self.machine.state.identity.is_some() {
                     self.apply(Input::Disconnected(failure))
                 } else {
@@ -1462,23 +1682,144 @@ impl Core {
         }
     }
 
+    /// When the next scheduled rotation starts (Unix seconds): the identity's due time under
+    /// `[rotation]`, or later after a rolled-back one; `None` while an operation runs.
+    fn next_rotation(&self) -> Option<i64> {
+        let state = &self.machine.state;
+        let identity = state.identity.as_ref()?;
+        if state.operation.is_some() || self.machine.halted {
+            return None;
+        }
+        let policy = &self.res.settings.rotation;
+        let mut due = crate::schedule::due(
+            identity.not_before,
+            identity.not_after,
+            &identity.thing_name,
+            policy,
+        );
+        if due <= identity.committed_at {
+            // Due before it was even committed: certificates issued for less than
+            // renew_before (or older than max_age at once). Rotating at once would only make
+            // another such certificate: one try per retry_interval instead of a loop.
+            due = identity
+                .committed_at
+                .saturating_add(secs(policy.retry_interval));
+        }
+        Some(due.max(state.rotation.retry_at.unwrap_or(i64::MIN)))
+    }
+
+    /// Whether expiry and age can be judged by the system clock: systemd-timesyncd says it is
+    /// synchronised, or the configuration says the clock can be trusted (an RTC).
+    fn clock_trusted(&self) -> bool {
+        self.res.settings.rotation.trust_clock || std::path::Path::new(TIMESYNC_FLAG).exists()
+    }
+
+    /// The rotation timer fired: start the scheduled rotation if it is due by the wall clock
+    /// and the clock is trusted.
+    fn rotation_due(&mut self) -> Result<(), CoreError> {
+        self.clock_recheck_at = None;
+        let now = self.clock.now();
+        let Some(at) = self.next_rotation().filter(|at| *at <= now) else {
+            return Ok(());
+        };
+        if !self.clock_trusted() {
+            if !std::mem::replace(&mut self.clock_wait_logged, true) {
+                tracing::warn!(
+                    due = %crate::cloud::rfc3339(at),
+                    "the certificate is due for rotation, but the system clock is not synchronised ({TIMESYNC_FLAG} is missing): waiting for it (set rotation.trust_clock = true on a gateway with a trusted RTC)"
+                );
+            }
+            self.clock_recheck_at = Some(tokio::time::Instant::now() + CLOCK_RECHECK);
+            return Ok(());
+        }
+        self.clock_wait_logged = false;
+        if self.work.is_some() || self.live.is_none() {
+            // After the unit in flight (or once connected): the loop arms the timer again.
+            self.clock_recheck_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            return Ok(());
+        }
+        let reason = crate::schedule::reason(
+            self.machine
+                .state
+                .identity
+                .as_ref()
+                .map_or(0, |i| i.not_before),
+            self.machine
+                .state
+                .identity
+                .as_ref()
+                .map_or(0, |i| i.not_after),
+            &self.res.settings.rotation,
+        );
+        tracing::info!(reason, "the certificate is due for rotation");
+        self.begin_rotation(crate::store::Trigger::Schedule)
+    }
+
+    fn begin_rotation(&mut self, trigger: crate::store::Trigger) -> Result<(), CoreError> {
+        self.rotation_failures = 0;
+        self.staged_downs = 0;
+        self.parameters = None;
+        self.retry_at = None;
+        self.backoff.reset();
+        self.apply(Input::RotationDue(trigger))
+    }
+
+    /// `Rotate` (D-Bus, `iotctl rotate`): starts a rotation now, whatever the schedule and the
+    /// clock say; answers with its id at once. Asked again while it runs, answers the same id.
+    fn rotate_on_demand(&mut self) -> Result<Outcome, AgentError> {
+        let state = &self.machine.state;
+        match (&state.identity, &state.operation) {
+            (
+                Some(_),
+                Some(crate::store::Operation::Rotation {
+                    staged_generation, ..
+                }),
+            ) => {
+                return Ok(Outcome::Unchanged(crate::fsm::rotation_id(
+                    *staged_generation,
+                )));
+            }
+            (None, _) | (_, Some(crate::store::Operation::Provisioning { .. })) => {
+                return Err(AgentError::permanent(
+                    ErrorCode::NotProvisioned,
+                    format!(
+                        "this gateway is not provisioned yet ({}); there is no certificate to rotate",
+                        self.machine.describe()
+                    ),
+                ));
+            }
+            (Some(_), None) => {}
+        }
+        if self.machine.halted || self.live.is_none() || self.work.is_some() {
+            return Err(AgentError::new(
+                ErrorCode::Busy,
+                Retry::SameConnection,
+                format!(
+                    "the gateway is busy ({}); try again in a moment",
+                    self.machine.describe()
+                ),
+            ));
+        }
+        self.begin_rotation(crate::store::Trigger::OnDemand)
+            .map_err(|e| AgentError::permanent(ErrorCode::Store, e.to_string()))?;
+        match &self.machine.state.operation {
+            Some(crate::store::Operation::Rotation {
+                staged_generation, ..
+            }) => Ok(Outcome::Changed(crate::fsm::rotation_id(
+                *staged_generation,
+            ))),
+            _ => Err(AgentError::permanent(
+                ErrorCode::Store,
+                "the rotation could not be started (see the log)",
+            )),
+        }
+    }
+
     fn command(&mut self, command: Command) -> Result<(), CoreError> {
         self.look_for_claims = true;
         match command {
             Command::Rotate(reply) => {
-                let answer = match &self.machine.state.identity {
-                    Some(_) => Err(AgentError::permanent(
-                        ErrorCode::NotSupported,
-                        "certificate rotation is not available in this version of iotd; use reprovision to get a new key and certificate",
-                    )),
-                    None => Err(AgentError::permanent(
-                        ErrorCode::NotProvisioned,
-                        format!(
-                            "this gateway is not provisioned yet ({}); there is no certificate to rotate",
-                            self.machine.describe()
-                        ),
-                    )),
-                };
+                let answer = self.rotate_on_demand();
                 let _ = reply.send(answer);
                 Ok(())
             }

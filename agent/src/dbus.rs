@@ -114,6 +114,9 @@ struct Wire {
     thing_name: String,
     certificate_id: String,
     certificate_not_after: i64,
+    certificate_not_before: i64,
+    previous_certificate_id: String,
+    previous_delete_after: i64,
     next_rotation: i64,
     key_backend: String,
     key_reference: String,
@@ -136,6 +139,9 @@ impl Wire {
             thing_name: s.thing_name.clone().unwrap_or_default(),
             certificate_id: s.certificate_id.clone().unwrap_or_default(),
             certificate_not_after: s.certificate_not_after.unwrap_or(0),
+            certificate_not_before: s.certificate_not_before.unwrap_or(0),
+            previous_certificate_id: s.previous_certificate_id.clone().unwrap_or_default(),
+            previous_delete_after: s.previous_delete_after.unwrap_or(0),
             next_rotation: s.next_rotation.unwrap_or(0),
             key_backend: s.key_backend.to_owned(),
             key_reference: s.key_reference.clone().unwrap_or_default(),
@@ -177,6 +183,9 @@ impl Wire {
             thing_name => "ThingName",
             certificate_id => "CertificateId",
             certificate_not_after => "CertificateNotAfter",
+            certificate_not_before => "CertificateNotBefore",
+            previous_certificate_id => "PreviousCertificateId",
+            previous_delete_after => "PreviousDeleteAfter",
             next_rotation => "NextRotation",
             key_backend => "KeyBackend",
             key_reference => "KeyReference",
@@ -386,10 +395,31 @@ impl Agent1 {
         self.wire().certificate_not_after
     }
 
-    /// When the next rotation is due (Unix seconds); 0 when none is planned.
+    /// When the next scheduled rotation starts (Unix seconds); 0 when none is planned (no
+    /// identity, or an operation runs).
     #[zbus(property)]
     fn next_rotation(&self) -> i64 {
         self.wire().next_rotation
+    }
+
+    /// When the current certificate became valid (Unix seconds); 0 without one.
+    #[zbus(property)]
+    fn certificate_not_before(&self) -> i64 {
+        self.wire().certificate_not_before
+    }
+
+    /// The certificate the last rotation replaced, kept as a fallback until
+    /// `PreviousDeleteAfter`; "" when there is none.
+    #[zbus(property)]
+    fn previous_certificate_id(&self) -> String {
+        self.wire().previous_certificate_id
+    }
+
+    /// When the previous certificate's key and generation are deleted (Unix seconds); 0 when
+    /// there is none.
+    #[zbus(property)]
+    fn previous_delete_after(&self) -> i64 {
+        self.wire().previous_delete_after
     }
 
     /// Where the device key lives: "file" or "tpm".
@@ -473,6 +503,34 @@ impl Agent1 {
         emitter: &SignalEmitter<'_>,
         certificate_id: &str,
         not_after: i64,
+    ) -> zbus::Result<()>;
+
+    /// A rotation started (`trigger`: schedule, on-demand or job); `id` is what `Rotate`
+    /// returned for an on-demand one.
+    #[zbus(signal)]
+    async fn rotation_started(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        trigger: &str,
+    ) -> zbus::Result<()>;
+
+    /// A rotation failed before its commit and was rolled back; the gateway keeps its
+    /// certificate and tries again after rotation.retry_interval.
+    #[zbus(signal)]
+    async fn rotation_failed(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        code: &str,
+        message: &str,
+    ) -> zbus::Result<()>;
+
+    /// The certificate a rotation committed is refused (revoked, inactive): the gateway went
+    /// back to the previous one, `certificate_id`.
+    #[zbus(signal)]
+    async fn fell_back(
+        emitter: &SignalEmitter<'_>,
+        certificate_id: &str,
+        message: &str,
     ) -> zbus::Result<()>;
 
     /// An operation stopped on a permanent error.
@@ -589,6 +647,20 @@ async fn emit(emitter: &SignalEmitter<'_>, event: &Event) -> zbus::Result<()> {
         Event::OnboardingClosed { reason } => Agent1::onboarding_closed(emitter, reason).await,
         Event::OnboardingPaired => Agent1::onboarding_paired(emitter).await,
         Event::OnboardingClaimReceived => Agent1::onboarding_claim_received(emitter).await,
+        Event::CredentialsRotated {
+            certificate_id,
+            not_after,
+        } => Agent1::credentials_rotated(emitter, certificate_id, *not_after).await,
+        Event::RotationStarted { id, trigger } => {
+            Agent1::rotation_started(emitter, id, trigger).await
+        }
+        Event::RotationFailed { id, code, message } => {
+            Agent1::rotation_failed(emitter, id, code.as_str(), message).await
+        }
+        Event::FellBack {
+            certificate_id,
+            message,
+        } => Agent1::fell_back(emitter, certificate_id, message).await,
     }
 }
 

@@ -25,7 +25,10 @@
 use std::collections::BTreeMap;
 
 use crate::error::{ErrorCode, Retry};
-use crate::store::{ClaimOrigin, Durability, Identity, LastError, Operation, State, Step};
+use crate::store::{
+    ClaimOrigin, Durability, Identity, LastError, Operation, Previous, RotationReport, State, Step,
+    Trigger,
+};
 
 /// What the state machine needs to know of the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,6 +40,11 @@ pub struct Policy {
     pub reprovision_when_key_lost: bool,
     /// `provisioning.delete_claim`: the claim files go once provisioned.
     pub delete_claim: bool,
+    /// `rotation.grace_period` (seconds): how long the identity a rotation replaced is kept.
+    pub grace_period: i64,
+    /// `rotation.retry_interval` (seconds): after a rotation rolled back, the next starts no
+    /// earlier.
+    pub retry_interval: i64,
 }
 
 /// A failed unit of work or a lost connection, as the state machine sees it.
@@ -101,6 +109,15 @@ pub enum Input {
     /// The fleet's backend was told (the broker acknowledged the report) about an abandoned
     /// certificate.
     CertificateReported { certificate_id: String },
+    /// Replace the live identity's key and certificate (the schedule, a person, a job).
+    RotationDue(Trigger),
+    /// The broker acknowledged the rotation report about `new_certificate_id`.
+    RotationReported { new_certificate_id: String },
+    /// The committed identity is refused (revoked, inactive): go back to the previous one,
+    /// which a rotation kept, while it is valid.
+    FallBack(Failure),
+    /// The grace period of the previous identity is over: its key and generation go.
+    PreviousExpired,
 }
 
 impl Input {
@@ -117,6 +134,10 @@ impl Input {
             Input::Failed(_) => "a failure",
             Input::Reprovision => "a reprovisioning request",
             Input::CertificateReported { .. } => "a report being acknowledged",
+            Input::RotationDue(_) => "a rotation being due",
+            Input::RotationReported { .. } => "a rotation report being acknowledged",
+            Input::FallBack(_) => "the identity being refused",
+            Input::PreviousExpired => "the previous identity's grace period ending",
         }
     }
 }
@@ -155,6 +176,25 @@ pub enum Event {
     /// The onboarding window closed: `timeout`, `requested`, `attempts`, `success` or
     /// `not-needed`.
     OnboardingClosed { reason: &'static str },
+    /// A rotation committed: the gateway connects with `certificate_id` (valid until
+    /// `not_after`) from now on.
+    CredentialsRotated {
+        certificate_id: String,
+        not_after: i64,
+    },
+    /// A rotation started (`trigger`: schedule, on-demand, job); `id` names it.
+    RotationStarted { id: String, trigger: &'static str },
+    /// A rotation failed before its commit and was rolled back: the gateway keeps its identity.
+    RotationFailed {
+        id: String,
+        code: ErrorCode,
+        message: String,
+    },
+    /// The committed identity was refused; the gateway went back to the previous one.
+    FellBack {
+        certificate_id: String,
+        message: String,
+    },
     /// An installer's client proved it knows the setup code.
     OnboardingPaired,
     /// The installer's claim was accepted; provisioning uses it now.
@@ -219,6 +259,49 @@ pub enum Work {
         /// Where the identity lives (`None`: `cloud.endpoint`).
         endpoint: Option<String>,
     },
+}
+
+/// How a rotation is named to D-Bus and iotctl: by its staged generation.
+pub fn rotation_id(staged_generation: u32) -> String {
+    format!("rotation-{staged_generation}")
+}
+
+/// The unit of work that takes an operation on from `step`.
+fn step_work(step: &Step) -> Work {
+    match step {
+        Step::KeyReady { generation } => Work::RequestCertificate {
+            generation: *generation,
+        },
+        Step::CertificateIssued {
+            generation,
+            certificate_id,
+            certificate_pem,
+            ownership_token,
+            issued_at,
+            endpoint,
+        } => Work::RegisterThing {
+            generation: *generation,
+            certificate_id: certificate_id.clone(),
+            certificate_pem: certificate_pem.clone(),
+            ownership_token: ownership_token.clone(),
+            issued_at: *issued_at,
+            endpoint: endpoint.clone(),
+        },
+        Step::ThingRegistered {
+            generation,
+            certificate_id,
+            certificate_pem,
+            thing_name,
+            endpoint,
+            ..
+        } => Work::VerifyIdentity {
+            generation: *generation,
+            certificate_id: certificate_id.clone(),
+            certificate_pem: certificate_pem.clone(),
+            thing_name: thing_name.clone(),
+            endpoint: endpoint.clone(),
+        },
+    }
 }
 
 /// An input that is not legal in the current state: a bug in the core, said plainly.
@@ -308,8 +391,19 @@ impl Machine {
         }
         let provisioning_step = match &self.state.operation {
             Some(Operation::Provisioning { step, .. }) => step,
-            // Rolled back at `resume`; none is started by this version.
-            Some(Operation::Rotation { .. }) => return Work::Idle,
+            // Over the production connection: no claim needed.
+            Some(Operation::Rotation {
+                staged_generation,
+                step,
+                ..
+            }) => {
+                return match step {
+                    None => Work::CreateKey {
+                        generation: *staged_generation,
+                    },
+                    Some(step) => step_work(step),
+                };
+            }
             None if self.state.identity.is_some() => return Work::Serve,
             None => return Work::WaitForClaim,
         };
@@ -327,38 +421,7 @@ impl Machine {
             Some(Step::KeyReady { .. } | Step::CertificateIssued { .. }) if !has_claim => {
                 Work::WaitForClaim
             }
-            Some(Step::KeyReady { generation }) => Work::RequestCertificate {
-                generation: *generation,
-            },
-            Some(Step::CertificateIssued {
-                generation,
-                certificate_id,
-                certificate_pem,
-                ownership_token,
-                issued_at,
-                endpoint,
-            }) => Work::RegisterThing {
-                generation: *generation,
-                certificate_id: certificate_id.clone(),
-                certificate_pem: certificate_pem.clone(),
-                ownership_token: ownership_token.clone(),
-                issued_at: *issued_at,
-                endpoint: endpoint.clone(),
-            },
-            Some(Step::ThingRegistered {
-                generation,
-                certificate_id,
-                certificate_pem,
-                thing_name,
-                endpoint,
-                ..
-            }) => Work::VerifyIdentity {
-                generation: *generation,
-                certificate_id: certificate_id.clone(),
-                certificate_pem: certificate_pem.clone(),
-                thing_name: thing_name.clone(),
-                endpoint: endpoint.clone(),
-            },
+            Some(step) => step_work(step),
         }
     }
 
@@ -457,6 +520,9 @@ impl Machine {
             }
             Input::KeyCreated { generation } => {
                 let generation = *generation;
+                if self.rotating() {
+                    return self.rotation_advance(&input, Step::KeyReady { generation }, None);
+                }
                 if self.policy.cloud_generated_keys {
                     return Err(self.illegal(&input));
                 }
@@ -472,6 +538,25 @@ impl Machine {
                 endpoint,
             } => {
                 let generation = *generation;
+                if self.rotating() {
+                    // Over the production connection: the identity's endpoint.
+                    let endpoint = self
+                        .state
+                        .identity
+                        .as_ref()
+                        .and_then(|i| i.endpoint.clone());
+                    let next = Step::CertificateIssued {
+                        generation,
+                        certificate_id: certificate_id.clone(),
+                        certificate_pem: certificate_pem.clone(),
+                        ownership_token: ownership_token.clone(),
+                        issued_at: now,
+                        endpoint,
+                    };
+                    // Durable: a rotation rolled back after a crash records this certificate
+                    // (which RegisterThing may activate) for the backend.
+                    return self.rotation_advance(&input, next, Some(Durability::Durable));
+                }
                 let cloud = self.policy.cloud_generated_keys;
                 let next = Step::CertificateIssued {
                     generation,
@@ -498,6 +583,9 @@ impl Machine {
                 thing_name,
                 device_configuration,
             } => {
+                if self.rotating() {
+                    return self.rotation_registered(&input, thing_name, device_configuration, now);
+                }
                 let Some((
                     Some(Step::CertificateIssued {
                         generation,
@@ -536,6 +624,9 @@ impl Machine {
                 not_after,
                 key,
             } => {
+                if self.rotating() {
+                    return self.commit_rotation(&input, *not_before, *not_after, key, now);
+                }
                 let Some((
                     Some(Step::ThingRegistered {
                         generation,
@@ -638,10 +729,50 @@ impl Machine {
             }
             Input::Failed(f) => self.fail(f, now),
             Input::Reprovision => self.reprovision(),
+            Input::RotationDue(trigger) => self.start_rotation(&input, trigger.clone()),
+            Input::RotationReported { new_certificate_id } => {
+                let reports = &mut self.state.rotation.reports;
+                let before = reports.len();
+                reports.retain(|r| r.new_certificate_id != *new_certificate_id);
+                if reports.len() == before {
+                    return Ok(Transition::default());
+                }
+                // Lost in a crash, the report is only sent again.
+                Ok(Transition {
+                    actions: vec![Action::Persist(Durability::Atomic)],
+                })
+            }
+            Input::FallBack(f) => self.fall_back(&input, f, now),
+            Input::PreviousExpired => {
+                let Some(previous) = self.state.previous.take() else {
+                    return Ok(Transition::default());
+                };
+                Ok(Transition {
+                    actions: vec![
+                        // Durable before the key goes: the state must never name a removed key.
+                        Action::Persist(Durability::Durable),
+                        Action::RemoveKey(previous.identity.generation),
+                    ],
+                })
+            }
         }
     }
 
     fn fail(&mut self, f: &Failure, now: i64) -> Result<Transition, IllegalTransition> {
+        if self.rotating() && self.state.identity.is_some() {
+            return Ok(match f.retry {
+                // The step is tried again (the core gives up after a few tries: a Permanent).
+                Retry::SameConnection | Retry::Reconnect => {
+                    self.record(f, false, now);
+                    Transition {
+                        actions: vec![Action::Persist(Durability::Atomic)],
+                    }
+                }
+                Retry::RestartFromCsr | Retry::NewIdentity | Retry::Permanent => {
+                    self.roll_back(f, now)
+                }
+            });
+        }
         let mut t = Transition::default();
         match f.retry {
             Retry::SameConnection | Retry::Reconnect => {
@@ -802,6 +933,326 @@ impl Machine {
         })
     }
 
+    fn rotating(&self) -> bool {
+        matches!(self.state.operation, Some(Operation::Rotation { .. }))
+    }
+
+    /// Moves the rotation to `next`, from the step before it.
+    fn rotation_advance(
+        &mut self,
+        input: &Input,
+        next: Step,
+        persist: Option<Durability>,
+    ) -> Result<Transition, IllegalTransition> {
+        let illegal = self.illegal(input);
+        let Some(Operation::Rotation {
+            staged_generation,
+            step,
+            ..
+        }) = &mut self.state.operation
+        else {
+            return Err(illegal);
+        };
+        let follows = match (&*step, &next) {
+            (None, Step::KeyReady { generation }) => generation == staged_generation,
+            (
+                Some(Step::KeyReady { generation: g }),
+                Step::CertificateIssued { generation, .. },
+            )
+            | (
+                Some(Step::CertificateIssued { generation: g, .. }),
+                Step::ThingRegistered { generation, .. },
+            ) => g == generation,
+            _ => false,
+        };
+        if !follows {
+            return Err(illegal);
+        }
+        *step = Some(next);
+        self.state.last_error = None;
+        Ok(Transition {
+            actions: persist.map(Action::Persist).into_iter().collect(),
+        })
+    }
+
+    /// The rotation's RegisterThing answered: with the same thing, it goes on to the switch;
+    /// with another (a rotation template that names things differently), it is rolled back.
+    fn rotation_registered(
+        &mut self,
+        input: &Input,
+        thing_name: &str,
+        device_configuration: &BTreeMap<String, String>,
+        now: i64,
+    ) -> Result<Transition, IllegalTransition> {
+        let Some(Operation::Rotation {
+            step:
+                Some(Step::CertificateIssued {
+                    generation,
+                    certificate_id,
+                    certificate_pem,
+                    endpoint,
+                    ..
+                }),
+            ..
+        }) = self.state.operation.clone()
+        else {
+            return Err(self.illegal(input));
+        };
+        let Some(current) = self.state.identity.as_ref().map(|i| i.thing_name.clone()) else {
+            return Err(self.illegal(input));
+        };
+        if thing_name != current {
+            let f = Failure {
+                code: ErrorCode::TemplateRejected,
+                message: format!(
+                    "the rotation's RegisterThing registered certificate {certificate_id} to \
+                     thing {thing_name}, not to this gateway's thing {current}; check \
+                     rotation.template (it must name the same thing); rolled back"
+                ),
+                retry: Retry::Permanent,
+                retry_in: None,
+            };
+            return Ok(self.roll_back(&f, now));
+        }
+        let next = Step::ThingRegistered {
+            generation,
+            certificate_id,
+            certificate_pem,
+            thing_name: thing_name.to_owned(),
+            device_configuration: device_configuration.clone(),
+            endpoint,
+        };
+        // Atomic is enough: a rotation is rolled back after a crash whatever its step, and the
+        // certificate is already recorded (certificate-issued is durable).
+        self.rotation_advance(input, next, Some(Durability::Atomic))
+    }
+
+    /// Starts a rotation: a new key in the next generation, the live identity in use until
+    /// the commit. The identity a previous rotation kept goes first: a TPM has two slots.
+    fn start_rotation(
+        &mut self,
+        input: &Input,
+        trigger: Trigger,
+    ) -> Result<Transition, IllegalTransition> {
+        if self.state.identity.is_none() || self.state.operation.is_some() || self.halted {
+            return Err(self.illegal(input));
+        }
+        let staged_generation = self.state.last_generation + 1;
+        self.state.last_generation = staged_generation;
+        let started = Event::RotationStarted {
+            id: rotation_id(staged_generation),
+            trigger: trigger.as_str(),
+        };
+        self.state.operation = Some(Operation::Rotation {
+            staged_generation,
+            trigger,
+            step: None,
+        });
+        self.parked = false;
+        let mut actions = Vec::new();
+        if let Some(previous) = self.state.previous.take() {
+            actions.push(Action::Persist(Durability::Durable));
+            actions.push(Action::RemoveKey(previous.identity.generation));
+        } else {
+            // On disk before the key exists, so that a restart removes the staged key.
+            actions.push(Action::Persist(Durability::Atomic));
+        }
+        actions.push(Action::Emit(started));
+        Ok(Transition { actions })
+    }
+
+    /// The new certificate connected: one durable write makes it the identity, and the one it
+    /// replaces is kept for the grace period.
+    fn commit_rotation(
+        &mut self,
+        input: &Input,
+        not_before: i64,
+        not_after: i64,
+        key: &str,
+        now: i64,
+    ) -> Result<Transition, IllegalTransition> {
+        let Some(Operation::Rotation {
+            trigger,
+            step:
+                Some(Step::ThingRegistered {
+                    generation,
+                    certificate_id,
+                    certificate_pem,
+                    thing_name,
+                    device_configuration,
+                    endpoint,
+                }),
+            ..
+        }) = self.state.operation.clone()
+        else {
+            return Err(self.illegal(input));
+        };
+        let Some(old) = self.state.identity.take() else {
+            return Err(self.illegal(input));
+        };
+        let report = RotationReport {
+            thing_name: thing_name.clone(),
+            old_certificate_id: old.certificate_id.clone(),
+            new_certificate_id: certificate_id.clone(),
+            rotated_at: now,
+            reason: trigger.as_str().to_owned(),
+            outcome: "committed".to_owned(),
+            cause: None,
+        };
+        self.state.identity = Some(Identity {
+            generation,
+            certificate_id: certificate_id.clone(),
+            certificate_pem,
+            thing_name,
+            key: Some(key.to_owned()),
+            not_before,
+            not_after,
+            device_configuration,
+            committed_at: now,
+            endpoint,
+        });
+        self.state.previous = Some(Previous {
+            identity: old,
+            delete_after: now.saturating_add(self.policy.grace_period),
+        });
+        self.state.operation = None;
+        self.state.last_error = None;
+        self.state.rotation.retry_at = None;
+        self.state.rotation.reports.push(report.clone());
+        self.state.rotation.last = Some(report);
+        self.connected = true;
+        Ok(Transition {
+            actions: vec![
+                // Durable: the report that makes the backend deactivate the old certificate
+                // goes out only after this, and must never be about a commit a crash undid.
+                Action::Persist(Durability::Durable),
+                Action::Emit(Event::CredentialsRotated {
+                    certificate_id: certificate_id.clone(),
+                    not_after,
+                }),
+                Action::Emit(Event::Connected { certificate_id }),
+            ],
+        })
+    }
+
+    /// Gives a rotation up before its commit: the live identity stays, the staged key goes,
+    /// the certificate (if one was issued) is recorded for the backend, and the next scheduled
+    /// rotation waits `retry_interval`.
+    fn roll_back(&mut self, f: &Failure, now: i64) -> Transition {
+        let Some(Operation::Rotation {
+            staged_generation,
+            step,
+            trigger,
+        }) = self.state.operation.take()
+        else {
+            return Transition::default();
+        };
+        let abandoned = step
+            .as_ref()
+            .and_then(Step::certificate_id)
+            .map(str::to_owned);
+        let retry_at = now.saturating_add(self.policy.retry_interval);
+        let f = Failure {
+            message: format!(
+                "rotation {} ({}) failed and was rolled back: {}; the gateway keeps certificate \
+                 {}",
+                rotation_id(staged_generation),
+                trigger.as_str(),
+                f.message,
+                self.state
+                    .identity
+                    .as_ref()
+                    .map_or("(none)", |i| i.certificate_id.as_str())
+            ),
+            retry_in: u64::try_from(self.policy.retry_interval).ok(),
+            ..f.clone()
+        };
+        self.record(&f, false, now);
+        if let Some(e) = &mut self.state.last_error {
+            e.retry_at = Some(retry_at);
+        }
+        self.state.rotation.retry_at = Some(retry_at);
+        if let (Some(id), Some(identity)) = (&abandoned, &self.state.identity) {
+            self.state.abandoned_certificates.push(id.clone());
+            self.state.rotation.reports.push(RotationReport {
+                thing_name: identity.thing_name.clone(),
+                old_certificate_id: identity.certificate_id.clone(),
+                new_certificate_id: id.clone(),
+                rotated_at: now,
+                reason: trigger.as_str().to_owned(),
+                outcome: "rolled-back".to_owned(),
+                cause: Some(f.message.clone()),
+            });
+        }
+        Transition {
+            actions: vec![
+                // Durable before the staged key goes.
+                Action::Persist(Durability::Durable),
+                Action::RemoveKey(staged_generation),
+                Action::Emit(Event::RotationFailed {
+                    id: rotation_id(staged_generation),
+                    code: f.code,
+                    message: f.message,
+                }),
+            ],
+        }
+    }
+
+    /// The committed identity is refused: the previous one, if a rotation kept it and it is
+    /// still valid, becomes the identity again.
+    fn fall_back(
+        &mut self,
+        input: &Input,
+        f: &Failure,
+        now: i64,
+    ) -> Result<Transition, IllegalTransition> {
+        if self.state.operation.is_some() {
+            return Err(self.illegal(input));
+        }
+        let usable = self
+            .state
+            .previous
+            .as_ref()
+            .is_some_and(|p| p.identity.not_after > now);
+        let (Some(refused), true) = (self.state.identity.as_ref(), usable) else {
+            return Err(self.illegal(input));
+        };
+        let refused_id = refused.certificate_id.clone();
+        let refused_generation = refused.generation;
+        let Some(previous) = self.state.previous.take() else {
+            return Err(self.illegal(input));
+        };
+        let back_to = previous.identity.certificate_id.clone();
+        self.state.identity = Some(previous.identity);
+        self.state.abandoned_certificates.push(refused_id.clone());
+        let message = format!(
+            "certificate {refused_id} is refused ({}); fell back to the previous certificate \
+             {back_to}, which a rotation kept: rotate again (iotctl rotate) or find out why AWS \
+             IoT refuses the new one",
+            f.message
+        );
+        self.record(
+            &Failure {
+                message: message.clone(),
+                ..f.clone()
+            },
+            false,
+            now,
+        );
+        self.connected = false;
+        Ok(Transition {
+            actions: vec![
+                Action::StopConnection,
+                Action::Persist(Durability::Durable),
+                Action::RemoveKey(refused_generation),
+                Action::Emit(Event::FellBack {
+                    certificate_id: back_to,
+                    message,
+                }),
+            ],
+        })
+    }
+
     /// Abandons the identity and any operation; provisioning starts over with a new key. The
     /// core refuses first when work is in flight or no claim is at hand.
     fn reprovision(&mut self) -> Result<Transition, IllegalTransition> {
@@ -841,6 +1292,12 @@ impl Machine {
             removed.push(step.generation());
         }
         removed.extend(staged);
+        if let Some(previous) = self.state.previous.take() {
+            self.state
+                .abandoned_certificates
+                .push(previous.identity.certificate_id);
+            removed.push(previous.identity.generation);
+        }
         removed.dedup();
         self.state.operation = Some(Operation::Provisioning {
             claim: origin,
@@ -946,6 +1403,209 @@ mod tests {
         let m = fresh(Policy::default());
         assert_eq!(m.work(), Work::WaitForClaim);
         assert_eq!(m.state, State::default());
+    }
+
+    /// `provisioned()` with a rotation policy: 7 days' grace, 1 h between tries.
+    fn rotation_policy() -> Policy {
+        Policy {
+            grace_period: 7 * 86_400,
+            retry_interval: 3_600,
+            ..Policy::default()
+        }
+    }
+
+    /// A provisioned machine (generation 1) under `rotation_policy`, its rotation started.
+    fn rotating() -> Machine {
+        let mut m = provisioned();
+        m.policy = rotation_policy();
+        m.apply(Input::RotationDue(Trigger::Schedule), NOW).unwrap();
+        m
+    }
+
+    #[test]
+    fn a_rotation_commits_only_when_the_new_certificate_connected() {
+        let mut m = provisioned();
+        m.policy = rotation_policy();
+        let t = m.apply(Input::RotationDue(Trigger::OnDemand), NOW).unwrap();
+        assert_eq!(
+            t.actions,
+            [
+                Action::Persist(Durability::Atomic),
+                Action::Emit(Event::RotationStarted {
+                    id: "rotation-2".into(),
+                    trigger: "on-demand"
+                })
+            ]
+        );
+        // A new key, in the next generation, over the production connection: no claim.
+        assert_eq!(m.claim, None);
+        assert_eq!(m.work(), Work::CreateKey { generation: 2 });
+        m.apply(Input::KeyCreated { generation: 2 }, NOW).unwrap();
+        assert_eq!(m.work(), Work::RequestCertificate { generation: 2 });
+        let t = m.apply(issued(2), NOW).unwrap();
+        assert_eq!(t.actions, [Action::Persist(Durability::Durable)]);
+        assert!(matches!(
+            m.work(),
+            Work::RegisterThing { generation: 2, .. }
+        ));
+        m.apply(registered(), NOW).unwrap();
+        assert!(matches!(
+            m.work(),
+            Work::VerifyIdentity { generation: 2, .. }
+        ));
+        // Until the commit the live identity is the old one.
+        assert_eq!(m.state.identity.as_ref().unwrap().certificate_id, "cert-1");
+
+        let t = m.apply(verified(), NOW + 5).unwrap();
+        assert_eq!(t.actions[0], Action::Persist(Durability::Durable));
+        assert!(t.actions.contains(&Action::Emit(Event::CredentialsRotated {
+            certificate_id: "cert-2".into(),
+            not_after: 20
+        })));
+        let identity = m.state.identity.as_ref().unwrap();
+        assert_eq!(
+            (identity.generation, identity.certificate_id.as_str()),
+            (2, "cert-2")
+        );
+        let previous = m.state.previous.as_ref().unwrap();
+        assert_eq!(previous.identity.certificate_id, "cert-1");
+        assert_eq!(previous.delete_after, NOW + 5 + 7 * 86_400);
+        assert_eq!(m.state.operation, None);
+        let report = &m.state.rotation.reports[0];
+        assert_eq!(
+            (
+                report.old_certificate_id.as_str(),
+                report.new_certificate_id.as_str(),
+                report.reason.as_str(),
+                report.outcome.as_str()
+            ),
+            ("cert-1", "cert-2", "on-demand", "committed")
+        );
+        assert_eq!(m.work(), Work::Serve);
+
+        // The report acknowledged: once, then nothing to do.
+        let ack = Input::RotationReported {
+            new_certificate_id: "cert-2".into(),
+        };
+        assert!(m.apply(ack.clone(), NOW).unwrap().changed());
+        assert!(m.state.rotation.reports.is_empty());
+        assert!(!m.apply(ack, NOW).unwrap().changed());
+
+        // The grace period over, the previous key goes (after a durable write).
+        let t = m.apply(Input::PreviousExpired, NOW).unwrap();
+        assert_eq!(
+            t.actions,
+            [Action::Persist(Durability::Durable), Action::RemoveKey(1)]
+        );
+        assert_eq!(m.state.previous, None);
+    }
+
+    #[test]
+    fn a_failed_rotation_is_rolled_back_and_retried_later() {
+        let mut m = rotating();
+        m.apply(Input::KeyCreated { generation: 2 }, NOW).unwrap();
+        m.apply(issued(2), NOW).unwrap();
+        // A transient failure: the step is tried again.
+        let t = m
+            .apply(
+                Input::Failed(failure(Retry::SameConnection, ErrorCode::NoReply)),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(t.actions, [Action::Persist(Durability::Atomic)]);
+        assert!(matches!(m.work(), Work::RegisterThing { .. }));
+        // A permanent one: rolled back.
+        let t = m
+            .apply(
+                Input::Failed(failure(Retry::Permanent, ErrorCode::TemplateRejected)),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(t.actions[0], Action::Persist(Durability::Durable));
+        assert_eq!(t.actions[1], Action::RemoveKey(2));
+        assert!(matches!(
+            t.actions[2],
+            Action::Emit(Event::RotationFailed { .. })
+        ));
+        assert_eq!(m.state.operation, None);
+        assert_eq!(m.state.identity.as_ref().unwrap().certificate_id, "cert-1");
+        assert_eq!(m.state.abandoned_certificates, ["cert-2"]);
+        assert_eq!(m.state.rotation.retry_at, Some(NOW + 3_600));
+        assert_eq!(m.state.rotation.reports[0].outcome, "rolled-back");
+        let error = m.state.last_error.as_ref().unwrap();
+        assert!(!error.permanent);
+        assert!(error.message.contains("rolled back") && error.message.contains("cert-1"));
+        assert_eq!(m.work(), Work::Serve);
+    }
+
+    #[test]
+    fn a_rotation_that_registers_another_thing_is_rolled_back() {
+        let mut m = rotating();
+        m.apply(Input::KeyCreated { generation: 2 }, NOW).unwrap();
+        m.apply(issued(2), NOW).unwrap();
+        let other = Input::ThingRegistered {
+            thing_name: "gw-other".into(),
+            device_configuration: BTreeMap::new(),
+        };
+        let t = m.apply(other, NOW).unwrap();
+        assert!(t.actions.contains(&Action::RemoveKey(2)));
+        assert_eq!(m.state.operation, None);
+        let message = &m.state.last_error.as_ref().unwrap().message;
+        assert!(message.contains("gw-other") && message.contains("rotation.template"));
+    }
+
+    #[test]
+    fn a_new_rotation_removes_the_previous_identity_first() {
+        let mut m = rotating();
+        for input in [
+            Input::KeyCreated { generation: 2 },
+            issued(2),
+            registered(),
+            verified(),
+        ] {
+            m.apply(input, NOW).unwrap();
+        }
+        assert!(m.state.previous.is_some());
+        let t = m.apply(Input::RotationDue(Trigger::Schedule), NOW).unwrap();
+        assert_eq!(
+            t.actions[..2],
+            [Action::Persist(Durability::Durable), Action::RemoveKey(1)]
+        );
+        assert_eq!(m.work(), Work::CreateKey { generation: 3 });
+        // Only one operation at a time.
+        assert!(m.apply(Input::RotationDue(Trigger::OnDemand), NOW).is_err());
+    }
+
+    #[test]
+    fn a_refused_new_identity_falls_back_to_the_previous_one_while_valid() {
+        let mut m = rotating();
+        for input in [
+            Input::KeyCreated { generation: 2 },
+            issued(2),
+            registered(),
+            verified(),
+        ] {
+            m.apply(input, NOW).unwrap();
+        }
+        let revoked = failure(Retry::Reconnect, ErrorCode::CertificateRevoked);
+        // The previous certificate expired (notAfter 20 in `provisioned`): nothing to go back to.
+        assert!(m.apply(Input::FallBack(revoked.clone()), NOW).is_err());
+        m.state.previous.as_mut().unwrap().identity.not_after = NOW + 100;
+        let t = m.apply(Input::FallBack(revoked), NOW).unwrap();
+        assert_eq!(t.actions[0], Action::StopConnection);
+        assert!(t.actions.contains(&Action::RemoveKey(2)));
+        assert_eq!(m.state.identity.as_ref().unwrap().certificate_id, "cert-1");
+        assert_eq!(m.state.previous, None);
+        assert_eq!(m.state.abandoned_certificates, ["cert-2"]);
+        assert!(
+            m.state
+                .last_error
+                .as_ref()
+                .unwrap()
+                .message
+                .contains("fell back")
+        );
+        assert_eq!(m.work(), Work::Serve);
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub mod keys;
 pub mod notify;
 pub mod onboard;
 pub mod recover;
+pub mod schedule;
 pub mod snapshot;
 pub mod store;
 pub mod tls;

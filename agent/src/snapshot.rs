@@ -20,8 +20,13 @@ pub struct Snapshot {
     pub thing_name: Option<String>,
     pub certificate_id: Option<String>,
     pub certificate_not_after: Option<i64>,
+    pub certificate_not_before: Option<i64>,
     pub certificate_path: Option<PathBuf>,
-    /// When the next rotation is due; `None` until rotation exists.
+    /// The certificate a rotation replaced, kept until `previous_delete_after` as a fallback.
+    pub previous_certificate_id: Option<String>,
+    pub previous_delete_after: Option<i64>,
+    /// When the next scheduled rotation starts (Unix seconds); `None` without an identity or
+    /// while an operation runs.
     pub next_rotation: Option<i64>,
     /// "file" or "tpm".
     pub key_backend: &'static str,
@@ -122,7 +127,13 @@ pub fn snapshot(machine: &Machine, cx: &Context) -> Snapshot {
         thing_name,
         certificate_id,
         certificate_not_after: not_after,
+        certificate_not_before: state.identity.as_ref().map(|i| i.not_before),
         certificate_path,
+        previous_certificate_id: state
+            .previous
+            .as_ref()
+            .map(|p| p.identity.certificate_id.clone()),
+        previous_delete_after: state.previous.as_ref().map(|p| p.delete_after),
         next_rotation: None,
         key_backend: cx.key_backend,
         key_reference: cx.key_reference.clone(),

@@ -157,6 +157,17 @@ pub enum Trigger {
     },
 }
 
+impl Trigger {
+    /// As the rotation report's `reason` says it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::OnDemand => "on-demand",
+            Trigger::Job { .. } => "job",
+        }
+    }
+}
+
 /// The operation in progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -235,6 +246,56 @@ pub struct State {
     /// The onboarding window's attempt count, which survives restarts.
     #[serde(default, skip_serializing_if = "is_default")]
     pub onboarding: crate::onboard::window::Persisted,
+    /// The identity a rotation replaced, kept (its key and generation) for `grace_period` in
+    /// case the new certificate is refused: iotd then falls back to it while it is valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Previous>,
+    /// Rotation bookkeeping that must survive restarts.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub rotation: RotationRecord,
+}
+
+/// The identity before the last rotation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Previous {
+    pub identity: Identity,
+    /// When its key and generation are deleted (Unix seconds).
+    pub delete_after: i64,
+}
+
+/// What a rotation leaves behind for later: when to try again after one failed, and the reports
+/// the fleet's backend has not acknowledged yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationRecord {
+    /// A scheduled rotation failed (and was rolled back): the next one starts no earlier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<i64>,
+    /// Rotation reports not acknowledged by the broker yet, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reports: Vec<RotationReport>,
+    /// The last rotation that committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<RotationReport>,
+}
+
+/// A rotation's outcome, as reported on `rotation.report_topic` (the payload's fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationReport {
+    pub thing_name: String,
+    pub old_certificate_id: String,
+    pub new_certificate_id: String,
+    pub rotated_at: i64,
+    /// `schedule`, `on-demand` or `job`.
+    pub reason: String,
+    /// `committed` (the backend deactivates the old certificate) or `rolled-back` (the new
+    /// one was never used: the backend deletes it; the old one stays).
+    pub outcome: String,
+    /// Why it was rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
 
 fn is_default<T: Default + PartialEq>(value: &T) -> bool {
@@ -252,6 +313,8 @@ impl Default for State {
             abandoned_certificates: Vec::new(),
             reported_certificates: Vec::new(),
             onboarding: crate::onboard::window::Persisted::default(),
+            previous: None,
+            rotation: RotationRecord::default(),
         }
     }
 }
@@ -318,6 +381,7 @@ impl State {
             Some(Operation::Provisioning { step: Some(s), .. }) => out.push(s.generation()),
             _ => {}
         }
+        out.extend(self.previous.iter().map(|p| p.identity.generation));
         out
     }
 }
@@ -470,6 +534,8 @@ fn migrate_v1(old: v1::State, certificate: impl Fn(u32) -> V1Certificate) -> Sta
         abandoned_certificates: old.abandoned_certificates,
         reported_certificates: Vec::new(),
         onboarding: crate::onboard::window::Persisted::default(),
+        previous: None,
+        rotation: RotationRecord::default(),
     }
 }
 

@@ -236,6 +236,8 @@ pub struct Carried {
     pub parameters: Option<Parameters>,
     /// Key removals the unit waits for first.
     pub cleanup: Option<tokio::task::JoinHandle<()>>,
+    /// A rotation's requests go over the production connection, not a claim's.
+    pub production: Option<crate::connection::Exchanger>,
 }
 
 /// Runs one unit of work.
@@ -245,12 +247,17 @@ pub async fn run(res: Arc<Resources>, work: Work, carried: Carried) -> Done {
         mut session,
         mut parameters,
         cleanup,
+        production,
     } = carried;
     // Key removals first: a new key never races the removal of an old one.
     if let Some(cleanup) = cleanup {
         let _ = cleanup.await;
     }
-    let result = step(&res, work, claim.as_ref(), &mut session, &mut parameters).await;
+    let via = match &production {
+        Some(exchanger) => Via::Production(exchanger),
+        None => Via::Claim(claim.as_ref()),
+    };
+    let result = step(&res, work, via, &mut session, &mut parameters).await;
     Done {
         result,
         session,
@@ -299,15 +306,32 @@ async fn parameters<'a>(
         .ok_or_else(|| AgentError::permanent(ErrorCode::Parameter, "template parameters vanished"))
 }
 
+/// How a unit talks to the fleet provisioning API: with the claim (provisioning), or over the
+/// production connection as the device (rotation).
+#[derive(Debug, Clone, Copy)]
+enum Via<'a> {
+    Claim(Option<&'a Claim>),
+    Production(&'a crate::connection::Exchanger),
+}
+
+/// How long a rotation's request waits for the production connection and the answer.
+fn production_wait(reply_timeout: std::time::Duration) -> std::time::Duration {
+    reply_timeout * 3
+}
+
 async fn step(
     res: &Arc<Resources>,
     work: Work,
-    claim: Option<&Claim>,
+    via: Via<'_>,
     session: &mut Option<Session>,
     resolved: &mut Option<Parameters>,
 ) -> Result<Produced, AgentError> {
     let p = &res.settings.provisioning;
     let (format, timeout) = (p.format, res.settings.cloud.reply_timeout);
+    let claim = match via {
+        Via::Claim(claim) => claim,
+        Via::Production(_) => None,
+    };
     let key_location;
     let input = match work {
         Work::CreateKey { generation } => {
@@ -349,9 +373,23 @@ async fn step(
             })
             .await?;
             parameters(res, resolved).await?;
-            let s = res.claim_session(session, claim).await?;
-            let issued =
-                crate::fleet::create_certificate_from_csr(s, format, timeout, &csr).await?;
+            let issued = match via {
+                Via::Claim(_) => {
+                    let s = res.claim_session(session, claim).await?;
+                    crate::fleet::create_certificate_from_csr(s, format, timeout, &csr).await?
+                }
+                Via::Production(exchanger) => {
+                    let what = "requesting the rotation's certificate";
+                    exchanger
+                        .run(what, production_wait(timeout), move |s| {
+                            Box::pin(async move {
+                                crate::fleet::create_certificate_from_csr(s, format, timeout, &csr)
+                                    .await
+                            })
+                        })
+                        .await?
+                }
+            };
             res.accept_certificate(generation, key.as_ref(), &issued.certificate_pem)?;
             key_location = Some(key.location());
             tracing::info!(certificate_id = %issued.certificate_id, "AWS issued a certificate for our key");
@@ -372,7 +410,7 @@ async fn step(
             ..
         } => {
             let claimed = claim.and_then(|c| c.endpoint.as_deref());
-            if claimed != endpoint.as_deref() {
+            if matches!(via, Via::Claim(_)) && claimed != endpoint.as_deref() {
                 // The certificate and its token exist in the account and region of the
                 // endpoint that issued them; the claim at hand (a new installer's) is for
                 // another. A new certificate from this claim's endpoint is what can work.
@@ -398,10 +436,21 @@ async fn step(
                         .or_insert_with(|| value.clone());
                 }
             }
-            let template = claim
-                .and_then(|c| c.template.as_ref())
-                .unwrap_or(&res.settings.provisioning.template);
-            let s = res.claim_session(session, claim).await?;
+            let template = match via {
+                Via::Claim(_) => claim
+                    .and_then(|c| c.template.as_ref())
+                    .unwrap_or(&res.settings.provisioning.template),
+                Via::Production(_) => res
+                    .settings
+                    .rotation
+                    .template
+                    .as_ref()
+                    .unwrap_or(&res.settings.provisioning.template),
+            }
+            .clone();
+            if let Via::Claim(_) = via {
+                res.claim_session(session, claim).await?;
+            }
             // RegisterThing activates the certificate: only while its key is here to use it,
             // checked last thing before the request (parameters and the connection can take
             // seconds).
@@ -418,15 +467,44 @@ async fn step(
             };
             certifies(key.as_ref(), &certificate_pem)?;
             key_location = Some(key.location());
-            let registered = crate::fleet::register_thing(
-                s,
-                format,
-                timeout,
-                template,
-                &ownership_token,
-                &parameters,
-            )
-            .await?;
+            let registered = match (via, session.as_mut()) {
+                (Via::Claim(_), Some(s)) => {
+                    crate::fleet::register_thing(
+                        s,
+                        format,
+                        timeout,
+                        &template,
+                        &ownership_token,
+                        &parameters,
+                    )
+                    .await?
+                }
+                (Via::Claim(_), None) => {
+                    return Err(AgentError::permanent(
+                        ErrorCode::Network,
+                        "claim connection vanished",
+                    ));
+                }
+                (Via::Production(exchanger), _) => {
+                    let what = "registering the rotation's certificate";
+                    let template = template.clone();
+                    exchanger
+                        .run(what, production_wait(timeout), move |s| {
+                            Box::pin(async move {
+                                crate::fleet::register_thing(
+                                    s,
+                                    format,
+                                    timeout,
+                                    &template,
+                                    &ownership_token,
+                                    &parameters,
+                                )
+                                .await
+                            })
+                        })
+                        .await?
+                }
+            };
             let thing_name = registered.thing_name.ok_or_else(|| {
                 AgentError::permanent(
                     ErrorCode::TemplateRejected,

@@ -1,6 +1,6 @@
 //! The real iotd on a private dbus-daemon (the shipped policy) against fake-iot-core: commands
-//! that arrive while work is in progress are answered without disturbing it, a refused
-//! `Rotate` does not touch the production session, an expired device certificate is reported
+//! that arrive while work is in progress are answered without disturbing it, `Rotate` answers
+//! at once (the same rotation while it runs), an expired device certificate is reported
 //! as the device's (not the claim's), and a core that stops makes iotd exit non-zero.
 #![allow(clippy::unwrap_used)]
 
@@ -68,8 +68,9 @@ async fn start(cloud: &Cloud, dir: &std::path::Path, serial: &str) -> Gateway {
 /// called then are refused with the reason, and the step completes. While the new identity is
 /// being verified (its first CONNECT refused once), a `Rotate` is refused too. In the end the
 /// fake saw one claim connection and one request of each kind. On the provisioned gateway a
-/// `Rotate` (not built yet) is refused, and the production session stays: no disconnect and no
-/// second CONNECT within the 1 s a reconnect would take at most (iotd's CONNECT pacing).
+/// `Rotate` answers its rotation's id at once, the same id while it runs (its certificate
+/// request held by the cloud), while `Reprovision` is refused as busy; the production session
+/// stays up meanwhile (no disconnect before the rotation's own switch).
 #[tokio::test]
 async fn commands_during_each_step_neither_break_it_nor_reconnect() {
     let cloud = Cloud::start().await;
@@ -125,26 +126,46 @@ async fn commands_during_each_step_neither_break_it_nor_reconnect() {
     );
     assert_eq!(connects(&cloud, "gw-0070"), 1, "{:#?}", cloud.log());
 
-    let seen = cloud.log().iter().map(|e| e.seq).max().unwrap_or(0);
-    let (name, text) = method_error(gw.proxy.rotate().await.unwrap_err());
-    assert_eq!(name, iotd_api::errors::NOT_SUPPORTED, "{text}");
-    let changed = cloud
-        .shared()
-        .wait_for_log(std::time::Duration::from_millis(1500), |e| {
-            e.seq > seen
-                && e.client_id == "gw-0070"
-                && (e.kind == "disconnect" || e.kind == "connect")
-        })
-        .await;
-    assert!(changed.is_none(), "the session was touched: {changed:?}");
-    assert!(gw.proxy.connected().await.unwrap());
-
     assert_eq!(connects(&cloud, "claim-0070"), 1, "{:#?}", cloud.log());
     assert_eq!(
         requests(&cloud, "$aws/certificates/create-from-csr/json"),
         1
     );
     assert_eq!(requests(&cloud, "/provision/json"), 1);
+
+    cloud.add_fault(
+        json!({"api": "CreateCertificateFromCsr", "action": "delay", "delayMs": 4000, "count": 1}),
+    );
+    let seen = cloud.log().iter().map(|e| e.seq).max().unwrap_or(0);
+    let id = gw.proxy.rotate().await.unwrap();
+    assert_eq!(id, "rotation-2");
+    cloud
+        .wait_log("the rotation's certificate request", |e| {
+            e.seq > seen
+                && e.kind == "in"
+                && e.client_id == "gw-0070"
+                && e.topic.as_deref() == Some("$aws/certificates/create-from-csr/json")
+        })
+        .await;
+    assert_eq!(
+        gw.proxy.rotate().await.unwrap(),
+        id,
+        "asked again while it runs"
+    );
+    let (name, text) = method_error(gw.proxy.reprovision().await.unwrap_err());
+    assert_eq!(name, iotd_api::errors::BUSY, "{text}");
+    assert!(gw.proxy.connected().await.unwrap());
+    assert!(
+        !cloud
+            .log()
+            .iter()
+            .any(|e| e.seq > seen && e.client_id == "gw-0070" && e.kind == "disconnect"),
+        "the session was touched before the switch: {:#?}",
+        cloud.log()
+    );
+    gw.iotd
+        .wait_status("Provisioned as gw-0070; certificate")
+        .await;
     assert!(gw.iotd.terminate().await.success());
 }
 

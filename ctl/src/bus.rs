@@ -224,15 +224,81 @@ pub async fn watch(json: bool) -> anyhow::Result<()> {
     }
 }
 
-/// `iotctl rotate`.
-pub async fn rotate() -> anyhow::Result<()> {
+/// `iotctl rotate [--wait]`: starts a rotation; with `wait`, follows it to its end (iotd's
+/// signals) and fails when it failed, was not over within `timeout`, or iotd stopped.
+pub async fn rotate(wait: bool, timeout: std::time::Duration) -> anyhow::Result<()> {
     let proxy = connect().await?;
-    let message = proxy
+    // Subscribed before asking, so that a rotation that ends at once is not missed.
+    let mut rotated = proxy
+        .receive_credentials_rotated()
+        .await
+        .context("subscribing to iotd's CredentialsRotated signal")?;
+    let mut failed = proxy
+        .receive_rotation_failed()
+        .await
+        .context("subscribing to iotd's RotationFailed signal")?;
+    let mut owner = proxy
+        .inner()
+        .receive_owner_changed()
+        .await
+        .context("watching iotd's bus name")?;
+    let id = proxy
         .rotate()
         .await
         .map_err(|e| call_error("rotating the certificate", e))?;
-    println!("{message}");
-    Ok(())
+    if !wait {
+        println!(
+            "{id} started: a new key and certificate; iotctl rotate --wait follows it, \
+             iotctl status shows where it is"
+        );
+        return Ok(());
+    }
+    println!("{id} started: a new key and certificate; waiting for it to end");
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            signal = next(&mut rotated) => {
+                let Some(signal) = signal else { break };
+                let args = signal.args().context("reading CredentialsRotated")?;
+                println!(
+                    "{id} committed: connected with certificate {}, valid until {}",
+                    args.certificate_id(),
+                    crate::status::rfc3339(*args.not_after())
+                );
+                return Ok(());
+            }
+            signal = next(&mut failed) => {
+                let Some(signal) = signal else { break };
+                let args = signal.args().context("reading RotationFailed")?;
+                if args.id() == &id {
+                    anyhow::bail!(
+                        "{id} failed ({}) and was rolled back; the gateway keeps its certificate: {}",
+                        args.code(),
+                        args.message()
+                    );
+                }
+            }
+            new_owner = next(&mut owner) => {
+                if !matches!(new_owner, Some(Some(_))) {
+                    return Err(NotReachable {
+                        detail: Some(format!(
+                            "iotd stopped during {id} (a rotation not committed is rolled back when it starts again)"
+                        )),
+                    }
+                    .into());
+                }
+            }
+            () = &mut deadline => anyhow::bail!(
+                "{id} did not end within {} s; it goes on in iotd (iotctl status shows where it is)",
+                timeout.as_secs()
+            ),
+        }
+    }
+    Err(NotReachable {
+        detail: Some("the bus connection ended".into()),
+    }
+    .into())
 }
 
 /// `iotctl reprovision`.

@@ -89,9 +89,11 @@ pub enum Command {
     /// Each check prints √ (ok), ‼ (warning), × (failed) or - (skipped), then what it found.
     #[command(after_help = EXIT_CODES_HELP)]
     Check(CheckArgs),
-    /// Ask iotd to replace the device certificate now.
+    /// Ask iotd to replace the device certificate now: a new key, a new certificate over the
+    /// production connection, committed once it connected (rolled back otherwise). Runs
+    /// whatever the schedule and the clock say.
     #[command(after_help = EXIT_CODES_HELP)]
-    Rotate,
+    Rotate(RotateArgs),
     /// Ask iotd to abandon the identity and provision a new one, with a new key.
     #[command(after_help = EXIT_CODES_HELP)]
     Reprovision,
@@ -255,6 +257,23 @@ pub fn window_duration(text: &str) -> Result<u32, String> {
         ));
     }
     Ok(seconds)
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// Follow the rotation to its end: exit 0 when it committed, 1 when it failed (rolled
+    /// back) or did not end in time.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: how long to follow it, in seconds.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 300,
+        requires = "wait",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Args)]

@@ -80,7 +80,10 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> anyhow::Result<u8> {
         Command::Status(args) => runtime
             .block_on(bus::status(args.json))
             .map_err(|e| why_not_running(e, &paths))?,
-        Command::Rotate => runtime.block_on(bus::rotate())?,
+        Command::Rotate(args) => runtime.block_on(bus::rotate(
+            args.wait,
+            std::time::Duration::from_secs(args.timeout),
+        ))?,
         Command::Reprovision => runtime.block_on(bus::reprovision())?,
         Command::Check(args) => return run_check(args, paths, runtime),
         Command::Config(ConfigCommand::Check { file }) => {

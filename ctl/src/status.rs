@@ -25,6 +25,10 @@ pub struct StatusView {
     pub certificate_path: Option<String>,
     /// Unix seconds.
     pub next_rotation: Option<i64>,
+    /// The certificate the last rotation replaced, kept as a fallback until
+    /// `previous_delete_after` (Unix seconds).
+    pub previous_certificate_id: Option<String>,
+    pub previous_delete_after: Option<i64>,
     /// "file" or "tpm".
     pub key_backend: String,
     /// Where the key is ("file /var/lib/iotd/gen/1/key.pem").
@@ -83,6 +87,10 @@ impl StatusView {
             proxy.version(),
             proxy.waiting_for(),
         )?;
+        let (previous_certificate_id, previous_delete_after) = tokio::try_join!(
+            proxy.previous_certificate_id(),
+            proxy.previous_delete_after(),
+        )?;
         let (code, message, time) = last_error;
         Ok(Self {
             state,
@@ -93,6 +101,8 @@ impl StatusView {
             certificate_not_after: when(certificate_not_after),
             certificate_path: text(certificate_path),
             next_rotation: when(next_rotation),
+            previous_certificate_id: text(previous_certificate_id),
+            previous_delete_after: when(previous_delete_after),
             key_backend,
             key_reference: text(key_reference),
             connected,
@@ -336,6 +346,16 @@ pub fn render_status(view: &StatusView, now: OffsetDateTime, colour: bool) -> St
         None => "none scheduled".to_owned(),
     };
     line(&mut out, "Next rotation", &rotation);
+    if let Some(previous) = &view.previous_certificate_id {
+        let kept = view.previous_delete_after.map_or_else(String::new, |t| {
+            format!(", kept as a fallback until {}", rfc3339(t))
+        });
+        line(
+            &mut out,
+            "Previous",
+            &format!("certificate {previous}{kept}"),
+        );
+    }
 
     let key = match &view.key_reference {
         // DeviceKey::location starts with the backend ("file /var/…"); don't say it twice.
@@ -424,6 +444,8 @@ pub fn status_json(view: &StatusView) -> Value {
         "certificateNotAfter": view.certificate_not_after.map(rfc3339),
         "certificatePath": view.certificate_path,
         "nextRotation": view.next_rotation.map(rfc3339),
+        "previousCertificateId": view.previous_certificate_id,
+        "previousDeleteAfter": view.previous_delete_after.map(rfc3339),
         "keyBackend": view.key_backend,
         "keyReference": view.key_reference,
         "connected": view.connected,

@@ -206,7 +206,9 @@ pub type LastErrorWire = (String, String, i64);
     default_path = "/io/iotd/Agent1"
 )]
 pub trait Agent1 {
-    /// Replaces the certificate now; answers what it did.
+    /// Starts a rotation now (whatever the schedule and the clock say); answers at once with
+    /// its id ("rotation-<generation>"), the same id while it runs. Its end is a
+    /// `CredentialsRotated` or a `RotationFailed` signal.
     fn rotate(&self) -> zbus::Result<String>;
     /// Abandons the identity and provisions a new one with a new key; answers what it did.
     fn reprovision(&self) -> zbus::Result<String>;
@@ -230,6 +232,13 @@ pub trait Agent1 {
     fn certificate_not_after(&self) -> zbus::Result<i64>;
     #[zbus(property)]
     fn next_rotation(&self) -> zbus::Result<i64>;
+    #[zbus(property)]
+    fn certificate_not_before(&self) -> zbus::Result<i64>;
+    /// The certificate the last rotation replaced (kept as a fallback); "" when none.
+    #[zbus(property)]
+    fn previous_certificate_id(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn previous_delete_after(&self) -> zbus::Result<i64>;
     #[zbus(property)]
     fn key_backend(&self) -> zbus::Result<String>;
     #[zbus(property)]
@@ -262,6 +271,15 @@ pub trait Agent1 {
     /// The certificate was replaced.
     #[zbus(signal)]
     fn credentials_rotated(&self, certificate_id: &str, not_after: i64) -> zbus::Result<()>;
+    /// A rotation started (`trigger`: schedule, on-demand, job).
+    #[zbus(signal)]
+    fn rotation_started(&self, id: &str, trigger: &str) -> zbus::Result<()>;
+    /// A rotation failed before its commit and was rolled back (the certificate is unchanged).
+    #[zbus(signal)]
+    fn rotation_failed(&self, id: &str, code: &str, message: &str) -> zbus::Result<()>;
+    /// The certificate a rotation committed was refused; iotd went back to the previous one.
+    #[zbus(signal)]
+    fn fell_back(&self, certificate_id: &str, message: &str) -> zbus::Result<()>;
     /// An operation stopped on a permanent error.
     #[zbus(signal)]
     fn failed(&self, code: &str, message: &str) -> zbus::Result<()>;

@@ -50,6 +50,7 @@ pub(super) struct Fragment {
     pub key: Option<KeyFragment>,
     pub state: Option<StateFragment>,
     pub onboarding: Option<OnboardingFragment>,
+    pub rotation: Option<RotationFragment>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +152,21 @@ pub(super) struct OnboardingFragment {
     pub installer_parameters: Option<Spanned<Vec<String>>>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [rotation] table")]
+pub(super) struct RotationFragment {
+    /// Lengths of time are a string (`"30d"`, `"20%"`) or an integer (seconds); both are read
+    /// as TOML values and told apart in stage 2, which names the forms accepted.
+    pub renew_before: Option<Spanned<toml::Value>>,
+    pub max_age: Option<Spanned<toml::Value>>,
+    pub jitter: Option<Spanned<toml::Value>>,
+    pub retry_interval: Option<Spanned<toml::Value>>,
+    pub template: Option<Spanned<String>>,
+    pub report_topic: Option<Spanned<String>>,
+    pub grace_period: Option<Spanned<toml::Value>>,
+    pub trust_clock: Option<Spanned<bool>>,
+}
+
 /// Parses one file. Errors carry the location and, where it can be found, the dotted key.
 pub(super) fn parse(source: &Source<'_>) -> Result<Fragment, ConfigError> {
     let (table, errors) = DeTable::parse_recoverable(source.text);
@@ -202,7 +218,7 @@ fn refuse_arrays_as_tables(root: &DeTable<'_>, source: &Source<'_>) -> Result<()
         let name: &str = key.get_ref();
         if matches!(
             name,
-            "cloud" | "provisioning" | "key" | "state" | "onboarding"
+            "cloud" | "provisioning" | "key" | "state" | "onboarding" | "rotation"
         ) {
             refuse(name, key, value)?;
         }

@@ -13,9 +13,9 @@ use toml::Spanned;
 
 use super::fragments::{
     CloudFragment, Fragment, KeyFragment, OnboardingFragment, ParameterFragment, ParameterTable,
-    ProvisioningFragment, Source, StateFragment, key_segment,
+    ProvisioningFragment, RotationFragment, Source, StateFragment, key_segment,
 };
-use super::{CertificateSource, ConfigError, Location, ParameterSource, PayloadFormat};
+use super::{CertificateSource, ConfigError, Location, ParameterSource, PayloadFormat, Span};
 
 /// A checked value and where it was written.
 #[derive(Debug, Clone)]
@@ -60,6 +60,15 @@ pub(super) struct Layer {
     pub allowed_templates: Option<Located<Vec<String>>>,
     pub allowed_endpoints: Option<Located<Vec<String>>>,
     pub installer_parameters: Option<Located<Vec<String>>>,
+    pub rotation_renew_before: Option<Located<Span>>,
+    /// `Some(None)`: written as `"off"`, which undoes an earlier file's age limit.
+    pub rotation_max_age: Option<Located<Option<Duration>>>,
+    pub rotation_jitter: Option<Located<Span>>,
+    pub rotation_retry_interval: Option<Located<Duration>>,
+    pub rotation_template: Option<Located<String>>,
+    pub rotation_report_topic: Option<Located<String>>,
+    pub rotation_grace_period: Option<Located<Duration>>,
+    pub rotation_trust_clock: Option<Located<bool>>,
 }
 
 impl Layer {
@@ -94,6 +103,14 @@ impl Layer {
             allowed_templates,
             allowed_endpoints,
             installer_parameters,
+            rotation_renew_before,
+            rotation_max_age,
+            rotation_jitter,
+            rotation_retry_interval,
+            rotation_template,
+            rotation_report_topic,
+            rotation_grace_period,
+            rotation_trust_clock,
         } = later;
         over(&mut self.endpoint, endpoint);
         over(&mut self.port, port);
@@ -125,6 +142,14 @@ impl Layer {
         over(&mut self.allowed_templates, allowed_templates);
         over(&mut self.allowed_endpoints, allowed_endpoints);
         over(&mut self.installer_parameters, installer_parameters);
+        over(&mut self.rotation_renew_before, rotation_renew_before);
+        over(&mut self.rotation_max_age, rotation_max_age);
+        over(&mut self.rotation_jitter, rotation_jitter);
+        over(&mut self.rotation_retry_interval, rotation_retry_interval);
+        over(&mut self.rotation_template, rotation_template);
+        over(&mut self.rotation_report_topic, rotation_report_topic);
+        over(&mut self.rotation_grace_period, rotation_grace_period);
+        over(&mut self.rotation_trust_clock, rotation_trust_clock);
     }
 
     /// Checks every value of one file.
@@ -145,6 +170,9 @@ impl Layer {
         }
         if let Some(onboarding) = fragment.onboarding {
             layer.onboarding(onboarding, &check)?;
+        }
+        if let Some(rotation) = fragment.rotation {
+            layer.rotation(rotation, &check)?;
         }
         Ok(layer)
     }
@@ -329,6 +357,46 @@ impl Layer {
                 at: check.source.locate(span.start),
             });
         }
+        Ok(())
+    }
+
+    fn rotation(
+        &mut self,
+        rotation: RotationFragment,
+        check: &Checker<'_>,
+    ) -> Result<(), ConfigError> {
+        let RotationFragment {
+            renew_before,
+            max_age,
+            jitter,
+            retry_interval,
+            template,
+            report_topic,
+            grace_period,
+            trust_clock,
+        } = rotation;
+        self.rotation_renew_before =
+            check.opt("rotation.renew_before", renew_before, renew_before_value)?;
+        self.rotation_max_age = check.opt("rotation.max_age", max_age, max_age_value)?;
+        self.rotation_jitter = check.opt("rotation.jitter", jitter, span_value)?;
+        self.rotation_retry_interval =
+            check.opt("rotation.retry_interval", retry_interval, |value| {
+                let shown = shown(&value);
+                let interval = duration_value(value)?;
+                if (RETRY_INTERVAL_MIN..=RETRY_INTERVAL_MAX).contains(&interval) {
+                    Ok(interval)
+                } else {
+                    Err(format!("{shown} is out of range (10s to 30d)"))
+                }
+            })?;
+        self.rotation_template = check.opt("rotation.template", template, template_name)?;
+        self.rotation_report_topic =
+            check.opt("rotation.report_topic", report_topic, report_topic_value)?;
+        // Zero is allowed: the previous key and certificate are deleted as soon as the rotation
+        // committed.
+        self.rotation_grace_period =
+            check.opt("rotation.grace_period", grace_period, duration_value)?;
+        self.rotation_trust_clock = check.opt("rotation.trust_clock", trust_clock, Ok)?;
         Ok(())
     }
 }
@@ -602,4 +670,180 @@ fn listen_address(value: String) -> Result<std::net::SocketAddr, String> {
         ));
     }
     Ok(address)
+}
+
+/// The shortest and longest `rotation.retry_interval`: below 10 s a rotation AWS keeps refusing
+/// would hammer its quotas; beyond 30 days a failed rotation might not be tried again before
+/// the certificate expires.
+const RETRY_INTERVAL_MIN: Duration = Duration::from_secs(10);
+const RETRY_INTERVAL_MAX: Duration = Duration::from_secs(30 * 86_400);
+
+/// A `rotation.max_age` below this would have every new certificate renewed again within the
+/// hour: a loop of rotations, not a policy. Also catches `max_age = 365` meant as days.
+const MAX_AGE_MIN: Duration = Duration::from_secs(3600);
+
+/// The longest length of time accepted: beyond any certificate's life, and short enough that
+/// adding it to a Unix time in seconds cannot overflow.
+const MAX_DURATION_SECS: u64 = 100 * 365 * 86_400;
+
+/// A length of time: a number with a unit (`d`, `h`, `m`, `s`), several combined
+/// (`"1d12h"`), or digits alone meaning seconds (`"0"`, `"3600"`).
+pub(super) fn duration_text(value: &str) -> Result<Duration, String> {
+    match seconds_in(value) {
+        None => Err(format!(
+            "{value:?} is not a duration (like \"30d\", \"12h\", \"90m\", \"45s\" or \"1d12h\")"
+        )),
+        Some(seconds) => bounded(seconds, &format!("{value:?}")),
+    }
+}
+
+/// The seconds `text` stands for, `None` when it is not written as a duration. Digits alone
+/// are seconds. u128 so that no sum a user can write overflows before the bound is checked.
+fn seconds_in(text: &str) -> Option<u128> {
+    if text.is_empty() {
+        return None;
+    }
+    if text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse().ok();
+    }
+    let mut total: u128 = 0;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return None;
+        }
+        let (number, tail) = rest.split_at(digits);
+        let mut chars = tail.chars();
+        let unit: u128 = match chars.next()? {
+            'd' => 86_400,
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return None,
+        };
+        let number: u128 = number.parse().ok()?;
+        total = total.checked_add(number.checked_mul(unit)?)?;
+        rest = chars.as_str();
+    }
+    Some(total)
+}
+
+fn bounded(seconds: u128, shown: &str) -> Result<Duration, String> {
+    u64::try_from(seconds)
+        .ok()
+        .filter(|s| *s <= MAX_DURATION_SECS)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{shown} is longer than the 100 years iotd accepts"))
+}
+
+/// A duration written as a string (see [`duration_text`]) or as an integer of seconds.
+fn duration_value(value: toml::Value) -> Result<Duration, String> {
+    match value {
+        toml::Value::String(text) => duration_text(&text),
+        toml::Value::Integer(seconds) => match u64::try_from(seconds) {
+            Ok(seconds) => bounded(u128::from(seconds), &seconds.to_string()),
+            Err(_) => Err(format!("{seconds} is not a duration (it is negative)")),
+        },
+        other => Err(format!(
+            "expected a duration like \"30d\", found {}",
+            a_type(&other)
+        )),
+    }
+}
+
+/// A share of a certificate's lifetime (`"20%"`, 0 to 100) or a duration. A number alone other
+/// than 0 is refused: `20` may mean 20% as well as 20 seconds.
+fn span_value(value: toml::Value) -> Result<Span, String> {
+    let shown = shown(&value);
+    let neither =
+        || format!("{shown} is neither a percentage (\"20%\") nor a duration (\"30d\", \"12h\")");
+    let text = match value {
+        toml::Value::String(text) => text,
+        toml::Value::Integer(0) => return Ok(Span::Duration(Duration::ZERO)),
+        toml::Value::Integer(_) => return Err(neither()),
+        other => {
+            return Err(format!(
+                "expected a percentage like \"20%\" or a duration like \"30d\", found {}",
+                a_type(&other)
+            ));
+        }
+    };
+    if let Some(number) = text.strip_suffix('%') {
+        if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("{shown} is not a whole percentage (like \"20%\")"));
+        }
+        return match number.parse::<u8>() {
+            Ok(percent) if percent <= 100 => Ok(Span::Percent(percent)),
+            _ => Err(format!("{shown} is more than 100%")),
+        };
+    }
+    let unitless = text.bytes().all(|b| b.is_ascii_digit());
+    match seconds_in(&text) {
+        Some(0) => Ok(Span::Duration(Duration::ZERO)),
+        Some(_) if unitless => Err(neither()),
+        Some(seconds) => bounded(seconds, &shown).map(Span::Duration),
+        None => Err(neither()),
+    }
+}
+
+/// `rotation.renew_before`: a span that leaves the certificate some life and the rotation
+/// some time.
+fn renew_before_value(value: toml::Value) -> Result<Span, String> {
+    let shown = shown(&value);
+    match span_value(value)? {
+        Span::Percent(0) | Span::Duration(Duration::ZERO) => Err(format!(
+            "{shown} would renew the certificate only once it has expired, when it can no longer \
+             connect; give 1% to 99% or a duration"
+        )),
+        Span::Percent(100) => Err(format!(
+            "{shown} would renew every certificate as soon as it is issued; give 1% to 99% or a \
+             duration"
+        )),
+        span => Ok(span),
+    }
+}
+
+/// `rotation.max_age`: a duration of at least an hour, or `"off"`.
+fn max_age_value(value: toml::Value) -> Result<Option<Duration>, String> {
+    let shown = shown(&value);
+    match &value {
+        toml::Value::String(text) if text == "off" => return Ok(None),
+        toml::Value::String(text) if text.ends_with('%') => {
+            return Err(format!(
+                "{shown} is a percentage, but max_age is an age (since the certificate's \
+                 notBefore); give a duration like \"365d\", or \"off\""
+            ));
+        }
+        _ => {}
+    }
+    let age = duration_value(value)?;
+    if age < MAX_AGE_MIN {
+        return Err(format!(
+            "{shown} is shorter than an hour, which would renew every certificate again and \
+             again; give a duration like \"365d\", or \"off\""
+        ));
+    }
+    Ok(Some(age))
+}
+
+/// A value as the user wrote it, for messages: strings quoted as the other messages quote them.
+fn shown(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(text) => format!("{text:?}"),
+        other => other.to_string(),
+    }
+}
+
+/// "a boolean", "an array": the type of a value that is not accepted at all.
+fn a_type(value: &toml::Value) -> String {
+    let name = value.type_str();
+    let article = if name.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {name}")
 }

@@ -102,6 +102,7 @@ pub struct Settings {
     pub key: KeySettings,
     pub state_dir: PathBuf,
     pub onboarding: OnboardingSettings,
+    pub rotation: RotationSettings,
     /// The files that were read, in order (main first), for `iotctl config check` and logs.
     /// Masks (empty files, symlinks to `/dev/null`) and a missing main file are not listed.
     pub sources: Vec<PathBuf>,
@@ -265,6 +266,75 @@ fn onboarding_key_message(name: &str, cause: &ConfigError) -> String {
         None => message,
     }
 }
+
+/// `[rotation]`: replacing the certificate before it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationSettings {
+    /// How long before notAfter to rotate.
+    pub renew_before: Span,
+    /// Rotate when the certificate is older than this (since notBefore); `None`: no age limit.
+    pub max_age: Option<Duration>,
+    /// The per-device spread before the due time, so that a fleet whose certificates were issued
+    /// together does not rotate together.
+    pub jitter: Span,
+    /// After a failed (rolled back) rotation, try again after this.
+    pub retry_interval: Duration,
+    /// The provisioning template RegisterThing uses for a rotation; `None` means
+    /// `provisioning.template`.
+    pub template: Option<String>,
+    /// Where the rotation report goes (`{thing}` is the thing name); empty: nowhere.
+    pub report_topic: String,
+    /// How long the previous key and certificate are kept after a rotation committed (the
+    /// fallback if the new certificate is refused), then deleted; zero deletes them at once.
+    pub grace_period: Duration,
+    /// Trust the system clock without systemd-timesyncd's synchronised flag (gateways with an
+    /// RTC).
+    pub trust_clock: bool,
+}
+
+/// A length of time given either as a share of a certificate's lifetime or as a duration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Span {
+    /// 0 to 100 (percent).
+    Percent(u8),
+    Duration(Duration),
+}
+
+/// As the configuration writes it: `20%`, `30d`, `1d12h`, `0s`.
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Span::Percent(percent) => write!(f, "{percent}%"),
+            Span::Duration(duration) => {
+                let mut seconds = duration.as_secs();
+                if seconds == 0 {
+                    return f.write_str("0s");
+                }
+                for (unit, length) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
+                    if seconds >= length {
+                        write!(f, "{}{unit}", seconds / length)?;
+                        seconds %= length;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `rotation.report_topic` when no file sets it.
+pub const DEFAULT_ROTATION_REPORT_TOPIC: &str = "iotd/{thing}/rotation";
+/// `rotation.renew_before` when no file sets it: a year's certificate is renewed 73 days before
+/// it expires, time enough for a gateway that is offline for weeks.
+const DEFAULT_RENEW_BEFORE: Span = Span::Percent(20);
+const DEFAULT_ROTATION_JITTER: Span = Span::Percent(10);
+/// Long enough that a rotation AWS refuses (a disabled template, a policy without the
+/// provisioning topics) does not cost a request a minute per gateway; short enough that a
+/// passing outage delays it by no more than an hour.
+const DEFAULT_ROTATION_RETRY_INTERVAL: Duration = Duration::from_secs(3600);
+/// A week covers a new certificate that AWS refuses only later (deactivated by a backend that
+/// has not caught up), and a gateway switched off over a holiday.
+const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(7 * 86_400);
 
 /// `[key]`: where the device key lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -614,6 +684,14 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
         allowed_templates,
         allowed_endpoints,
         installer_parameters,
+        rotation_renew_before,
+        rotation_max_age,
+        rotation_jitter,
+        rotation_retry_interval,
+        rotation_template,
+        rotation_report_topic,
+        rotation_grace_period,
+        rotation_trust_clock,
     } = merged;
 
     let endpoint = endpoint.ok_or_else(|| missing("cloud.endpoint"))?.value;
@@ -729,6 +807,18 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
             allowed_templates: allowed_templates.map_or(default_templates, |t| t.value),
             allowed_endpoints: allowed_endpoints.map_or(default_endpoints, |e| e.value),
             installer_parameters: installer_parameters.map(|p| p.value).unwrap_or_default(),
+        },
+        rotation: RotationSettings {
+            renew_before: rotation_renew_before.map_or(DEFAULT_RENEW_BEFORE, |r| r.value),
+            max_age: rotation_max_age.and_then(|m| m.value),
+            jitter: rotation_jitter.map_or(DEFAULT_ROTATION_JITTER, |j| j.value),
+            retry_interval: rotation_retry_interval
+                .map_or(DEFAULT_ROTATION_RETRY_INTERVAL, |r| r.value),
+            template: rotation_template.map(|t| t.value),
+            report_topic: rotation_report_topic
+                .map_or_else(|| DEFAULT_ROTATION_REPORT_TOPIC.to_owned(), |t| t.value),
+            grace_period: rotation_grace_period.map_or(DEFAULT_GRACE_PERIOD, |g| g.value),
+            trust_clock: rotation_trust_clock.is_some_and(|t| t.value),
         },
         sources,
     })

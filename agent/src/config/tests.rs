@@ -357,12 +357,13 @@ fn unknown_top_level_key_is_refused() {
     assert_eq!(
         error_of("clod = 1\n"),
         "/d/20-site.toml:1:1: key clod: unknown key \
-         (expected one of: cloud, provisioning, key, state, onboarding); did you mean cloud?"
+         (expected one of: cloud, provisioning, key, state, onboarding, rotation); \
+         did you mean cloud?"
     );
     assert_eq!(
-        error_of("\n[rotation]\nx = 1\n"),
-        "/d/20-site.toml:2:2: key rotation: unknown key \
-         (expected one of: cloud, provisioning, key, state, onboarding)"
+        error_of("\n[metrics]\nx = 1\n"),
+        "/d/20-site.toml:2:2: key metrics: unknown key \
+         (expected one of: cloud, provisioning, key, state, onboarding, rotation)"
     );
 }
 
@@ -1326,6 +1327,14 @@ fn the_shipped_file_documents_the_real_defaults() {
     assert_eq!(d.provisioning.format, b.provisioning.format);
     assert_eq!(d.key, b.key);
     assert_eq!(d.state_dir, b.state_dir);
+    assert_eq!(
+        d.rotation,
+        RotationSettings {
+            // An example: its default is provisioning.template.
+            template: Some("gw-rotation".to_owned()),
+            ..b.rotation.clone()
+        }
+    );
     // Keys without a default are shown with examples that must be valid.
     assert_eq!(
         d.cloud.ca_bundle,
@@ -1374,6 +1383,7 @@ fn the_shipped_file_documents_every_key() {
         ("key", "[key]\nzzz = 1\n"),
         ("state", "[state]\nzzz = 1\n"),
         ("onboarding", "[onboarding]\nzzz = 1\n"),
+        ("rotation", "[rotation]\nzzz = 1\n"),
     ] {
         let message = error_of(probe);
         let list = message
@@ -1665,4 +1675,387 @@ fn an_onboarding_serial_that_cannot_be_resolved_names_its_key() {
         }
         .is_transient()
     );
+}
+
+// ---- [rotation] -----------------------------------------------------------------------------
+
+fn hours(n: u64) -> Duration {
+    Duration::from_secs(n * 3600)
+}
+
+fn days(n: u64) -> Duration {
+    Duration::from_secs(n * 86_400)
+}
+
+#[test]
+fn rotation_defaults_apply_when_nothing_is_set() {
+    let expected = RotationSettings {
+        renew_before: Span::Percent(20),
+        max_age: None,
+        jitter: Span::Percent(10),
+        retry_interval: hours(1),
+        template: None,
+        report_topic: DEFAULT_ROTATION_REPORT_TOPIC.to_owned(),
+        grace_period: days(7),
+        trust_clock: false,
+    };
+    let s = load_parts(&[("/etc/iotd/config.toml", REQUIRED)]).unwrap();
+    assert_eq!(s.rotation, expected);
+    assert_eq!(s.rotation.report_topic, "iotd/{thing}/rotation");
+    assert_eq!(with("[rotation]\n").rotation, expected);
+}
+
+#[test]
+fn every_rotation_key_is_read() {
+    let s = with(
+        r#"
+        [rotation]
+        renew_before = "30d"
+        max_age = "365d"
+        jitter = "6h"
+        retry_interval = "90m"
+        template = "gw-rotation"
+        report_topic = "fleet/{thing}/rotated"
+        grace_period = "0"
+        trust_clock = true
+        "#,
+    );
+    assert_eq!(
+        s.rotation,
+        RotationSettings {
+            renew_before: Span::Duration(days(30)),
+            max_age: Some(days(365)),
+            jitter: Span::Duration(hours(6)),
+            retry_interval: Duration::from_secs(90 * 60),
+            template: Some("gw-rotation".to_owned()),
+            report_topic: "fleet/{thing}/rotated".to_owned(),
+            grace_period: Duration::ZERO,
+            trust_clock: true,
+        }
+    );
+    assert_eq!(
+        with("rotation.report_topic = \"\"\n").rotation.report_topic,
+        "",
+        "empty: reports off"
+    );
+}
+
+#[test]
+fn rotation_spans_are_percentages_or_durations() {
+    let read = |key: &str, value: &str| {
+        let s = with(&format!("[rotation]\n{key} = {value}\n")).rotation;
+        if key == "renew_before" {
+            s.renew_before
+        } else {
+            s.jitter
+        }
+    };
+    for (key, value, span) in [
+        ("renew_before", "\"1%\"", Span::Percent(1)),
+        ("renew_before", "\"99%\"", Span::Percent(99)),
+        ("renew_before", "\"12h\"", Span::Duration(hours(12))),
+        (
+            "renew_before",
+            "\"1d12h\"",
+            Span::Duration(Duration::from_secs(36 * 3600)),
+        ),
+        (
+            "renew_before",
+            "\"90m\"",
+            Span::Duration(Duration::from_secs(5400)),
+        ),
+        ("jitter", "\"0%\"", Span::Percent(0)),
+        ("jitter", "\"100%\"", Span::Percent(100)),
+        ("jitter", "\"0\"", Span::Duration(Duration::ZERO)),
+        ("jitter", "0", Span::Duration(Duration::ZERO)),
+        ("jitter", "\"45s\"", Span::Duration(Duration::from_secs(45))),
+    ] {
+        assert_eq!(read(key, value), span, "{key} = {value}");
+    }
+}
+
+#[test]
+fn rotation_durations_take_units_or_seconds() {
+    let read = |value: &str| {
+        with(&format!("[rotation]\ngrace_period = {value}\n"))
+            .rotation
+            .grace_period
+    };
+    assert_eq!(read("\"45s\""), Duration::from_secs(45));
+    assert_eq!(read("\"90m\""), Duration::from_secs(5400));
+    assert_eq!(read("\"12h\""), hours(12));
+    assert_eq!(read("\"30d\""), days(30));
+    assert_eq!(read("\"1d12h30m15s\""), Duration::from_secs(131_415));
+    assert_eq!(read("3600"), hours(1));
+    assert_eq!(read("\"3600\""), hours(1));
+    assert_eq!(read("0"), Duration::ZERO);
+    assert_eq!(
+        with("[rotation]\nretry_interval = 10\n")
+            .rotation
+            .retry_interval,
+        Duration::from_secs(10)
+    );
+    assert_eq!(
+        with("[rotation]\nretry_interval = \"30d\"\n")
+            .rotation
+            .retry_interval,
+        days(30)
+    );
+    assert_eq!(
+        with("[rotation]\nmax_age = \"1h\"\n").rotation.max_age,
+        Some(hours(1))
+    );
+}
+
+#[test]
+fn the_duration_parser_reads_units_and_refuses_the_rest() {
+    use super::inputs::duration_text;
+    assert_eq!(duration_text("0"), Ok(Duration::ZERO));
+    assert_eq!(
+        duration_text("90"),
+        Ok(Duration::from_secs(90)),
+        "digits alone are seconds"
+    );
+    assert_eq!(duration_text("2d"), Ok(days(2)));
+    assert_eq!(duration_text("1h1h"), Ok(hours(2)));
+    assert_eq!(duration_text("36500d"), Ok(days(36_500)));
+    for bad in [
+        "", "d", "1x", "1.5h", "-1d", "+1d", "1 d", "1d ", "1D", "12h30", "1ms", "1w",
+    ] {
+        assert_eq!(
+            duration_text(bad),
+            Err(format!(
+                "{bad:?} is not a duration (like \"30d\", \"12h\", \"90m\", \"45s\" or \"1d12h\")"
+            )),
+        );
+    }
+    for long in [
+        "36501d",
+        "99999999999999999999999999d",
+        "999999999999999999999",
+    ] {
+        assert_eq!(
+            duration_text(long),
+            Err(format!(
+                "{long:?} is longer than the 100 years iotd accepts"
+            )),
+        );
+    }
+}
+
+#[test]
+fn bad_rotation_values_are_refused_with_the_key_and_what_is_accepted() {
+    let neither = "is neither a percentage (\"20%\") nor a duration (\"30d\", \"12h\")";
+    let expired = "would renew the certificate only once it has expired, when it can no longer \
+                   connect; give 1% to 99% or a duration";
+    let not_duration = "is not a duration (like \"30d\", \"12h\", \"90m\", \"45s\" or \"1d12h\")";
+    let cases = [
+        (
+            "renew_before = \"20\"",
+            format!("2:16: key rotation.renew_before: \"20\" {neither}"),
+        ),
+        (
+            "renew_before = 20",
+            format!("2:16: key rotation.renew_before: 20 {neither}"),
+        ),
+        (
+            "renew_before = \"20x\"",
+            format!("2:16: key rotation.renew_before: \"20x\" {neither}"),
+        ),
+        (
+            "renew_before = \"0%\"",
+            format!("2:16: key rotation.renew_before: \"0%\" {expired}"),
+        ),
+        (
+            "renew_before = \"0s\"",
+            format!("2:16: key rotation.renew_before: \"0s\" {expired}"),
+        ),
+        (
+            "renew_before = 0",
+            format!("2:16: key rotation.renew_before: 0 {expired}"),
+        ),
+        (
+            "renew_before = \"100%\"",
+            "2:16: key rotation.renew_before: \"100%\" would renew every certificate as soon as \
+             it is issued; give 1% to 99% or a duration"
+                .to_owned(),
+        ),
+        (
+            "renew_before = \"150%\"",
+            "2:16: key rotation.renew_before: \"150%\" is more than 100%".to_owned(),
+        ),
+        (
+            "renew_before = \"12.5%\"",
+            "2:16: key rotation.renew_before: \"12.5%\" is not a whole percentage (like \"20%\")"
+                .to_owned(),
+        ),
+        (
+            "renew_before = true",
+            "2:16: key rotation.renew_before: expected a percentage like \"20%\" or a duration \
+             like \"30d\", found a boolean"
+                .to_owned(),
+        ),
+        (
+            "max_age = \"50%\"",
+            "2:11: key rotation.max_age: \"50%\" is a percentage, but max_age is an age (since \
+             the certificate's notBefore); give a duration like \"365d\", or \"off\""
+                .to_owned(),
+        ),
+        (
+            "max_age = 365",
+            "2:11: key rotation.max_age: 365 is shorter than an hour, which would renew every \
+             certificate again and again; give a duration like \"365d\", or \"off\""
+                .to_owned(),
+        ),
+        (
+            "max_age = \"0\"",
+            "2:11: key rotation.max_age: \"0\" is shorter than an hour, which would renew every \
+             certificate again and again; give a duration like \"365d\", or \"off\""
+                .to_owned(),
+        ),
+        (
+            "max_age = \"1y\"",
+            format!("2:11: key rotation.max_age: \"1y\" {not_duration}"),
+        ),
+        (
+            "jitter = \"101%\"",
+            "2:10: key rotation.jitter: \"101%\" is more than 100%".to_owned(),
+        ),
+        (
+            "jitter = \"6\"",
+            format!("2:10: key rotation.jitter: \"6\" {neither}"),
+        ),
+        (
+            "jitter = -1",
+            format!("2:10: key rotation.jitter: -1 {neither}"),
+        ),
+        (
+            "retry_interval = \"9s\"",
+            "2:18: key rotation.retry_interval: \"9s\" is out of range (10s to 30d)".to_owned(),
+        ),
+        (
+            "retry_interval = \"30d1s\"",
+            "2:18: key rotation.retry_interval: \"30d1s\" is out of range (10s to 30d)".to_owned(),
+        ),
+        (
+            "retry_interval = -3",
+            "2:18: key rotation.retry_interval: -3 is not a duration (it is negative)".to_owned(),
+        ),
+        (
+            "retry_interval = [1]",
+            "2:18: key rotation.retry_interval: expected a duration like \"30d\", found an array"
+                .to_owned(),
+        ),
+        (
+            "template = \"gw rotation\"",
+            "2:12: key rotation.template: \"gw rotation\" is not a provisioning template name \
+             (1 to 36 of A-Z a-z 0-9 _ -)"
+                .to_owned(),
+        ),
+        (
+            "report_topic = \"$aws/things/{thing}/x\"",
+            "2:16: key rotation.report_topic: \"$aws/things/{thing}/x\" starts with $, which AWS \
+             IoT reserves"
+                .to_owned(),
+        ),
+        (
+            "report_topic = \"fleet/+/rotation\"",
+            "2:16: key rotation.report_topic: \"fleet/+/rotation\" has a wildcard (+ or #); a \
+             report goes to one topic"
+                .to_owned(),
+        ),
+        (
+            "grace_period = \"-1d\"",
+            format!("2:16: key rotation.grace_period: \"-1d\" {not_duration}"),
+        ),
+        (
+            "grace_period = \"40000d\"",
+            "2:16: key rotation.grace_period: \"40000d\" is longer than the 100 years iotd \
+             accepts"
+                .to_owned(),
+        ),
+        (
+            "trust_clock = \"yes\"",
+            "2:15: key rotation.trust_clock: invalid type: string \"yes\", expected a boolean"
+                .to_owned(),
+        ),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(
+            error_of(&format!("[rotation]\n{text}\n")),
+            format!("/d/20-site.toml:{expected}"),
+            "for {text:?}"
+        );
+    }
+    assert_eq!(
+        error_of("rotation = 5\n"),
+        "/d/20-site.toml:1:12: key rotation: invalid type: integer `5`, expected a [rotation] table"
+    );
+    assert_eq!(
+        error_of("[[rotation]]\njitter = \"0\"\n"),
+        "/d/20-site.toml:1:3: key rotation: invalid type: array, expected a [rotation] table"
+    );
+}
+
+#[test]
+fn a_drop_in_overrides_one_rotation_key_and_keeps_the_others() {
+    let s = load_parts(&[
+        ("/etc/iotd/config.toml", REQUIRED),
+        (
+            "/usr/lib/iotd/config.d/10-image.toml",
+            "[rotation]\nrenew_before = \"30d\"\nmax_age = \"365d\"\njitter = \"1d\"\n",
+        ),
+        (
+            "/etc/iotd/config.d/20-site.toml",
+            "[rotation]\njitter = \"5%\"\n",
+        ),
+    ])
+    .unwrap();
+    assert_eq!(s.rotation.renew_before, Span::Duration(days(30)));
+    assert_eq!(s.rotation.max_age, Some(days(365)));
+    assert_eq!(s.rotation.jitter, Span::Percent(5));
+    // "off" undoes an earlier file's age limit.
+    let s = load_parts(&[
+        ("/etc/iotd/config.toml", REQUIRED),
+        ("/d/10-image.toml", "[rotation]\nmax_age = \"365d\"\n"),
+        ("/d/20-site.toml", "rotation.max_age = \"off\"\n"),
+    ])
+    .unwrap();
+    assert_eq!(s.rotation.max_age, None);
+    // A bad value is refused even though a later file overrides it.
+    let error = load_parts(&[
+        ("/etc/iotd/config.toml", REQUIRED),
+        ("/d/10-image.toml", "[rotation]\nrenew_before = \"20\"\n"),
+        ("/d/20-site.toml", "[rotation]\nrenew_before = \"20%\"\n"),
+    ])
+    .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("/d/10-image.toml:2:16: key rotation.renew_before: \"20\" is neither"),
+        "{error}"
+    );
+}
+
+#[test]
+fn an_unknown_rotation_key_suggests_the_nearest() {
+    assert_eq!(
+        error_of("[rotation]\nrenew_befor = \"20%\"\n"),
+        "/d/20-site.toml:2:1: key rotation.renew_befor: unknown key (expected one of: \
+         renew_before, max_age, jitter, retry_interval, template, report_topic, grace_period, \
+         trust_clock); did you mean renew_before?"
+    );
+    assert!(error_of("[rotation]\ntrust_clok = true\n").ends_with("did you mean trust_clock?"));
+    assert!(error_of("[rotation]\ngrace = \"7d\"\n").ends_with("trust_clock)"));
+}
+
+#[test]
+fn spans_display_as_the_configuration_writes_them() {
+    assert_eq!(Span::Percent(20).to_string(), "20%");
+    assert_eq!(Span::Duration(days(30)).to_string(), "30d");
+    assert_eq!(
+        Span::Duration(Duration::from_secs(36 * 3600 + 61)).to_string(),
+        "1d12h1m1s"
+    );
+    assert_eq!(Span::Duration(Duration::ZERO).to_string(), "0s");
 }

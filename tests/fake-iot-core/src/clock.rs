@@ -21,9 +21,21 @@ pub enum ClockError {
 }
 
 /// Wall clock with an adjustable forward offset.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Clock {
     offset_secs: AtomicI64,
+    /// Bumped whenever the offset moves, so that timers on the fake's time (a certificate's
+    /// notAfter, a claim's expiry) can wake and look again.
+    moved: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self {
+            offset_secs: AtomicI64::new(0),
+            moved: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 fn wall_secs() -> i64 {
@@ -64,7 +76,10 @@ impl Clock {
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return Ok(target),
+                Ok(_) => {
+                    self.bump();
+                    return Ok(target);
+                }
                 Err(actual) => current = actual,
             }
         }
@@ -77,6 +92,7 @@ impl Clock {
             let target = self.now().saturating_add(secs).clamp(0, MAX_TIME);
             self.offset_secs
                 .store(target.saturating_sub(wall_secs()), Ordering::Relaxed);
+            self.bump();
             self.now()
         })
     }
@@ -89,6 +105,39 @@ impl Clock {
     /// Restores an offset (after a restart, so that persisted expiry times stay meaningful).
     pub fn set_offset(&self, secs: i64) {
         self.offset_secs.store(secs, Ordering::Relaxed);
+        self.bump();
+    }
+
+    fn bump(&self) {
+        self.moved.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes whenever the clock is moved (not as time passes).
+    pub fn moves(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.moved.subscribe()
+    }
+
+    /// Returns once the fake's time is `at` or later: sleeps on the wall clock, and looks again
+    /// whenever the clock is moved, so that `/_fake/clock` reaches timers at once.
+    pub async fn reached(&self, at: i64) {
+        let mut moves = self.moves();
+        loop {
+            moves.borrow_and_update();
+            let left = at.saturating_sub(self.now());
+            if left <= 0 {
+                return;
+            }
+            let wait = std::time::Duration::from_secs(u64::try_from(left).unwrap_or(u64::MAX));
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                changed = moves.changed() => {
+                    if changed.is_err() {
+                        // The clock is gone (shutdown): time no longer moves by hand.
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
     }
 }
 

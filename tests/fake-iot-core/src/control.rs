@@ -21,12 +21,11 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::mqtt::DisconnectReason;
 use crate::registry::{
     CertStatus, Certificate, Hook, Job, JobExecution, NamedResource, Policy, ProvisioningTemplate,
     Registry, TemplateVersion, Thing, new_uuid,
 };
-use crate::server::{Control, Settings, Shared, lock};
+use crate::server::{Settings, Shared};
 use crate::template::Template;
 
 /// A temporary provisioning claim is valid for five minutes (AWS docs, provision-wo-cert).
@@ -42,6 +41,9 @@ const POLICY_DOCUMENT_MAX: usize = 2048;
 const POLICIES_PER_CERTIFICATE_MAX: usize = 10;
 const JOB_DOCUMENT_MAX: usize = 32_768;
 const JOB_TIMEOUT_MAX_MINUTES: i64 = 10_080;
+/// AssociateTargetsWithJob: "The total number of targets associated with a job must not exceed
+/// 100."
+const JOB_TARGETS_MAX: usize = 100;
 const HOOK_PAYLOAD_VERSION: &str = "2020-04-01";
 /// Largest page the list operations return (AWS's maximum for most of them).
 const PAGE_MAX: usize = 250;
@@ -322,20 +324,6 @@ fn template_not_found(name: &str) -> ApiError {
     ApiError::not_found(format!("Template {name} not found"))
 }
 
-/// Closes every live connection authenticated with `cert_id`, as AWS does when a certificate
-/// stops being ACTIVE.
-fn disconnect_certificate(shared: &Shared, cert_id: &str) -> usize {
-    let sessions: Vec<_> = lock(&shared.sessions)
-        .values()
-        .filter(|s| s.cert_id == cert_id)
-        .cloned()
-        .collect();
-    sessions
-        .iter()
-        .filter(|s| s.send(Control::Close(DisconnectReason::NotAuthorized)))
-        .count()
-}
-
 /// All routes of the control plane.
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new()
@@ -420,6 +408,7 @@ pub fn routes() -> Router<Arc<Shared>> {
             put(create_job).get(describe_job).delete(delete_job),
         )
         .route("/jobs/{id}/cancel", put(cancel_job))
+        .route("/jobs/{id}/targets", post(associate_targets_with_job))
         .route("/jobs/{id}/job-document", get(get_job_document))
         .route("/jobs/{id}/things", get(list_executions_for_job))
         .route("/endpoint", get(describe_endpoint))
@@ -857,6 +846,7 @@ async fn create_provisioning_claim(State(shared): AppState, Path(name): Path<Str
                 things: BTreeSet::new(),
                 temporary_claim_for: Some(name.clone()),
                 customer_version: 1,
+                template: None,
             },
         );
     });
@@ -1494,10 +1484,22 @@ async fn update_certificate(
     let status = CertStatus::parse(&requested).ok_or_else(|| {
         ApiError::invalid(format!("newStatus {requested} is not a certificate status"))
     })?;
+    set_certificate_status(&shared, &id, status)?;
+    reply(json!({}))
+}
+
+/// UpdateCertificate for in-process callers (tests of the agent): the same checks and effects
+/// as `PUT /certificates/{id}?newStatus=…`.
+pub fn set_certificate_status(
+    shared: &Shared,
+    id: &str,
+    status: CertStatus,
+) -> Result<(), ApiError> {
+    check_certificate_id(id)?;
     let now = shared.clock.now();
     shared.write(|reg| {
-        let c = account_cert_mut(reg, &id)?;
-        check_status_change(&id, c.status, status)?;
+        let c = account_cert_mut(reg, id)?;
+        check_status_change(id, c.status, status)?;
         if c.status != status {
             c.status = status;
             c.last_modified_at = now;
@@ -1505,10 +1507,16 @@ async fn update_certificate(
         }
         Ok(())
     })?;
-    if status != CertStatus::Active {
-        disconnect_certificate(&shared, &id);
+    // AWS: "Within a few minutes of updating a certificate from the ACTIVE state to any other
+    // state, AWS IoT disconnects all devices that used that certificate to connect" (done at
+    // once here, or not at all with --keep-connection-on-certificate-deactivation).
+    if status != CertStatus::Active && shared.settings.disconnect_on_certificate_deactivation {
+        shared.disconnect_certificate(
+            id,
+            &format!("certificate {id} was made {}", status.as_str()),
+        );
     }
-    reply(json!({}))
+    Ok(())
 }
 
 async fn delete_certificate(
@@ -1540,7 +1548,7 @@ async fn delete_certificate(
         reg.tokens.retain(|_, t| t.certificate_id != id);
         Ok(())
     })?;
-    disconnect_certificate(&shared, &id);
+    shared.disconnect_certificate(&id, &format!("certificate {id} was deleted"));
     reply(json!({}))
 }
 
@@ -1902,7 +1910,9 @@ fn membership(s: &Settings, input: GroupMembershipInput) -> Result<(String, Stri
 
 async fn change_membership(shared: &Shared, body: &[u8], add: bool) -> Reply {
     let (group, thing) = membership(&shared.settings, parse_body(body)?)?;
-    shared.write(|reg| {
+    let arn_prefix = shared.settings.arn("");
+    let now = shared.clock.now();
+    let queued = shared.write(|reg| {
         if !reg.thing_groups.contains_key(&group) {
             return Err(ApiError::not_found(format!(
                 "Thing group {group} not found"
@@ -1914,11 +1924,17 @@ async fn change_membership(shared: &Shared, body: &[u8], add: bool) -> Reply {
             .ok_or_else(|| thing_not_found(&thing))?;
         if add {
             t.groups.insert(group);
+            // A thing that joins a target group of a continuous job gets its execution. One
+            // that leaves keeps what it has (what AWS does to it then is not documented).
+            Ok(reg.apply_continuous_jobs(&arn_prefix, &thing, now))
         } else {
             t.groups.remove(&group);
+            Ok(false)
         }
-        Ok(())
     })?;
+    if queued {
+        crate::jobs::notify_thing(shared, &thing);
+    }
     reply(json!({}))
 }
 
@@ -1972,6 +1988,14 @@ struct CreateJobInput {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
+struct AssociateTargetsInput {
+    #[serde(default)]
+    targets: Vec<String>,
+    comment: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Force {
     force: Option<bool>,
 }
@@ -2007,9 +2031,11 @@ fn executions_of<'r>(reg: &'r Registry, job_id: &str) -> Vec<&'r JobExecution> {
 }
 
 /// The job's status as DescribeJob reports it: a snapshot job whose executions have all
-/// finished is COMPLETED even if nothing recorded that yet.
+/// finished is COMPLETED even if nothing recorded that yet; a continuous job (without a
+/// schedule, which the fake does not have) never completes (AWS docs, job states).
 fn job_status(job: &Job, execs: &[&JobExecution]) -> String {
-    if job.status == "IN_PROGRESS" && execs.iter().all(|e| e.is_terminal()) {
+    if job.status == "IN_PROGRESS" && !job.is_continuous() && execs.iter().all(|e| e.is_terminal())
+    {
         "COMPLETED".to_owned()
     } else {
         job.status.clone()
@@ -2026,7 +2052,7 @@ fn job_json(s: &Settings, job: &Job, execs: &[&JobExecution]) -> Value {
     json!({
         "jobArn": s.arn(&format!("job/{}", job.id)),
         "jobId": job.id,
-        "targetSelection": "SNAPSHOT",
+        "targetSelection": job.target_selection,
         "status": status,
         "targets": job.targets,
         "description": job.description,
@@ -2179,19 +2205,17 @@ async fn create_job(State(shared): AppState, Path(id): Path<String>, body: Bytes
         .iter()
         .map(|t| parse_target(s, t))
         .collect::<Result<Vec<_>, _>>()?;
-    match input.target_selection.as_deref() {
-        None | Some("SNAPSHOT") => {}
-        Some("CONTINUOUS") => {
-            return Err(ApiError::invalid(
-                "targetSelection CONTINUOUS is not supported by the fake; use SNAPSHOT",
-            ));
-        }
+    let target_selection = match input.target_selection.as_deref() {
+        None | Some("SNAPSHOT") => "SNAPSHOT",
+        // Things that become targets later (added to a target group, directly or through a
+        // descendant group, or by AssociateTargetsWithJob) get an execution then.
+        Some("CONTINUOUS") => "CONTINUOUS",
         Some(other) => {
             return Err(ApiError::invalid(format!(
                 "targetSelection {other} is not SNAPSHOT or CONTINUOUS"
             )));
         }
-    }
+    };
     check_description(input.description.as_deref())?;
     let timeout = input
         .timeout_config
@@ -2230,23 +2254,13 @@ async fn create_job(State(shared): AppState, Path(id): Path<String>, body: Bytes
                 created_at: now,
                 status: "IN_PROGRESS".to_owned(),
                 step_timeout_minutes: timeout,
+                target_selection: target_selection.to_owned(),
             },
         );
         for thing in &things {
             reg.executions.insert(
                 execution_key(thing, &id),
-                JobExecution {
-                    job_id: id.clone(),
-                    thing_name: thing.clone(),
-                    status: "QUEUED".to_owned(),
-                    status_details: BTreeMap::new(),
-                    queued_at: now,
-                    started_at: None,
-                    last_updated_at: now,
-                    version_number: 1,
-                    execution_number: 1,
-                    step_timeout_at: None,
-                },
+                JobExecution::queued(&id, thing, now),
             );
         }
         Ok(things)
@@ -2257,6 +2271,75 @@ async fn create_job(State(shared): AppState, Path(id): Path<String>, body: Bytes
     reply(
         json!({"jobArn": s.arn(&format!("job/{id}")), "jobId": id, "description": input.description}),
     )
+}
+
+/// AssociateTargetsWithJob: adds thing groups to an IN_PROGRESS continuous job; their members
+/// without an execution of it get one.
+async fn associate_targets_with_job(
+    State(shared): AppState,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Reply {
+    let input: AssociateTargetsInput = parse_body(&body)?;
+    check_description(input.comment.as_deref())?;
+    let s = &shared.settings;
+    if input.targets.is_empty() {
+        return Err(ApiError::invalid(
+            "targets must name at least one thing group",
+        ));
+    }
+    for t in &input.targets {
+        if !matches!(parse_target(s, t)?, Target::Group(_)) {
+            return Err(ApiError::invalid(format!(
+                "target {t} is not a thing group ARN (AssociateTargetsWithJob takes thing groups)"
+            )));
+        }
+    }
+    let now = shared.clock.now();
+    let arn_prefix = s.arn("");
+    let (description, queued) = shared.write(|reg| {
+        let job = reg.jobs.get(&id).ok_or_else(|| job_not_found(&id))?;
+        if !job.is_continuous() {
+            return Err(ApiError::invalid(format!(
+                "Job {id} was not created with targetSelection CONTINUOUS"
+            )));
+        }
+        if job_status(job, &executions_of(reg, &id)) != "IN_PROGRESS" {
+            return Err(ApiError::invalid(format!("Job {id} is not IN_PROGRESS")));
+        }
+        let groups = input
+            .targets
+            .iter()
+            .map(|t| parse_target(s, t))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Checks that the groups exist.
+        target_things(reg, &groups)?;
+        let mut targets = job.targets.clone();
+        for t in &input.targets {
+            if !targets.contains(t) {
+                targets.push(t.clone());
+            }
+        }
+        if targets.len() > JOB_TARGETS_MAX {
+            return Err(ApiError::limit_exceeded(format!(
+                "A job may have at most {JOB_TARGETS_MAX} targets"
+            )));
+        }
+        let description = job.description.clone();
+        if let Some(job) = reg.jobs.get_mut(&id) {
+            job.targets = targets;
+        }
+        let things: Vec<String> = reg.things.keys().cloned().collect();
+        let queued: Vec<String> = things
+            .into_iter()
+            .filter(|t| reg.apply_continuous_jobs(&arn_prefix, t, now))
+            .collect();
+        Ok((description, queued))
+    })?;
+    for thing in &queued {
+        crate::jobs::notify_thing(&shared, thing);
+    }
+    reply(json!({"jobArn": s.arn(&format!("job/{id}")), "jobId": id, "description": description}))
 }
 
 async fn describe_job(State(shared): AppState, Path(id): Path<String>) -> Reply {

@@ -1,5 +1,5 @@
-//! Fault injection: rules that make an API reject, drop, delay or disconnect, per API and per
-//! client id; AWS-like throttles (429 on the provisioning APIs, one CONNECT per second per
+//! Fault injection: rules that make an API reject, drop, delay or disconnect, per API, per
+//! client id and per certificate (the one the connection authenticated with); AWS-like throttles (429 on the provisioning APIs, one CONNECT per second per
 //! client id).
 
 use std::collections::{HashMap, VecDeque};
@@ -16,6 +16,9 @@ pub enum Api {
     RegisterThing,
     Jobs,
 }
+
+/// The `certificateId` of a rule for the next certificate the fake issues.
+pub const NEXT_CERTIFICATE: &str = "$next";
 
 /// What happens to a matching request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +49,12 @@ pub struct FaultRule {
     pub api: Api,
     #[serde(default)]
     pub client_id: Option<String>,
+    /// Only requests on connections authenticated with this certificate (64 hex characters).
+    /// `"$next"` stands for the next certificate the fake issues (CreateCertificateFromCsr or
+    /// CreateKeysAndCertificate) and is replaced by its id when it is issued; until then the
+    /// rule matches nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_id: Option<String>,
     #[serde(flatten)]
     pub action: FaultAction,
     /// How many requests it applies to; `None` is every request until removed.
@@ -157,12 +166,27 @@ impl Faults {
             .collect()
     }
 
-    /// The first rule for this API and client, consuming one use of it.
+    /// The first rule for this API and client that names no certificate, consuming one use of
+    /// it.
     pub fn take(&mut self, api: Api, client_id: &str) -> Option<FaultAction> {
-        let idx = self
-            .rules
-            .iter()
-            .position(|r| r.api == api && r.client_id.as_deref().is_none_or(|c| c == client_id))?;
+        self.take_for(api, client_id, None)
+    }
+
+    /// The first rule for this API, client and certificate (`cert_id`: the one the request's
+    /// connection authenticated with), consuming one use of it.
+    pub fn take_for(
+        &mut self,
+        api: Api,
+        client_id: &str,
+        cert_id: Option<&str>,
+    ) -> Option<FaultAction> {
+        let idx = self.rules.iter().position(|r| {
+            r.api == api
+                && r.client_id.as_deref().is_none_or(|c| c == client_id)
+                && r.certificate_id
+                    .as_deref()
+                    .is_none_or(|c| c != NEXT_CERTIFICATE && Some(c) == cert_id)
+        })?;
         let rule = &mut self.rules[idx];
         let action = rule.action.clone();
         if let Some(n) = rule.count.as_mut() {
@@ -173,6 +197,19 @@ impl Faults {
         }
         self.stats.injected += 1;
         Some(action)
+    }
+
+    /// Binds the rules waiting for the next certificate (`"$next"`) to `cert_id`, just issued;
+    /// returns how many.
+    pub fn bind_next_certificate(&mut self, cert_id: &str) -> usize {
+        let mut n = 0;
+        for r in &mut self.rules {
+            if r.certificate_id.as_deref() == Some(NEXT_CERTIFICATE) {
+                r.certificate_id = Some(cert_id.to_owned());
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Whether a request to `api` passes its throttle.
@@ -220,6 +257,7 @@ mod tests {
             id: 0,
             api: Api::RegisterThing,
             client_id: Some("a".into()),
+            certificate_id: None,
             action: FaultAction::Drop,
             count: Some(2),
         });
@@ -228,6 +266,36 @@ mod tests {
         assert_eq!(f.take(Api::RegisterThing, "a"), Some(FaultAction::Drop));
         assert_eq!(f.take(Api::RegisterThing, "a"), Some(FaultAction::Drop));
         assert_eq!(f.take(Api::RegisterThing, "a"), None);
+    }
+
+    #[test]
+    fn rules_by_certificate_and_for_the_next_certificate() {
+        let mut f = Faults::new(None);
+        let rule = |cert: &str| -> FaultRule {
+            serde_json::from_value(serde_json::json!({
+                "api": "Connect", "certificateId": cert, "action": "drop", "count": 1
+            }))
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        f.add(rule("aa"));
+        f.add(rule(NEXT_CERTIFICATE));
+        assert_eq!(f.take(Api::Connect, "c"), None, "no certificate given");
+        assert_eq!(f.take_for(Api::Connect, "c", Some("bb")), None);
+        assert_eq!(
+            f.take_for(Api::Connect, "c", Some("aa")),
+            Some(FaultAction::Drop)
+        );
+        // "$next" matches nothing until a certificate is issued, then that one only.
+        assert_eq!(f.take_for(Api::Connect, "c", Some(NEXT_CERTIFICATE)), None);
+        assert_eq!(f.bind_next_certificate("cc"), 1);
+        assert_eq!(f.bind_next_certificate("dd"), 0);
+        assert_eq!(f.rules()[0].certificate_id.as_deref(), Some("cc"));
+        assert_eq!(f.take_for(Api::Connect, "c", Some("dd")), None);
+        assert_eq!(
+            f.take_for(Api::Connect, "c", Some("cc")),
+            Some(FaultAction::Drop)
+        );
+        assert!(f.rules().is_empty());
     }
 
     #[test]

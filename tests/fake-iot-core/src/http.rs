@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::time::Duration;
 
 use crate::faults::{Api, FaultRule};
 use crate::server::{Shared, lock};
@@ -33,6 +34,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/_fake/disconnect", post(disconnect))
         .route("/_fake/tokens/expire", post(expire_tokens))
         .route("/_fake/clock", get(clock).post(advance_clock))
+        .route(
+            "/_fake/certificate-validity",
+            get(get_validity).put(set_validity).delete(reset_validity),
+        )
         .merge(crate::control::routes())
         .with_state(shared)
 }
@@ -72,23 +77,46 @@ struct MessageQuery {
     topic: Option<String>,
     kind: Option<String>,
     since: Option<u64>,
+    /// Long poll: when nothing matches yet, wait up to this many milliseconds (at most a
+    /// minute) for a matching entry instead of answering an empty list at once.
+    wait_ms: Option<u64>,
+}
+
+/// Longest long poll of `/_fake/messages?waitMs=`.
+const MESSAGES_WAIT_MAX_MS: u64 = 60_000;
+
+fn message_matches(q: &MessageQuery, e: &crate::server::LogEntry) -> bool {
+    q.client_id.as_ref().is_none_or(|c| *c == e.client_id)
+        && q.topic.as_ref().is_none_or(|t| {
+            e.topic
+                .as_deref()
+                .is_some_and(|et| crate::mqtt::topic_matches(et, t))
+        })
+        && q.kind.as_ref().is_none_or(|k| k == e.kind)
+        && q.since.is_none_or(|s| e.seq > s)
 }
 
 async fn messages(State(shared): AppState, Query(q): Query<MessageQuery>) -> Json<Value> {
-    let entries: Vec<_> = shared
-        .log_entries()
-        .into_iter()
-        .filter(|e| q.client_id.as_ref().is_none_or(|c| *c == e.client_id))
-        .filter(|e| {
-            q.topic.as_ref().is_none_or(|t| {
-                e.topic
-                    .as_deref()
-                    .is_some_and(|et| crate::mqtt::topic_matches(et, t))
-            })
-        })
-        .filter(|e| q.kind.as_ref().is_none_or(|k| k == e.kind))
-        .filter(|e| q.since.is_none_or(|s| e.seq > s))
-        .collect();
+    let select = || -> Vec<_> {
+        shared
+            .log_entries()
+            .into_iter()
+            .filter(|e| message_matches(&q, e))
+            .collect()
+    };
+    let mut entries = select();
+    if entries.is_empty()
+        && let Some(ms) = q.wait_ms
+    {
+        let wait = Duration::from_millis(ms.min(MESSAGES_WAIT_MAX_MS));
+        if shared
+            .wait_for_log(wait, |e| message_matches(&q, e))
+            .await
+            .is_some()
+        {
+            entries = select();
+        }
+    }
     Json(json!({"messages": entries}))
 }
 
@@ -229,4 +257,101 @@ async fn advance_clock(
         },
         Err(e) => bad_request(format!("clock: {e}")),
     }
+}
+
+/// Longest validity the control takes: a hundred years (X.509 times end in 9999 anyway).
+const VALIDITY_MAX_SECS: u64 = 100 * 365 * 86_400;
+
+fn validity_json(v: Option<Duration>) -> Value {
+    v.map_or(Value::Null, |d| json!(d.as_secs()))
+}
+
+async fn get_validity(State(shared): AppState) -> Json<Value> {
+    let v = lock(&shared.validity).clone();
+    let templates: serde_json::Map<String, Value> = v
+        .templates
+        .iter()
+        .map(|(k, d)| (k.clone(), validity_json(*d)))
+        .collect();
+    Json(json!({
+        "seconds": validity_json(v.account),
+        "templates": templates,
+        "awsDefaultNotAfter": crate::ca::AWS_DEFAULT_NOT_AFTER,
+    }))
+}
+
+/// `{"seconds": N | null}` for the account, `{"template": "T", "seconds": N | null}` for the
+/// certificates issued to connections of template T; `null` is AWS's 2049-12-31T23:59:59Z.
+async fn set_validity(
+    State(shared): AppState,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let body = match body {
+        Ok(Json(Value::Object(m))) => m,
+        Ok(_) => return bad_request("certificate validity: expected a JSON object"),
+        Err(e) => return bad_request(format!("certificate validity: {e}")),
+    };
+    if let Some(k) = body
+        .keys()
+        .find(|k| !matches!(k.as_str(), "seconds" | "template"))
+    {
+        return bad_request(format!(
+            "certificate validity: unknown field {k:?} (expected seconds and template)"
+        ));
+    }
+    let validity = match body.get("seconds") {
+        None => {
+            return bad_request(
+                "certificate validity: seconds is required (a number, or null for AWS's 2049-12-31T23:59:59Z)",
+            );
+        }
+        Some(Value::Null) => None,
+        Some(v) => match v.as_u64().filter(|n| (1..=VALIDITY_MAX_SECS).contains(n)) {
+            Some(n) => Some(Duration::from_secs(n)),
+            None => {
+                return bad_request(format!(
+                    "certificate validity: seconds must be a whole number from 1 to {VALIDITY_MAX_SECS}, or null; got {v}"
+                ));
+            }
+        },
+    };
+    match body.get("template") {
+        None | Some(Value::Null) => shared.set_cert_validity(validity),
+        Some(Value::String(t)) => {
+            if !shared.read(|reg| reg.templates.contains_key(t)) {
+                return (
+                    StatusCode::NOT_FOUND,
+                    Json(json!({"message": format!("no provisioning template {t}")})),
+                )
+                    .into_response();
+            }
+            shared.set_template_cert_validity(t, Some(validity));
+        }
+        Some(other) => {
+            return bad_request(format!(
+                "certificate validity: template must be a template name, got {other}"
+            ));
+        }
+    }
+    get_validity(State(shared)).await.into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct ResetValidity {
+    template: Option<String>,
+}
+
+/// Without `?template=`: back to the start-up validity (`--cert-validity`), no template's.
+/// With it: that template's certificates follow the account's validity again.
+async fn reset_validity(State(shared): AppState, Query(q): Query<ResetValidity>) -> Response {
+    match q.template {
+        Some(t) => shared.set_template_cert_validity(&t, None),
+        None => {
+            *lock(&shared.validity) = crate::server::Validity {
+                account: shared.settings.cert_validity,
+                templates: Default::default(),
+            };
+        }
+    }
+    get_validity(State(shared)).await.into_response()
 }

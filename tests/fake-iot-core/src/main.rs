@@ -34,8 +34,17 @@ struct Args {
     #[arg(long = "claim", value_name = "NAME=TEMPLATE", value_parser = name_value)]
     claims: Vec<(String, String)>,
     /// Validity of issued certificates, e.g. 10m, 12h, 30d (default: until 2049-12-31, as AWS).
+    /// Changed at run time with PUT /_fake/certificate-validity (also per template).
     #[arg(long, value_parser = parse_duration)]
     cert_validity: Option<Duration>,
+    /// Keep the live connections of a certificate made INACTIVE or REVOKED (AWS closes them
+    /// "within a few minutes"; the fake at once unless this is given).
+    #[arg(long)]
+    keep_connection_on_certificate_deactivation: bool,
+    /// Close a live connection when its certificate's notAfter passes on the fake's clock (AWS
+    /// is not known to; by default the session stays and the next CONNECT fails).
+    #[arg(long)]
+    disconnect_on_certificate_expiry: bool,
     /// Accept ClientHellos without SNI (AWS refuses them).
     #[arg(long)]
     no_require_sni: bool,
@@ -160,6 +169,9 @@ fn main() -> ExitCode {
     settings.connect_gap = (!args.no_connect_throttle).then_some(Duration::from_secs(1));
     settings.single_use_tokens = !args.reusable_tokens;
     settings.disconnect_on_denied_publish = !args.keep_connection_on_denied_publish;
+    settings.disconnect_on_certificate_deactivation =
+        !args.keep_connection_on_certificate_deactivation;
+    settings.disconnect_on_certificate_expiry = args.disconnect_on_certificate_expiry;
     settings.default_override = args.default_override;
     settings.throttles = args.throttles.into_iter().flatten().collect();
     settings.server_names = args.server_names;

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::faults::Api;
 use crate::registry::{CertStatus, Certificate, OwnershipToken, Policy, Thing, new_uuid};
-use crate::server::{ApiRequest, Gate, Session, Shared};
+use crate::server::{ApiRequest, Gate, Session, Shared, lock};
 use crate::template::{Override, PolicyPlan};
 
 /// Payload encoding, chosen by the topic's last level.
@@ -197,8 +197,10 @@ pub async fn serve(shared: &Shared, session: &Session, req: &ApiRequest) {
         Gate::Serve { drop_reply } => {
             let result = match decode(route.format, &req.payload) {
                 Ok(body) => match route.api {
-                    Api::CreateKeysAndCertificate => create_keys_and_certificate(shared).await,
-                    Api::CreateCertificateFromCsr => create_from_csr(shared, &body),
+                    Api::CreateKeysAndCertificate => {
+                        create_keys_and_certificate(shared, session).await
+                    }
+                    Api::CreateCertificateFromCsr => create_from_csr(shared, session, &body),
                     Api::RegisterThing => {
                         let template = route.template.as_deref().unwrap_or_default();
                         register_thing(shared, session, template, &body).await
@@ -230,8 +232,17 @@ fn new_token() -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// Registers a freshly issued certificate as PENDING_ACTIVATION with its ownership token.
+/// notAfter of a certificate issued now at the request of `session`: its template's validity
+/// if one is set (`/_fake/certificate-validity`), else the account's.
+fn not_after_for(shared: &Shared, session: &Session, now: i64) -> i64 {
+    let template = shared.caller_template(&session.cert_id);
+    shared.issued_not_after_for(now, template.as_deref())
+}
+
+/// Registers a freshly issued certificate as PENDING_ACTIVATION with its ownership token, and
+/// binds the fault rules waiting for the next certificate (`"certificateId": "$next"`).
 fn register_pending(shared: &Shared, issued: &crate::ca::IssuedCert, now: i64) -> String {
+    lock(&shared.faults).bind_next_certificate(&issued.id);
     let token = new_token();
     let ttl = shared.settings.token_ttl_secs;
     shared.write(|reg| {
@@ -249,6 +260,7 @@ fn register_pending(shared: &Shared, issued: &crate::ca::IssuedCert, now: i64) -
                 things: Default::default(),
                 temporary_claim_for: None,
                 customer_version: 1,
+                template: None,
             },
         );
         reg.tokens.insert(
@@ -264,7 +276,10 @@ fn register_pending(shared: &Shared, issued: &crate::ca::IssuedCert, now: i64) -
     token
 }
 
-async fn create_keys_and_certificate(shared: &Shared) -> Result<Value, Rejection> {
+async fn create_keys_and_certificate(
+    shared: &Shared,
+    session: &Session,
+) -> Result<Value, Rejection> {
     let key = tokio::task::spawn_blocking(crate::ca::new_rsa_key)
         .await
         .map_err(|e| Rejection::new(500, "InternalFailure", e.to_string()))?
@@ -273,7 +288,7 @@ async fn create_keys_and_certificate(shared: &Shared) -> Result<Value, Rejection
     let now = shared.clock.now();
     let issued = shared
         .ca
-        .issue(&spki, now, shared.issued_not_after(now))
+        .issue(&spki, now, not_after_for(shared, session, now))
         .map_err(|e| Rejection::new(500, "InternalFailure", e.to_string()))?;
     let token = register_pending(shared, &issued, now);
     Ok(json!({
@@ -284,7 +299,7 @@ async fn create_keys_and_certificate(shared: &Shared) -> Result<Value, Rejection
     }))
 }
 
-fn create_from_csr(shared: &Shared, body: &Value) -> Result<Value, Rejection> {
+fn create_from_csr(shared: &Shared, session: &Session, body: &Value) -> Result<Value, Rejection> {
     let csr = body
         .get("certificateSigningRequest")
         .and_then(Value::as_str)
@@ -299,7 +314,7 @@ fn create_from_csr(shared: &Shared, body: &Value) -> Result<Value, Rejection> {
     let now = shared.clock.now();
     let issued = shared
         .ca
-        .issue_from_csr(csr, now, shared.issued_not_after(now))
+        .issue_from_csr(csr, now, not_after_for(shared, session, now))
         .map_err(|e| Rejection::new(400, "InvalidCsr", e.0))?;
     let token = register_pending(shared, &issued, now);
     Ok(json!({
@@ -423,7 +438,7 @@ async fn register_thing(
     })?;
     let default_override = shared.settings.default_override;
     let arn_prefix = shared.settings.arn("");
-    shared.write(|reg| {
+    let jobs_queued = shared.write(|reg| {
         // Validate and apply on a copy so that a refused request changes nothing.
         let mut next = reg.clone();
         let cert_for_token = next.tokens.get(token).map(|t| t.certificate_id.clone());
@@ -609,16 +624,22 @@ async fn register_thing(
             CertStatus::Inactive
         };
         cert.last_modified_at = now;
+        cert.template = Some(template_name.to_owned());
+        let mut jobs_queued = false;
         if let Some(name) = &thing_name {
             next.attach_principal(name, &cert_id);
+            // A thing that joins a target group of a continuous job gets its execution.
+            jobs_queued = next.apply_continuous_jobs(&arn_prefix, name, now);
         }
         if let Some(tok) = next.tokens.get_mut(token) {
             tok.used = true;
         }
         *reg = next;
-        Ok(())
+        Ok(jobs_queued)
     })?;
-    let _ = arn_prefix;
+    if jobs_queued && let Some(t) = &plan.thing {
+        crate::jobs::notify_thing(shared, &t.name);
+    }
     let mut reply = serde_json::Map::new();
     if let Some(t) = &plan.thing {
         reply.insert("thingName".to_owned(), Value::String(t.name.clone()));

@@ -58,6 +58,12 @@ pub struct Certificate {
     pub temporary_claim_for: Option<String>,
     #[serde(default)]
     pub customer_version: u32,
+    /// The provisioning template this certificate belongs to: the template of a `--claim`, or
+    /// the one whose RegisterThing activated it. Not an AWS field: it picks a template's
+    /// certificate validity (`/_fake/certificate-validity`) for what this certificate's
+    /// connections have issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 /// An ownership token returned by a create call, good for one RegisterThing.
@@ -167,6 +173,20 @@ pub struct Job {
     pub status: String,
     #[serde(default)]
     pub step_timeout_minutes: Option<i64>,
+    /// `SNAPSHOT` (the default) or `CONTINUOUS`: a continuous job also runs on things that
+    /// become targets later (added to a target group, or AssociateTargetsWithJob).
+    #[serde(default = "snapshot")]
+    pub target_selection: String,
+}
+
+fn snapshot() -> String {
+    "SNAPSHOT".to_owned()
+}
+
+impl Job {
+    pub fn is_continuous(&self) -> bool {
+        self.target_selection == "CONTINUOUS"
+    }
 }
 
 /// One thing's execution of a job.
@@ -189,6 +209,22 @@ pub struct JobExecution {
 }
 
 impl JobExecution {
+    /// A new execution, QUEUED.
+    pub fn queued(job_id: &str, thing: &str, now: i64) -> Self {
+        Self {
+            job_id: job_id.to_owned(),
+            thing_name: thing.to_owned(),
+            status: "QUEUED".to_owned(),
+            status_details: BTreeMap::new(),
+            queued_at: now,
+            started_at: None,
+            last_updated_at: now,
+            version_number: 1,
+            execution_number: 1,
+            step_timeout_at: None,
+        }
+    }
+
     pub fn is_terminal(&self) -> bool {
         matches!(
             self.status.as_str(),
@@ -314,6 +350,68 @@ impl Registry {
         if let Some(c) = self.certificates.get_mut(cert_id) {
             c.things.remove(thing);
         }
+    }
+
+    /// The group and its ancestors.
+    pub fn group_and_ancestors(&self, group: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let mut current = Some(group.to_owned());
+        while let Some(name) = current {
+            // A cycle cannot be made through the API; stop rather than loop if one appears.
+            if !out.insert(name.clone()) {
+                break;
+            }
+            current = self
+                .thing_groups
+                .get(&name)
+                .and_then(|g| g.properties["parentGroupName"].as_str())
+                .map(str::to_owned);
+        }
+        out
+    }
+
+    /// Whether a job target ARN (`thing/…` or `thinggroup/…` after `arn_prefix`, which ends in
+    /// `:`) covers `thing`: the thing itself, or a group it is in directly or through a
+    /// descendant group.
+    pub fn target_covers(&self, arn_prefix: &str, target: &str, thing: &str) -> bool {
+        let Some(rest) = target.strip_prefix(arn_prefix) else {
+            return false;
+        };
+        if let Some(name) = rest.strip_prefix("thing/") {
+            return name == thing;
+        }
+        let Some(group) = rest.strip_prefix("thinggroup/") else {
+            return false;
+        };
+        self.things.get(thing).is_some_and(|t| {
+            t.groups
+                .iter()
+                .any(|g| self.group_and_ancestors(g).contains(group))
+        })
+    }
+
+    /// Queues an execution of every IN_PROGRESS continuous job that now covers `thing` and has
+    /// none for it yet (a thing that joined a target group). Returns whether any was queued.
+    pub fn apply_continuous_jobs(&mut self, arn_prefix: &str, thing: &str, now: i64) -> bool {
+        let due: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|j| j.is_continuous() && j.status == "IN_PROGRESS")
+            .filter(|j| !self.executions.contains_key(&format!("{thing}/{}", j.id)))
+            .filter(|j| {
+                j.targets
+                    .iter()
+                    .any(|t| self.target_covers(arn_prefix, t, thing))
+            })
+            .map(|j| j.id.clone())
+            .collect();
+        for job_id in &due {
+            self.executions.insert(
+                format!("{thing}/{job_id}"),
+                JobExecution::queued(job_id, thing, now),
+            );
+        }
+        !due.is_empty()
     }
 
     /// Pending job executions of a thing, IN_PROGRESS first then by queue time (Jobs API order).

@@ -232,6 +232,7 @@ fn apply_claims(
                             things: Default::default(),
                             temporary_claim_for: None,
                             customer_version: 1,
+                            template: Some(template.clone()),
                         },
                     );
                 });
@@ -250,6 +251,8 @@ fn apply_claims(
                 });
             if let Some(c) = reg.certificates.get_mut(&cert_id) {
                 c.policies.insert(policy_name.clone());
+                // A claim made by an earlier version of the fake did not record it.
+                c.template = Some(template.clone());
             }
         });
         out.insert(

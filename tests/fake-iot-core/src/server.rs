@@ -31,7 +31,9 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub region: String,
     pub account: String,
-    /// Validity of issued certificates; `None` is AWS's fixed end of 2049.
+    /// Validity of issued certificates at start; `None` is AWS's fixed end of 2049. Tests change
+    /// it at run time (`Shared::set_cert_validity`, `PUT /_fake/certificate-validity`), also per
+    /// template.
     pub cert_validity: Option<Duration>,
     pub require_sni: bool,
     /// MQTT 3.1.1 has no negative PUBACK; AWS closes the connection on a denied publish.
@@ -49,6 +51,20 @@ pub struct Settings {
     /// or IP addresses): a second fake on another loopback address stands for another
     /// account's or region's endpoint.
     pub server_names: Vec<String>,
+    /// Whether live connections of a certificate are closed when UpdateCertificate moves it out
+    /// of ACTIVE (INACTIVE, REVOKED). AWS documents it for UpdateCertificate: "Within a few
+    /// minutes of updating a certificate from the ACTIVE state to any other state, AWS IoT
+    /// disconnects all devices that used that certificate to connect." The fake closes them at
+    /// once (MQTT 5: DISCONNECT 0x87 Not authorized); `false` keeps them, for a test of the
+    /// minutes in between (new CONNECTs are refused either way).
+    pub disconnect_on_certificate_deactivation: bool,
+    /// Whether a live connection is closed when its certificate's notAfter passes (on the
+    /// fake's clock, `/_fake/clock` included). AWS documents no such thing: it checks validity
+    /// in the TLS handshake, and nothing we know of says it drops a session whose certificate
+    /// expires during it, so the default keeps the session (a device finds out at its next
+    /// CONNECT). `true` closes it (MQTT 5: DISCONNECT 0x87), for agents that must cope with
+    /// either. Trusted-user claims are closed at expiry regardless (AWS docs).
+    pub disconnect_on_certificate_expiry: bool,
 }
 
 /// AWS's published defaults (archived quota table): RegisterThing 10/s,
@@ -76,6 +92,8 @@ impl Settings {
             hook_timeout: Duration::from_secs(5),
             throttles: Vec::new(),
             server_names: Vec::new(),
+            disconnect_on_certificate_deactivation: true,
+            disconnect_on_certificate_expiry: false,
         }
     }
 
@@ -93,6 +111,8 @@ pub enum Control {
         qos: u8,
     },
     Close(DisconnectReason),
+    /// Close with this reason, saying why in the message log.
+    CloseBecause(DisconnectReason, String),
 }
 
 /// A connected client, as the rest of the fake sees it.
@@ -121,6 +141,16 @@ impl Session {
             .map(|(_, q)| *q)
             .max()
     }
+}
+
+/// Certificate validity set at run time: for the account, and per provisioning template.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Validity {
+    /// `None`: AWS's fixed 2049-12-31T23:59:59Z.
+    pub account: Option<Duration>,
+    /// Per template, over `account`: certificates created on a connection whose certificate
+    /// belongs to the template (see `Shared::caller_template`). `None` here is 2049 too.
+    pub templates: std::collections::BTreeMap<String, Option<Duration>>,
 }
 
 /// One entry of the message log (`/_fake/messages`).
@@ -153,6 +183,8 @@ pub struct Shared {
     pub faults: Mutex<Faults>,
     /// What `jobs::notify_thing` last pushed per thing, so that it pushes only changes.
     pub job_pushes: Mutex<HashMap<String, crate::jobs::Pushed>>,
+    /// Validity of the certificates issued from now on (starts as `settings.cert_validity`).
+    pub validity: Mutex<Validity>,
     log: Mutex<VecDeque<LogEntry>>,
     log_seq: AtomicU64,
     /// The sequence number of the newest log entry, for waiters (tests, long polls).
@@ -194,6 +226,10 @@ impl Shared {
         for (api, per_second) in &settings.throttles {
             faults.set_throttle(*api, Some(*per_second));
         }
+        let validity = Validity {
+            account: settings.cert_validity,
+            templates: Default::default(),
+        };
         Self {
             settings,
             clock,
@@ -203,6 +239,7 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             faults: Mutex::new(faults),
             job_pushes: Mutex::new(HashMap::new()),
+            validity: Mutex::new(validity),
             log: Mutex::new(VecDeque::new()),
             log_seq: AtomicU64::new(1),
             log_watch: tokio::sync::watch::Sender::new(0),
@@ -476,11 +513,75 @@ impl Shared {
         session.is_some_and(|s| s.send(Control::Close(DisconnectReason::AdministrativeAction)))
     }
 
+    /// Closes every live connection authenticated with `cert_id` (MQTT 5: DISCONNECT 0x87),
+    /// logging `why`; returns how many there were.
+    pub fn disconnect_certificate(&self, cert_id: &str, why: &str) -> usize {
+        let sessions: Vec<_> = lock(&self.sessions)
+            .values()
+            .filter(|s| s.cert_id == cert_id)
+            .cloned()
+            .collect();
+        sessions
+            .iter()
+            .filter(|s| {
+                s.send(Control::CloseBecause(
+                    DisconnectReason::NotAuthorized,
+                    why.to_owned(),
+                ))
+            })
+            .count()
+    }
+
+    /// notAfter of a certificate issued now by the account's default validity (without a
+    /// template's; see `issued_not_after_for`).
     pub fn issued_not_after(&self, now: i64) -> i64 {
-        match self.settings.cert_validity {
-            Some(d) => now + i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2),
+        self.issued_not_after_for(now, None)
+    }
+
+    /// notAfter of a certificate issued now for a caller of `template`: the template's validity
+    /// if one is set, else the account's; `None` (either) is AWS's end of 2049.
+    pub fn issued_not_after_for(&self, now: i64, template: Option<&str>) -> i64 {
+        let validity = {
+            let v = lock(&self.validity);
+            template
+                .and_then(|t| v.templates.get(t).copied())
+                .unwrap_or(v.account)
+        };
+        match validity {
+            Some(d) => now.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2)),
             None => crate::ca::AWS_DEFAULT_NOT_AFTER,
         }
+    }
+
+    /// Sets the validity of certificates issued from now on, account-wide (`None`: AWS's 2049).
+    pub fn set_cert_validity(&self, validity: Option<Duration>) {
+        lock(&self.validity).account = validity;
+    }
+
+    /// Sets (`Some`) or removes (`None`) one template's validity; `Some(None)` is AWS's 2049
+    /// for that template whatever the account's is.
+    pub fn set_template_cert_validity(&self, template: &str, validity: Option<Option<Duration>>) {
+        let mut v = lock(&self.validity);
+        match validity {
+            Some(d) => {
+                v.templates.insert(template.to_owned(), d);
+            }
+            None => {
+                v.templates.remove(template);
+            }
+        }
+    }
+
+    /// The provisioning template a connection's certificate belongs to, which picks a
+    /// template's certificate validity for what that connection asks to be issued (the create
+    /// APIs name no template; AWS decides validity account-wide, with a certificate provider):
+    /// a trusted-user claim's template, the template of a `--claim`, or the template whose
+    /// RegisterThing registered the certificate (a device rotating through its template).
+    pub fn caller_template(&self, cert_id: &str) -> Option<String> {
+        self.read(|reg| {
+            let c = reg.certificates.get(cert_id)?;
+            c.temporary_claim_for.clone().or_else(|| c.template.clone())
+        })
     }
 }
 
@@ -720,12 +821,7 @@ async fn serve(
 
     let (api_tx, api_rx) = mpsc::unbounded_channel();
     let worker = tokio::spawn(api_worker(shared.clone(), session.clone(), api_rx));
-    let claim_expiry = shared.read(|reg| {
-        reg.certificates
-            .get(&cert_id)
-            .filter(|c| c.temporary_claim_for.is_some())
-            .map(|c| c.not_after)
-    });
+    let expiry = session_expiry(&shared, &cert_id);
 
     let result = connection_loop(
         &shared,
@@ -735,7 +831,7 @@ async fn serve(
         &mut rx,
         &api_tx,
         keep_alive,
-        claim_expiry,
+        expiry,
     )
     .await;
     worker.abort();
@@ -776,12 +872,22 @@ fn check_connect(
             format!("client id {client_id:?} must be 1 to 128 bytes"),
         ));
     }
-    if let Some(FaultAction::Reject { error_message, .. }) =
-        lock(&shared.faults).take(Api::Connect, client_id)
+    if let Some(FaultAction::Reject {
+        status_code,
+        error_code,
+        error_message,
+    }) = lock(&shared.faults).take_for(Api::Connect, client_id, Some(cert_id))
     {
+        // What an MQTT client can be told: not authorized (a certificate or policy refusal),
+        // over a rate (closed without CONNACK on MQTT 3.1.1, as AWS does), or unavailable.
+        let code = match status_code {
+            401 | 403 => ConnAckCode::NotAuthorized,
+            429 => ConnAckCode::RateExceeded,
+            _ => ConnAckCode::ServerUnavailable,
+        };
         return Some((
-            ConnAckCode::ServerUnavailable,
-            format!("injected fault: {error_message}"),
+            code,
+            format!("injected fault: {status_code} {error_code}: {error_message}"),
         ));
     }
     if !lock(&shared.faults).admit_connect(client_id) {
@@ -823,6 +929,32 @@ fn check_connect(
     None
 }
 
+/// When (on the fake's clock) and why a session of `cert_id` is closed by its certificate's
+/// expiry: always for a trusted-user claim (at its notAfter, AWS docs), and once past notAfter
+/// for any other certificate only with `disconnect_on_certificate_expiry`.
+fn session_expiry(shared: &Shared, cert_id: &str) -> Option<(i64, String)> {
+    let expire_all = shared.settings.disconnect_on_certificate_expiry;
+    shared.read(|reg| {
+        let c = reg.certificates.get(cert_id)?;
+        if c.temporary_claim_for.is_some() {
+            Some((
+                c.not_after,
+                "the temporary provisioning claim expired".to_owned(),
+            ))
+        } else if expire_all {
+            Some((
+                c.not_after.saturating_add(1),
+                format!(
+                    "certificate {cert_id} expired at {} (--disconnect-on-certificate-expiry)",
+                    crate::clock::rfc3339(c.not_after)
+                ),
+            ))
+        } else {
+            None
+        }
+    })
+}
+
 /// What injected faults and throttles decide for one API request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Gate {
@@ -843,7 +975,7 @@ pub enum Gate {
 /// Applies the fault rules and throttle of `api` to one request of `session` (waiting out an
 /// injected delay), so that every request-response API treats faults alike.
 pub async fn fault_gate(shared: &Shared, session: &Session, api: Api) -> Gate {
-    let fault = lock(&shared.faults).take(api, &session.client_id);
+    let fault = lock(&shared.faults).take_for(api, &session.client_id, Some(&session.cert_id));
     if let Some(FaultAction::Delay { delay_ms }) = &fault {
         tokio::time::sleep(Duration::from_millis(*delay_ms)).await;
     }
@@ -887,15 +1019,19 @@ async fn connection_loop(
     rx: &mut mpsc::UnboundedReceiver<Control>,
     api_tx: &mpsc::UnboundedSender<ApiRequest>,
     keep_alive: u16,
-    claim_expiry: Option<i64>,
+    expiry: Option<(i64, String)>,
 ) -> Result<(), String> {
     let version = session.version;
     let idle_limit = Duration::from_millis(u64::from(keep_alive) * 1500);
     let mut deadline = tokio::time::Instant::now() + idle_limit;
-    let claim_deadline = claim_expiry.map(|t| {
-        let left = u64::try_from(t - shared.clock.now()).unwrap_or(0);
-        tokio::time::Instant::now() + Duration::from_secs(left)
-    });
+    // On the fake's clock: moving it with /_fake/clock reaches this at once.
+    let expired = async {
+        match &expiry {
+            Some((at, _)) => shared.clock.reached(*at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
     let mut next_pkid: u16 = 0;
     loop {
         // Handle every complete packet already buffered before waiting again.
@@ -924,15 +1060,20 @@ async fn connection_loop(
                     let _ = write_packet(stream, version, &Outgoing::Disconnect(reason)).await;
                     return Err(format!("closed by the server: {reason:?}"));
                 }
+                Some(Control::CloseBecause(reason, why)) => {
+                    let _ = write_packet(stream, version, &Outgoing::Disconnect(reason)).await;
+                    return Err(format!("closed by the server: {reason:?}: {why}"));
+                }
                 None => return Err("session dropped".to_owned()),
             },
             () = tokio::time::sleep_until(deadline) => {
                 let _ = write_packet(stream, version, &Outgoing::Disconnect(DisconnectReason::KeepAliveTimeout)).await;
                 return Err(format!("no packet within 1.5 x keep-alive ({keep_alive} s)"));
             }
-            () = async { match claim_deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+            () = &mut expired => {
                 let _ = write_packet(stream, version, &Outgoing::Disconnect(DisconnectReason::NotAuthorized)).await;
-                return Err("the temporary provisioning claim expired".to_owned());
+                let why = expiry.as_ref().map(|(_, why)| why.clone()).unwrap_or_default();
+                return Err(why);
             }
             () = shared.shutdown.cancelled() => {
                 let _ = write_packet(stream, version, &Outgoing::Disconnect(DisconnectReason::AdministrativeAction)).await;

@@ -687,3 +687,246 @@ async fn step_timers_reset_on_update_and_time_the_execution_out() {
         .expect("step timer cancelled");
     assert_eq!(deadline(fake.registry().await), Some(started_at + 180));
 }
+
+fn arn(resource: &str) -> String {
+    format!("arn:aws:iot:us-east-1:123456789012:{resource}")
+}
+
+async fn create_group(fake: &Fake, name: &str, parent: Option<&str>) {
+    let body = match parent {
+        Some(p) => json!({"parentGroupName": p}),
+        None => json!({}),
+    };
+    let (status, _, reply) = fake
+        .http("POST", &format!("/thing-groups/{name}"), Some(body))
+        .await;
+    assert_eq!(status, 200, "{reply}");
+}
+
+async fn group_membership(fake: &Fake, group: &str, thing: &str, add: bool) {
+    let path = if add {
+        "/thing-groups/addThingToThingGroup"
+    } else {
+        "/thing-groups/removeThingFromThingGroup"
+    };
+    let (status, _, reply) = fake
+        .http(
+            "PUT",
+            path,
+            Some(json!({"thingGroupName": group, "thingName": thing})),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+}
+
+/// Job ids with an execution for `thing`, with their statuses (ListJobExecutionsForThing).
+async fn executions_of(fake: &Fake, thing: &str) -> Vec<(String, String)> {
+    let (_, _, list) = fake
+        .http("GET", &format!("/things/{thing}/jobs"), None)
+        .await;
+    list["executionSummaries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["jobId"].as_str().unwrap().to_owned(),
+                e["jobExecutionSummary"]["status"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A CONTINUOUS job on a thing group reaches a thing added to the group (here to a child
+/// group) after the job was created, and the device runs it by job id as iotd does
+/// (DescribeJobExecution, UpdateJobExecution); the job never completes on its own. A SNAPSHOT
+/// job on the same group does not reach the thing.
+#[tokio::test]
+async fn a_continuous_job_reaches_a_thing_that_joins_its_target_group_later() {
+    let Online {
+        fake,
+        thing,
+        mut inbox,
+    } = online("c001").await;
+    inbox.subscribe(&jobs_topic(&thing, "notify-next")).await;
+    create_group(&fake, "rotate", None).await;
+    create_group(&fake, "rotate-eu", Some("rotate")).await;
+    let document = json!({"operation": "ROTATE_CERTIFICATE"});
+    for (id, selection) in [("rot-c", "CONTINUOUS"), ("rot-s", "SNAPSHOT")] {
+        let (status, kind, reply) = fake
+            .http(
+                "PUT",
+                &format!("/jobs/{id}"),
+                Some(json!({"targets": [arn("thinggroup/rotate")],
+                    "document": document.to_string(), "targetSelection": selection})),
+            )
+            .await;
+        assert_eq!(status, 200, "{kind:?} {reply}");
+    }
+    let (_, _, described) = fake.http("GET", "/jobs/rot-c", None).await;
+    let j = &described["job"];
+    assert_eq!(
+        (j["status"].as_str(), j["targetSelection"].as_str()),
+        (Some("IN_PROGRESS"), Some("CONTINUOUS"))
+    );
+    assert!(executions_of(&fake, &thing).await.is_empty());
+
+    group_membership(&fake, "rotate-eu", &thing, true).await;
+    let (_, next) = inbox.take(&jobs_topic(&thing, "notify-next")).await;
+    assert_eq!(next["execution"]["jobId"], "rot-c");
+    assert_eq!(next["execution"]["jobDocument"], document);
+    assert_eq!(
+        executions_of(&fake, &thing).await,
+        vec![("rot-c".to_owned(), "QUEUED".to_owned())],
+        "the SNAPSHOT job does not reach a thing that joined later"
+    );
+
+    let got = inbox
+        .request(&jobs_topic(&thing, "rot-c/get"), &json!({}))
+        .await
+        .expect("DescribeJobExecution by job id");
+    assert_eq!(got["execution"]["status"], "QUEUED");
+    let version = got["execution"]["versionNumber"].as_i64().unwrap();
+    inbox
+        .request(
+            &jobs_topic(&thing, "rot-c/update"),
+            &json!({"status": "IN_PROGRESS", "expectedVersion": version}),
+        )
+        .await
+        .expect("IN_PROGRESS");
+    inbox
+        .request(
+            &jobs_topic(&thing, "rot-c/update"),
+            &json!({"status": "SUCCEEDED", "expectedVersion": version + 1}),
+        )
+        .await
+        .expect("SUCCEEDED");
+    let (_, _, described) = fake.http("GET", "/jobs/rot-c", None).await;
+    let j = &described["job"];
+    assert_eq!(
+        j["status"], "IN_PROGRESS",
+        "a continuous job never completes"
+    );
+    assert_eq!(j["jobProcessDetails"]["numberOfSucceededThings"], 1);
+
+    // Leaving and joining again does not run it a second time.
+    group_membership(&fake, "rotate-eu", &thing, false).await;
+    group_membership(&fake, "rotate", &thing, true).await;
+    assert_eq!(
+        executions_of(&fake, &thing).await,
+        vec![("rot-c".to_owned(), "SUCCEEDED".to_owned())]
+    );
+}
+
+/// A thing that RegisterThing puts into a target group (the template's ThingGroups) has its
+/// execution as soon as it exists; AssociateTargetsWithJob adds groups to a continuous job;
+/// CONTINUOUS is accepted for thing targets too.
+#[tokio::test]
+async fn continuous_jobs_reach_registered_things_and_associated_groups() {
+    let mut template = device_template();
+    template["Resources"]["thing"]["Properties"]["ThingGroups"] = json!(["fleet"]);
+    let fake = Fake::start(
+        &[("grouped", template)],
+        &["--claim", "factory=grouped", "--no-connect-throttle"],
+    )
+    .await;
+    create_group(&fake, "fleet", None).await;
+    let continuous = |targets: Value| {
+        json!({"targets": targets, "document": json!({"operation": "ROTATE_CERTIFICATE"}).to_string(),
+            "targetSelection": "CONTINUOUS"})
+    };
+    let (status, _, reply) = fake
+        .http(
+            "PUT",
+            "/jobs/fleet-rotate",
+            Some(continuous(json!([arn("thinggroup/fleet")]))),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+
+    let claim = fake.claim("factory");
+    let params = BTreeMap::from([("SerialNumber", "g001")]);
+    let device = provision_csr(&fake, &claim, "grouped", &params, "claim-g001")
+        .await
+        .unwrap();
+    assert_eq!(
+        executions_of(&fake, &device.thing_name).await,
+        vec![("fleet-rotate".to_owned(), "QUEUED".to_owned())]
+    );
+    let mqtt = Mqtt::connect(&fake, &device.identity, &device.thing_name)
+        .await
+        .unwrap();
+    let mut inbox = Inbox {
+        mqtt,
+        stash: Vec::new(),
+    };
+    let got = inbox
+        .request(
+            &jobs_topic(&device.thing_name, "fleet-rotate/get"),
+            &json!({}),
+        )
+        .await
+        .expect("the execution is there when the device connects");
+    assert_eq!(
+        got["execution"]["jobDocument"]["operation"],
+        "ROTATE_CERTIFICATE"
+    );
+
+    // AssociateTargetsWithJob: a group whose members get the job now.
+    let (status, _, _) = fake.http("POST", "/things/t-late", Some(json!({}))).await;
+    assert_eq!(status, 200);
+    create_group(&fake, "late", None).await;
+    group_membership(&fake, "late", "t-late", true).await;
+    assert!(executions_of(&fake, "t-late").await.is_empty());
+    let (status, kind, reply) = fake
+        .http(
+            "POST",
+            "/jobs/fleet-rotate/targets",
+            Some(json!({"targets": [arn("thinggroup/late")], "comment": "late comers"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{kind:?} {reply}");
+    assert_eq!(reply["jobId"], "fleet-rotate");
+    assert_eq!(
+        executions_of(&fake, "t-late").await,
+        vec![("fleet-rotate".to_owned(), "QUEUED".to_owned())]
+    );
+    let (_, _, described) = fake.http("GET", "/jobs/fleet-rotate", None).await;
+    assert_eq!(
+        described["job"]["targets"],
+        json!([arn("thinggroup/fleet"), arn("thinggroup/late")])
+    );
+
+    // CONTINUOUS with a thing target; AssociateTargetsWithJob refuses snapshot jobs and things.
+    let (status, _, reply) = fake
+        .http(
+            "PUT",
+            "/jobs/one-thing",
+            Some(continuous(json!([arn("thing/t-late")]))),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    create_job(&fake, "snap", "t-late", &json!({"operation": "x"})).await;
+    for (job, target, says) in [
+        ("snap", arn("thinggroup/late"), "CONTINUOUS"),
+        ("fleet-rotate", arn("thing/t-late"), "thing group"),
+        ("nope", arn("thinggroup/late"), "nope"),
+    ] {
+        let (status, kind, reply) = fake
+            .http(
+                "POST",
+                &format!("/jobs/{job}/targets"),
+                Some(json!({"targets": [target]})),
+            )
+            .await;
+        assert!(status == 400 || status == 404, "{job}: {status} {reply}");
+        assert!(kind.is_some(), "{job}: {reply}");
+        assert!(
+            reply["message"].as_str().unwrap().contains(says),
+            "{job}: {reply}"
+        );
+    }
+}

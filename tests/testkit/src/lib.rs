@@ -67,6 +67,17 @@ pub fn iotd_binary() -> PathBuf {
     path
 }
 
+/// iotctl, built beside iotd (`cargo test --workspace` builds both).
+pub fn iotctl_binary() -> PathBuf {
+    let path = iotd_binary().with_file_name("iotctl");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (cargo build -p iotctl, or run cargo test --workspace)",
+        path.display()
+    );
+    path
+}
+
 /// The D-Bus policy the package ships (`/usr/share/dbus-1/system.d/io.iotd.Agent1.conf`).
 pub fn dbus_policy_file() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../packaging/dbus/io.iotd.Agent1.conf")
@@ -202,6 +213,19 @@ impl Cloud {
             Some(e) => e,
             None => panic!("no {what} in the fake's log: {:#?}", self.log()),
         }
+    }
+
+    /// Certificate `id` is ACTIVE and attached to `thing` (`what` says when, for the message).
+    pub fn assert_active_and_attached(&self, thing: &str, id: &str, what: &str) {
+        let registry = self.registry();
+        assert_eq!(
+            registry["certificates"][id]["status"], "ACTIVE",
+            "{what}: {registry:#}"
+        );
+        assert!(
+            self.principals(thing).iter().any(|p| p.contains(id)),
+            "{what}: {id} is not attached to {thing}: {registry:#}"
+        );
     }
 
     /// The principals of a thing.

@@ -147,6 +147,37 @@ impl Fake {
     pub async fn registry(&self) -> Value {
         self.http("GET", "/_fake/registry", None).await.2
     }
+
+    /// Waits (long poll on the fake's message log) for the first entry matching `query`;
+    /// panics with the whole log when none comes in time.
+    pub async fn wait_message(&self, query: &str) -> Value {
+        let ms = WAIT.as_millis();
+        let found = self
+            .messages(&format!("{query}&waitMs={ms}"))
+            .await
+            .into_iter()
+            .next();
+        match found {
+            Some(entry) => entry,
+            None => panic!(
+                "no message log entry for {query}: {:#?}",
+                self.messages("").await
+            ),
+        }
+    }
+
+    /// The fault rules, as `GET /_fake/faults` lists them.
+    pub async fn fault_rules(&self) -> Vec<Value> {
+        let (_, _, faults) = self.http("GET", "/_fake/faults", None).await;
+        faults["rules"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// The gateway template shipped with the fake (`templates/gateway.json`), as iotd's tests and
+/// `make demo` use it.
+pub fn gateway_template() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/templates/gateway.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn port(v: &Value) -> u16 {
@@ -340,6 +371,32 @@ impl Mqtt {
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await
             .unwrap();
+    }
+
+    /// Publishes at QoS 1 and waits for the PUBACK.
+    pub async fn publish_acked(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.publish(topic, payload).await;
+        loop {
+            match self.next().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("waiting for the PUBACK of {topic}: {e}"),
+            }
+        }
+    }
+
+    /// Sends DISCONNECT and waits until the server has closed the connection.
+    pub async fn disconnect(&mut self) {
+        self.client.disconnect().await.unwrap();
+        loop {
+            match self.next().await {
+                Err(e) if e == "no event in time" => {
+                    panic!("connection still open after DISCONNECT")
+                }
+                Err(_) => return,
+                Ok(_) => {}
+            }
+        }
     }
 
     /// The next event, or an error string when the connection failed.

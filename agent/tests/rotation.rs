@@ -1,0 +1,258 @@
+//! Certificate rotation end to end: the real iotd binary against fake-iot-core issuing
+//! short-lived certificates, everything on 127.0.0.1.
+//!
+//! - Scheduled rotations, one after the other: each a new key in a new generation (file and
+//!   TPM), committed only after the new certificate connected, the thing holding the new
+//!   certificate ACTIVE, and a report for each on the rotation topic.
+//! - `iotctl rotate --wait` over a private system bus (the shipped D-Bus policy), and its
+//!   refusal before the gateway is provisioned.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use iotd_testkit::dbus_daemon::DbusDaemon;
+use iotd_testkit::*;
+use serde_json::Value;
+
+/// iotd's configuration for `cloud` with `[rotation]` as these tests want it: half the
+/// lifetime before expiry, no spread, the clock trusted (no systemd-timesyncd here), plus
+/// `extra` lines in `[rotation]`.
+fn rotation_config(cloud: &Cloud, dir: &Path, serial: &str, extra: &str) -> String {
+    format!(
+        "{}\n[rotation]\nrenew_before = \"50%\"\njitter = \"0\"\ntrust_clock = true\n{extra}",
+        config(cloud, &dir.join("state"), serial)
+    )
+}
+
+/// Waits until state.json satisfies `done`; returns it. The state is written by iotd at each
+/// transition; reading it a few times a second is how a test sees one it has no event for.
+async fn wait_state(
+    iotd: &Iotd,
+    what: &str,
+    within: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let state = iotd.state();
+        if done(&state) {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "state.json does not show {what} within {within:?}: {state:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn identity(state: &Value) -> (u64, String) {
+    (
+        state["identity"]["generation"].as_u64().unwrap_or(0),
+        state["identity"]["certificateId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+/// The certificates the fake saw connect as `client_id`, in order of their first CONNECT.
+fn connected_certificates(cloud: &Cloud, client_id: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    for entry in cloud.log() {
+        if entry.kind != "connect" || entry.client_id != client_id {
+            continue;
+        }
+        let detail = entry.detail.unwrap_or_default();
+        let Some(id) = detail.split("certificate ").nth(1) else {
+            continue;
+        };
+        let id = id.split_whitespace().next().unwrap_or_default().to_owned();
+        if !seen.contains(&id) {
+            seen.push(id);
+        }
+    }
+    seen
+}
+
+/// The public key (SPKI DER) the identity's certificate certifies.
+fn public_key(state: &Value) -> Vec<u8> {
+    let pem = state["identity"]["certificatePem"].as_str().unwrap();
+    let chain = iotd::tls::parse_chain_pem(pem, "the identity's certificate").unwrap();
+    iotd::tls::certificate_spki(&chain[0]).unwrap()
+}
+
+/// Certificates valid 20 s, rotated at half their lifetime: three rotations in a row, each
+/// with a new key (a new generation, a new public key; in the TPM with `key`), committed only
+/// after its certificate connected, the new certificate ACTIVE on the thing, the report
+/// published.
+async fn three_scheduled_rotations(serial: &str, key: &str) {
+    let thing = format!("gw-{serial}");
+    let cloud = Cloud::start_with(|s| s.cert_validity = Some(Duration::from_secs(20))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = format!(
+        "{}
+{key}",
+        rotation_config(&cloud, dir.path(), serial, "")
+    );
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
+    iotd.wait_status(&format!("Provisioned as {thing}; certificate valid until"))
+        .await;
+    let state = iotd.state();
+    let (mut generation, mut certificate) = identity(&state);
+    let mut keys = BTreeSet::new();
+    keys.insert(public_key(&state));
+
+    for round in 1..=3 {
+        let state = wait_state(
+            &iotd,
+            &format!("rotation {round}"),
+            Duration::from_secs(40),
+            |s| identity(s).0 > generation && s["operation"].is_null(),
+        )
+        .await;
+        let (new_generation, new_certificate) = identity(&state);
+        assert_eq!(new_generation, generation + 1, "{state:#}");
+        assert_ne!(new_certificate, certificate);
+        // A new key: its own generation, different from every earlier one.
+        assert!(
+            keys.insert(public_key(&state)),
+            "rotation {round} reused a key"
+        );
+        if !key.is_empty() {
+            let location = state["identity"]["key"].as_str().unwrap_or_default();
+            assert!(location.starts_with("tpm "), "{state:#}");
+        }
+        // Committed only after it connected: the fake saw the CONNECT with it.
+        assert!(
+            connected_certificates(&cloud, &thing).contains(&new_certificate),
+            "{:#?}",
+            cloud.log()
+        );
+        assert_eq!(
+            state["previous"]["identity"]["certificateId"],
+            certificate.as_str()
+        );
+        cloud.assert_active_and_attached(&thing, &new_certificate, &format!("rotation {round}"));
+        // The backend hears of it (QoS 1 on iotd/<thing>/rotation).
+        let report = cloud
+            .wait_log("the rotation report", |e| {
+                e.kind == "in"
+                    && e.topic.as_deref() == Some(format!("iotd/{thing}/rotation").as_str())
+                    && e.payload
+                        .as_deref()
+                        .is_some_and(|p| p.contains(&new_certificate))
+            })
+            .await;
+        let report: Value = serde_json::from_str(report.payload.as_deref().unwrap()).unwrap();
+        assert_eq!(report["oldCertificateId"], certificate.as_str());
+        assert_eq!(report["outcome"], "committed");
+        assert_eq!(report["reason"], "schedule");
+        (generation, certificate) = (new_generation, new_certificate);
+    }
+    // The previous generation of the last rotation is kept (grace period); older ones are gone.
+    let kept = |g: u64| iotd.state_dir.join(format!("gen/{g}")).exists();
+    assert!(kept(generation - 1) && !kept(generation - 2));
+    assert!(iotd.terminate().await.success());
+}
+
+#[tokio::test]
+async fn three_scheduled_rotations_with_a_file_key() {
+    three_scheduled_rotations("r1", "").await;
+}
+
+#[tokio::test]
+async fn three_scheduled_rotations_with_a_tpm_key() {
+    let tpm = iotd_testkit::swtpm::Swtpm::start();
+    let key = format!("[key]\nbackend = \"tpm\"\ntcti = \"{}\"\n", tpm.tcti());
+    three_scheduled_rotations("r2", &key).await;
+}
+
+/// iotd on a private system bus (the shipped policy), for iotctl.
+async fn iotd_on_bus(conf: &str, dir: &Path, bus: &DbusDaemon) -> Iotd {
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, conf).unwrap();
+    Iotd::start_with_config(
+        &iotd_binary(),
+        &config_path,
+        &dir.join("state"),
+        &[("DBUS_SYSTEM_BUS_ADDRESS", bus.address())],
+    )
+    .await
+}
+
+async fn run_iotctl(bus: &DbusDaemon, args: &[&str]) -> std::process::Output {
+    let out = tokio::process::Command::new(iotctl_binary())
+        .args(args)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(WAIT * 2, out)
+        .await
+        .unwrap_or_else(|_| panic!("iotctl {args:?} did not finish"))
+        .unwrap()
+}
+
+/// `iotctl rotate --wait` on a provisioned gateway (AWS's default 2049 certificate, nothing
+/// due): exits 0 once the new certificate is committed, and `iotctl status` shows it, the
+/// previous one and the next rotation. Asked while the gateway is still waiting for a claim,
+/// it is refused with the reason, exit 1.
+#[tokio::test]
+async fn iotctl_rotate_wait_follows_an_on_demand_rotation_and_is_refused_before_provisioning() {
+    let cloud = Cloud::start().await;
+    let bus = DbusDaemon::start(&[&dbus_policy_file()], Some(ROOT_MAY_OWN));
+
+    // Not provisioned: no claim at all.
+    let waiting_dir = tempfile::tempdir().unwrap();
+    let (cert, key) = cloud.claim();
+    let conf = config(&cloud, &waiting_dir.path().join("state"), "w1")
+        .replace(&format!("claim_certificate = \"{cert}\"\n"), "")
+        .replace(&format!("claim_key = \"{key}\"\n"), "");
+    let mut waiting = iotd_on_bus(&conf, waiting_dir.path(), &bus).await;
+    waiting.wait_status("READY=1").await;
+    let out = run_iotctl(&bus, &["rotate", "--wait"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not provisioned yet"), "{stderr}");
+    assert!(waiting.terminate().await.success());
+
+    let dir = tempfile::tempdir().unwrap();
+    let conf = rotation_config(&cloud, dir.path(), "w2", "");
+    let mut iotd = iotd_on_bus(&conf, dir.path(), &bus).await;
+    iotd.wait_status("Provisioned as gw-w2; certificate valid until")
+        .await;
+    let (generation, certificate) = identity(&iotd.state());
+    let out = run_iotctl(&bus, &["rotate", "--wait"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = iotd.state();
+    let (new_generation, new_certificate) = identity(&state);
+    assert_eq!(new_generation, generation + 1);
+    assert!(
+        stdout.contains(&format!("rotation-{new_generation} committed"))
+            && stdout.contains(&new_certificate),
+        "{stdout}"
+    );
+    assert_eq!(state["rotation"]["last"]["reason"], "on-demand");
+
+    let out = run_iotctl(&bus, &["status", "--json"]).await;
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        status["certificateId"],
+        new_certificate.as_str(),
+        "{status:#}"
+    );
+    assert_eq!(
+        status["previousCertificateId"],
+        certificate.as_str(),
+        "{status:#}"
+    );
+    assert!(status["nextRotation"].is_string(), "{status:#}");
+    assert!(iotd.terminate().await.success());
+}
