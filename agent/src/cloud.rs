@@ -102,6 +102,9 @@ pub struct Session {
     identity: Identity,
     target: Target,
     subscribed: Vec<String>,
+    /// Messages that arrived while a request or subscription waited for its answer: kept for
+    /// `next_event` (a job notification must not be lost to a rotation's request).
+    held: std::collections::VecDeque<Message>,
 }
 
 impl Drop for Session {
@@ -382,6 +385,16 @@ async fn forward(
 }
 
 impl Session {
+    /// Keeps `message` for `next_event`; a claim session, which never reads them, keeps only
+    /// the last few (late replies to requests given up on).
+    fn hold(&mut self, message: Message) {
+        const HELD_MAX: usize = 64;
+        if self.held.len() == HELD_MAX {
+            self.held.pop_front();
+        }
+        self.held.push_back(message);
+    }
+
     /// The host it is connected to.
     pub fn host(&self) -> &str {
         &self.target.host
@@ -444,6 +457,7 @@ impl Session {
             identity,
             target: target.clone(),
             subscribed: Vec::new(),
+            held: std::collections::VecDeque::new(),
         };
         match first {
             Ok(Some(Incoming::ConnAck(ConnectReturnCode::Success))) => Ok(session),
@@ -553,6 +567,9 @@ impl Session {
                 Ok(Some(Incoming::Closed(why, classified))) => {
                     return Err(self.closed(&why, classified, "while subscribing"));
                 }
+                Ok(Some(Incoming::Message { topic, payload })) => {
+                    self.hold(Message { topic, payload })
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => return Err(self.closed("event loop ended", None, "while subscribing")),
                 Err(_) => {
@@ -619,6 +636,9 @@ impl Session {
                     }
                     return Err(e);
                 }
+                Ok(Some(Incoming::Message { topic, payload })) => {
+                    self.hold(Message { topic, payload })
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     return Err(self.closed("event loop ended", None, "while waiting for a reply"));
@@ -652,6 +672,9 @@ impl Session {
     /// The next message on a subscribed topic or acknowledgement of our publish, or why the
     /// connection ended (the production session, which routes what arrives).
     pub async fn next_event(&mut self) -> Result<SessionEvent, AgentError> {
+        if let Some(message) = self.held.pop_front() {
+            return Ok(SessionEvent::Message(message));
+        }
         loop {
             match self.events.recv().await {
                 Some(Incoming::Message { topic, payload }) => {

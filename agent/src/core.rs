@@ -192,6 +192,10 @@ pub struct Core {
     clock_recheck_at: Option<tokio::time::Instant>,
     /// Said once per wait: the clock is not trusted.
     clock_wait_logged: bool,
+    /// Cloud-triggered rotation (AWS IoT Jobs), once the identity has connected.
+    jobs: Option<crate::jobs::Watcher>,
+    job_requests: mpsc::Receiver<crate::jobs::RotateForJob>,
+    job_requests_tx: mpsc::Sender<crate::jobs::RotateForJob>,
     /// The onboarding server runs.
     onboarding_served: bool,
     /// Whether the gateway is announced on the local network (DNS-SD), as the discovery task
@@ -465,6 +469,31 @@ const STAGED_DOWNS: u32 = 3;
 const CLOCK_RECHECK: Duration = Duration::from_secs(60);
 /// Written by systemd-timesyncd once the clock is synchronised.
 const TIMESYNC_FLAG: &str = "/run/systemd/timesync/synchronized";
+/// What status says while a due rotation waits for the clock.
+const WAITING_FOR_CLOCK: &str = "the system clock to be synchronised (systemd-timesyncd) before \
+     the scheduled rotation; set rotation.trust_clock = true on a gateway with a trusted RTC";
+
+/// systemd-timesyncd's flag file; with `test-hooks`, `IOTD_TEST_TIMESYNC_FLAG` names another.
+fn timesync_flag() -> std::path::PathBuf {
+    #[cfg(feature = "test-hooks")]
+    if let Ok(path) = std::env::var("IOTD_TEST_TIMESYNC_FLAG") {
+        return path.into();
+    }
+    TIMESYNC_FLAG.into()
+}
+
+/// How often a due rotation looks at the clock again; with `test-hooks`,
+/// `IOTD_TEST_CLOCK_RECHECK_MS` sets it.
+fn clock_recheck() -> Duration {
+    #[cfg(feature = "test-hooks")]
+    if let Some(ms) = std::env::var("IOTD_TEST_CLOCK_RECHECK_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_millis(ms);
+    }
+    CLOCK_RECHECK
+}
 
 /// The wall-clock time `at` (Unix seconds) on tokio's monotonic clock.
 fn instant_at(at: i64, now: i64) -> tokio::time::Instant {
@@ -503,6 +532,7 @@ enum Wake {
     Command(Command),
     Connection(ConnectionEvent),
     Onboarding(onboard::port::Request),
+    Job(crate::jobs::RotateForJob),
     WindowTimeout,
     Watchdog,
 }
@@ -577,6 +607,7 @@ impl Core {
         let (events, _) = broadcast::channel(64);
         // Commands are rare and answered at once; a small queue is plenty.
         let (commands_tx, commands) = mpsc::channel(8);
+        let (job_requests_tx, job_requests) = mpsc::channel(1);
         let (connection_tx, connection_rx) = mpsc::unbounded_channel();
         let (port, core_end) = onboard::port::Port::pair();
         let window = Window::new(state_onboarding.clone());
@@ -622,6 +653,9 @@ impl Core {
             staged_downs: 0,
             clock_recheck_at: None,
             clock_wait_logged: false,
+            jobs: None,
+            job_requests,
+            job_requests_tx,
             onboarding_served: false,
             onboarding_discovery: "off: the onboarding server does not announce itself".to_owned(),
         };
@@ -705,6 +739,7 @@ impl Core {
                 Some(c) = self.commands.recv() => Wake::Command(c),
                 Some(e) = self.connection_rx.recv() => Wake::Connection(e),
                 Some(r) = self.onboarding_requests.recv() => Wake::Onboarding(r),
+                Some(r) = self.job_requests.recv() => Wake::Job(r),
                 () = until(window_closes) => Wake::WindowTimeout,
                 () = crate::notify::tick(&mut watchdog) => Wake::Watchdog,
             };
@@ -732,6 +767,10 @@ impl Core {
                 Wake::Command(c) => self.command(c)?,
                 Wake::Connection(e) => self.connection_event(e)?,
                 Wake::Onboarding(r) => self.onboarding_request(r)?,
+                Wake::Job(request) => {
+                    let answer = self.rotate_for_job(request.job_id);
+                    let _ = request.reply.send(answer);
+                }
                 Wake::WindowTimeout => {
                     if let Some(change) = self.window.tick(self.clock.now()) {
                         self.window_changed(change);
@@ -999,6 +1038,13 @@ impl Core {
         };
         let mut snap = snapshot::snapshot(&self.machine, &cx);
         snap.next_rotation = self.next_rotation();
+        if self.clock_wait_logged && self.machine.state.operation.is_none() {
+            snap.waiting_for = Some(WAITING_FOR_CLOCK.to_owned());
+            snap.status_line = format!(
+                "{}; a rotation is due: waiting for the system clock to be synchronised",
+                snap.status_line
+            );
+        }
         if self.onboarding_served {
             snap.onboarding_open = self.window.is_open();
             snap.onboarding_closes_at = self.window.closes_at();
@@ -1187,6 +1233,9 @@ impl Core {
                     live.connection.stop();
                 }
                 self.key_reference = None;
+                // The identity changes (a reprovision, a fall-back): a new watcher starts with
+                // the next connection, reading its jobs afresh.
+                self.jobs = None;
             }
             Action::ClaimUsed(origin) => {
                 let claim = self.claim.take();
@@ -1593,6 +1642,7 @@ impl Core {
                     self.apply(input)?;
                 }
                 self.queue_reports();
+                self.jobs_connected();
                 Ok(())
             }
             ConnectionEvent::Reported { certificate_id, id } => {
@@ -1671,12 +1721,21 @@ impl Core {
                 certificate_id,
                 message,
             } => {
-                tracing::debug!(
-                    certificate_id = %certificate_id,
-                    topic = %message.topic,
-                    bytes = message.payload.len(),
-                    "message on the production session; nothing subscribes to it yet"
-                );
+                let thing = self.machine.state.identity.as_ref().map(|i| &i.thing_name);
+                let notify = thing.map(|t| crate::jobs::notify_topic(t));
+                match &self.jobs {
+                    Some(jobs) if notify.as_ref() == Some(&message.topic) => {
+                        let _ = jobs
+                            .notices
+                            .send(crate::jobs::Notice::Pushed(message.payload));
+                    }
+                    _ => tracing::debug!(
+                        certificate_id = %certificate_id,
+                        topic = %message.topic,
+                        bytes = message.payload.len(),
+                        "message on the production session for no one"
+                    ),
+                }
                 Ok(())
             }
         }
@@ -1711,7 +1770,7 @@ impl Core {
     /// Whether expiry and age can be judged by the system clock: systemd-timesyncd says it is
     /// synchronised, or the configuration says the clock can be trusted (an RTC).
     fn clock_trusted(&self) -> bool {
-        self.res.settings.rotation.trust_clock || std::path::Path::new(TIMESYNC_FLAG).exists()
+        self.res.settings.rotation.trust_clock || timesync_flag().exists()
     }
 
     /// The rotation timer fired: start the scheduled rotation if it is due by the wall clock
@@ -1726,10 +1785,11 @@ impl Core {
             if !std::mem::replace(&mut self.clock_wait_logged, true) {
                 tracing::warn!(
                     due = %crate::cloud::rfc3339(at),
-                    "the certificate is due for rotation, but the system clock is not synchronised ({TIMESYNC_FLAG} is missing): waiting for it (set rotation.trust_clock = true on a gateway with a trusted RTC)"
+                    "the certificate is due for rotation, but the system clock is not synchronised ({} is missing): waiting for it (set rotation.trust_clock = true on a gateway with a trusted RTC)",
+                    timesync_flag().display()
                 );
             }
-            self.clock_recheck_at = Some(tokio::time::Instant::now() + CLOCK_RECHECK);
+            self.clock_recheck_at = Some(tokio::time::Instant::now() + clock_recheck());
             return Ok(());
         }
         self.clock_wait_logged = false;
@@ -1764,9 +1824,54 @@ impl Core {
         self.apply(Input::RotationDue(trigger))
     }
 
+    /// The committed identity's connection is up: the jobs watcher (started with the first
+    /// one) uses it and looks at the pending jobs.
+    fn jobs_connected(&mut self) {
+        let (Some(identity), Some(live)) = (&self.machine.state.identity, &self.live) else {
+            return;
+        };
+        if live.credentials.certificate_id != identity.certificate_id {
+            return;
+        }
+        let watcher = self.jobs.get_or_insert_with(|| {
+            let last_job = self
+                .machine
+                .state
+                .rotation
+                .last
+                .as_ref()
+                .and_then(|r| r.job_id.clone());
+            crate::jobs::spawn(
+                identity.thing_name.clone(),
+                self.res.settings.cloud.reply_timeout,
+                self.events.clone(),
+                self.job_requests_tx.clone(),
+                last_job,
+            )
+        });
+        watcher
+            .exchanger
+            .send_replace(Some(live.connection.exchanger()));
+        let _ = watcher.notices.send(crate::jobs::Notice::Connected);
+    }
+
+    /// A rotation job (taken IN_PROGRESS by the watcher): rotates now, whatever the schedule
+    /// and the clock say.
+    fn rotate_for_job(&mut self, job_id: String) -> Result<String, AgentError> {
+        self.start_rotation_now(crate::store::Trigger::Job { job_id })
+            .map(|o| o.message().to_owned())
+    }
+
     /// `Rotate` (D-Bus, `iotctl rotate`): starts a rotation now, whatever the schedule and the
     /// clock say; answers with its id at once. Asked again while it runs, answers the same id.
     fn rotate_on_demand(&mut self) -> Result<Outcome, AgentError> {
+        self.start_rotation_now(crate::store::Trigger::OnDemand)
+    }
+
+    fn start_rotation_now(
+        &mut self,
+        trigger: crate::store::Trigger,
+    ) -> Result<Outcome, AgentError> {
         let state = &self.machine.state;
         match (&state.identity, &state.operation) {
             (
@@ -1800,7 +1905,7 @@ impl Core {
                 ),
             ));
         }
-        self.begin_rotation(crate::store::Trigger::OnDemand)
+        self.begin_rotation(trigger)
             .map_err(|e| AgentError::permanent(ErrorCode::Store, e.to_string()))?;
         match &self.machine.state.operation {
             Some(crate::store::Operation::Rotation {

@@ -1098,6 +1098,7 @@ impl Machine {
             reason: trigger.as_str().to_owned(),
             outcome: "committed".to_owned(),
             cause: None,
+            job_id: trigger.job_id(),
         };
         self.state.identity = Some(Identity {
             generation,
@@ -1182,6 +1183,7 @@ impl Machine {
                 reason: trigger.as_str().to_owned(),
                 outcome: "rolled-back".to_owned(),
                 cause: Some(f.message.clone()),
+                job_id: trigger.job_id(),
             });
         }
         Transition {

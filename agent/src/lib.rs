@@ -35,6 +35,7 @@ pub mod error;
 pub mod exit;
 pub mod fleet;
 pub mod fsm;
+pub mod jobs;
 pub mod keys;
 pub mod notify;
 pub mod onboard;

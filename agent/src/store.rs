@@ -158,6 +158,14 @@ pub enum Trigger {
 }
 
 impl Trigger {
+    /// The job's id, for a rotation a job asked for.
+    pub fn job_id(&self) -> Option<String> {
+        match self {
+            Trigger::Job { job_id } => Some(job_id.clone()),
+            Trigger::Schedule | Trigger::OnDemand => None,
+        }
+    }
+
     /// As the rotation report's `reason` says it.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -296,6 +304,9 @@ pub struct RotationReport {
     /// Why it was rolled back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
+    /// The AWS IoT job that asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
 }
 
 fn is_default<T: Default + PartialEq>(value: &T) -> bool {

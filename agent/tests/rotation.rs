@@ -6,6 +6,8 @@
 //!   certificate ACTIVE, and a report for each on the rotation topic.
 //! - `iotctl rotate --wait` over a private system bus (the shipped D-Bus policy), and its
 //!   refusal before the gateway is provisioned.
+//! - AWS IoT Jobs: a rotation job ends SUCCEEDED, another job is left alone, a rotation job
+//!   whose rotation fails ends FAILED with the cause.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
@@ -254,5 +256,147 @@ async fn iotctl_rotate_wait_follows_an_on_demand_rotation_and_is_refused_before_
         "{status:#}"
     );
     assert!(status["nextRotation"].is_string(), "{status:#}");
+    assert!(iotd.terminate().await.success());
+}
+
+/// Creates job `id` for `thing` with `document` (CreateJob on the fake's control plane).
+async fn create_job(cloud: &Cloud, id: &str, thing: &str, document: Value) {
+    let body = serde_json::json!({
+        "targets": [format!("arn:aws:iot:us-east-1:123456789012:thing/{thing}")],
+        "document": document.to_string(),
+    });
+    let (status, reply) = cloud.http("PUT", &format!("/jobs/{id}"), Some(body)).await;
+    assert_eq!(status, 200, "CreateJob {id}: {reply}");
+}
+
+/// Waits until job `id`'s execution for `thing` has a terminal status; returns the execution.
+async fn wait_job(cloud: &Cloud, id: &str, thing: &str) -> Value {
+    let deadline = Instant::now() + WAIT * 2;
+    loop {
+        let (_, reply) = cloud
+            .http("GET", &format!("/things/{thing}/jobs/{id}"), None)
+            .await;
+        let execution = reply["execution"].clone();
+        if ["SUCCEEDED", "FAILED"].contains(&execution["status"].as_str().unwrap_or_default()) {
+            return execution;
+        }
+        assert!(Instant::now() < deadline, "job {id} did not end: {reply:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// AWS IoT Jobs: a job `{"operation": "ROTATE_CERTIFICATE"}` makes the gateway rotate and ends
+/// SUCCEEDED; a job with another operation is left untouched (QUEUED, never updated); a
+/// rotation job whose rotation fails (RegisterThing refused for good) ends FAILED with the
+/// cause in its statusDetails, and the gateway keeps its certificate.
+#[tokio::test]
+async fn jobs_trigger_rotations_and_end_succeeded_or_failed_and_other_jobs_are_left_alone() {
+    let cloud = Cloud::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = rotation_config(&cloud, dir.path(), "j1", "");
+    let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
+    iotd.wait_status("Provisioned as gw-j1; certificate valid until")
+        .await;
+    let (generation, certificate) = identity(&iotd.state());
+
+    create_job(
+        &cloud,
+        "reboot-1",
+        "gw-j1",
+        serde_json::json!({"operation": "REBOOT"}),
+    )
+    .await;
+    create_job(
+        &cloud,
+        "rotate-1",
+        "gw-j1",
+        serde_json::json!({"operation": "ROTATE_CERTIFICATE"}),
+    )
+    .await;
+    let execution = wait_job(&cloud, "rotate-1", "gw-j1").await;
+    assert_eq!(execution["status"], "SUCCEEDED", "{execution:#}");
+    let state = iotd.state();
+    let (new_generation, new_certificate) = identity(&state);
+    assert_eq!(new_generation, generation + 1);
+    assert_ne!(new_certificate, certificate);
+    assert_eq!(state["rotation"]["last"]["reason"], "job");
+    assert_eq!(state["rotation"]["last"]["jobId"], "rotate-1");
+    cloud.assert_active_and_attached("gw-j1", &new_certificate, "after the job");
+
+    // The other job: never started, never updated by iotd.
+    let (_, reply) = cloud.http("GET", "/things/gw-j1/jobs/reboot-1", None).await;
+    assert_eq!(reply["execution"]["status"], "QUEUED", "{reply:#}");
+    let touched = cloud.log().into_iter().any(|e| {
+        e.kind == "in"
+            && e.topic
+                .as_deref()
+                .is_some_and(|t| t.contains("jobs/reboot-1/update"))
+    });
+    assert!(!touched, "iotd updated a job that is not its own");
+
+    // A rotation that fails for good: the job ends FAILED, saying why.
+    cloud.add_fault(
+        serde_json::json!({"api": "RegisterThing", "action": "reject",
+        "statusCode": 400, "errorCode": "InvalidParameters", "errorMessage": "no rotation today"}),
+    );
+    create_job(
+        &cloud,
+        "rotate-2",
+        "gw-j1",
+        serde_json::json!({"operation": "ROTATE_CERTIFICATE"}),
+    )
+    .await;
+    let execution = wait_job(&cloud, "rotate-2", "gw-j1").await;
+    assert_eq!(execution["status"], "FAILED", "{execution:#}");
+    let cause = execution["statusDetails"]["detailsMap"]["cause"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        cause.contains("rolled back") && cause.contains("no rotation today"),
+        "{execution:#}"
+    );
+    assert_eq!(identity(&iotd.state()).1, new_certificate);
+    assert!(iotd.terminate().await.success());
+}
+
+/// Without a trusted clock no expiry decision is made: a due rotation waits, and status says
+/// what for; once systemd-timesyncd's flag appears (here a file of the test's, through the
+/// test hook), the rotation runs. `trust_clock` is left at its default (false).
+#[tokio::test]
+async fn a_scheduled_rotation_waits_for_a_trusted_clock() {
+    let cloud = Cloud::start_with(|s| s.cert_validity = Some(Duration::from_secs(20))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = format!(
+        "{}\n[rotation]\nrenew_before = \"50%\"\njitter = \"0\"\n",
+        config(&cloud, &dir.path().join("state"), "t1")
+    );
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, conf).unwrap();
+    let flag = dir.path().join("synchronized");
+    let mut iotd = Iotd::start_with_config(
+        &iotd_binary(),
+        &config_path,
+        &dir.path().join("state"),
+        &[
+            ("IOTD_TEST_TIMESYNC_FLAG", flag.to_str().unwrap()),
+            ("IOTD_TEST_CLOCK_RECHECK_MS", "200"),
+        ],
+    )
+    .await;
+    iotd.wait_status("Provisioned as gw-t1; certificate valid until")
+        .await;
+    let (generation, _) = identity(&iotd.state());
+    iotd.wait_status("a rotation is due: waiting for the system clock to be synchronised")
+        .await;
+    assert_eq!(
+        identity(&iotd.state()).0,
+        generation,
+        "rotated without a trusted clock"
+    );
+    std::fs::write(&flag, "").unwrap();
+    wait_state(&iotd, "the rotation", WAIT, |s| {
+        identity(s).0 > generation && s["operation"].is_null()
+    })
+    .await;
     assert!(iotd.terminate().await.success());
 }

@@ -215,6 +215,30 @@ impl Cloud {
         }
     }
 
+    /// A request to the fake's HTTP API (control plane, `/_fake/`): the status and the JSON
+    /// answer (`Null` when the body is not JSON).
+    pub async fn http(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        use http_body_util::{BodyExt as _, Full};
+        let client: hyper_util::client::legacy::Client<_, Full<hyper::body::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let url = format!("{}{path}", self.ready["http"].as_str().unwrap());
+        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("content-type", "application/json")
+            .body(Full::new(hyper::body::Bytes::from(bytes)))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
     /// Certificate `id` is ACTIVE and attached to `thing` (`what` says when, for the message).
     pub fn assert_active_and_attached(&self, thing: &str, id: &str, what: &str) {
         let registry = self.registry();
