@@ -29,7 +29,7 @@ complete -c iotctl -n "__fish_iotctl_needs_command" -s h -l help -d 'Print help 
 complete -c iotctl -n "__fish_iotctl_needs_command" -s V -l version -d 'Print version'
 complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "status" -d 'Show what iotd is doing: state, thing, certificate, next rotation, key, connection, last error and what to do about it'
 complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "check" -d 'Diagnose the gateway: configuration, TPM, key and certificate, clock, endpoint (DNS, TCP, TLS with the device identity), claim. Works while iotd is stopped'
-complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "rotate" -d 'Ask iotd to replace the device certificate now'
+complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "rotate" -d 'Ask iotd to replace the device certificate now: a new key, a new certificate over the production connection, committed once it connected (rolled back otherwise). Runs whatever the schedule and the clock say'
 complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "reprovision" -d 'Ask iotd to abandon the identity and provision a new one, with a new key'
 complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "config" -d 'Work with the configuration files'
 complete -c iotctl -n "__fish_iotctl_needs_command" -f -a "support-bundle" -d 'Collect what support needs into one text file, with secrets removed: configuration, status, checks, state, recent journal lines, versions'
@@ -47,7 +47,9 @@ complete -c iotctl -n "__fish_iotctl_using_subcommand check" -l json -d 'Print a
 complete -c iotctl -n "__fish_iotctl_using_subcommand check" -l warnings-as-errors -d 'Treat warnings as failures for the exit code'
 complete -c iotctl -n "__fish_iotctl_using_subcommand check" -l list -d 'List the checks\' ids and descriptions and exit'
 complete -c iotctl -n "__fish_iotctl_using_subcommand check" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c iotctl -n "__fish_iotctl_using_subcommand rotate" -l timeout -d 'With --wait: how long to follow it, in seconds' -r
 complete -c iotctl -n "__fish_iotctl_using_subcommand rotate" -l config -d 'Main configuration file, as for `iotd --config`: drop-ins are read from `config.d/` beside it. Default: /etc/iotd/config.toml with /usr/lib/iotd/config.d, /etc/iotd/config.d and /run/iotd/config.d' -r -F
+complete -c iotctl -n "__fish_iotctl_using_subcommand rotate" -l wait -d 'Follow the rotation to its end: exit 0 when it committed, 1 when it failed (rolled back) or did not end in time'
 complete -c iotctl -n "__fish_iotctl_using_subcommand rotate" -s h -l help -d 'Print help'
 complete -c iotctl -n "__fish_iotctl_using_subcommand reprovision" -l config -d 'Main configuration file, as for `iotd --config`: drop-ins are read from `config.d/` beside it. Default: /etc/iotd/config.toml with /usr/lib/iotd/config.d, /etc/iotd/config.d and /run/iotd/config.d' -r -F
 complete -c iotctl -n "__fish_iotctl_using_subcommand reprovision" -s h -l help -d 'Print help'
@@ -105,7 +107,7 @@ complete -c iotctl -n "__fish_iotctl_using_subcommand onboard" -l discover -d 'I
 complete -c iotctl -n "__fish_iotctl_using_subcommand onboard" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions onboarding onboard help" -f -a "status" -d 'Show what iotd is doing: state, thing, certificate, next rotation, key, connection, last error and what to do about it'
 complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions onboarding onboard help" -f -a "check" -d 'Diagnose the gateway: configuration, TPM, key and certificate, clock, endpoint (DNS, TCP, TLS with the device identity), claim. Works while iotd is stopped'
-complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions onboarding onboard help" -f -a "rotate" -d 'Ask iotd to replace the device certificate now'
+complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions onboarding onboard help" -f -a "rotate" -d 'Ask iotd to replace the device certificate now: a new key, a new certificate over the production connection, committed once it connected (rolled back otherwise). Runs whatever the schedule and the clock say'
 complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions onboarding onboard help" -f -a "reprovision" -d 'Ask iotd to abandon the identity and provision a new one, with a new key'
 complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions onboarding onboard help" -f -a "config" -d 'Work with the configuration files'
 complete -c iotctl -n "__fish_iotctl_using_subcommand help; and not __fish_seen_subcommand_from status check rotate reprovision config support-bundle completions onboarding onboard help" -f -a "support-bundle" -d 'Collect what support needs into one text file, with secrets removed: configuration, status, checks, state, recent journal lines, versions'
