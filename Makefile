@@ -41,7 +41,8 @@ demo: setup
 # iotd's footprint (memory, size, start-up, idle wake-ups, 500 reconnects, fsyncs), 1000
 # provisionings killed with SIGKILL at random instants, onboarding (iotctl's pairing and
 # hand-over, the gateway's CPU per pairing, claim received → connected), a fleet of 1000
-# gateways under AWS's quotas, and the fake's own capacity. About 20 minutes.
+# gateways under AWS's quotas, the fake's own capacity, and the rotation soak (500 rotations
+# per key backend, 200 SIGKILLs during rotations). About 45 minutes.
 bench: setup
 	# iotd and iotctl as the package builds them (scripts/package-deb.sh): built together with
 	# fake-iot-core, cargo would unify its features into theirs (rcgen's crypto, p256's alloc,

@@ -42,13 +42,25 @@ pub struct Target {
     pub trust: String,
 }
 
-/// Keeps CONNECTs of one client id at least a second apart (AWS throttles more).
+/// Keeps CONNECTs of one client id at least a second apart (AWS throttles more). AWS counts
+/// from a CONNECT's arrival, which is after our TCP and TLS handshakes: the second is counted
+/// from the end of the previous attempt (its CONNACK, or its failure), so that a faster
+/// handshake (a rotation's new key, a TPM that signs quicker) cannot bring two arrivals
+/// closer than a second.
 #[derive(Debug, Default)]
 pub struct ConnectPacer {
     last: Mutex<HashMap<String, Instant>>,
 }
 
 impl ConnectPacer {
+    /// The attempt of `client_id` that `wait` let go is over (answered, refused or failed).
+    fn done(&self, client_id: &str) {
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(client_id.to_owned(), Instant::now());
+    }
+
     async fn wait(&self, client_id: &str) {
         let wait = {
             let last = self
@@ -449,6 +461,7 @@ impl Session {
             .max(Duration::from_secs(10))
             .min(Duration::from_secs(30));
         let first = tokio::time::timeout(wait, events.recv()).await;
+        pacer.done(client_id);
         let session = Session {
             client,
             events,

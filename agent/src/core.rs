@@ -188,6 +188,8 @@ pub struct Core {
     rotation_failures: u32,
     /// The staged certificate's connection failed this many times in a row (its verification).
     staged_downs: u32,
+    /// CONNECTs of the committed certificate refused in a row (see `COMMITTED_REFUSALS`).
+    committed_refusals: u32,
     /// A scheduled rotation is due but the clock is not trusted yet: when to look again.
     clock_recheck_at: Option<tokio::time::Instant>,
     /// Said once per wait: the clock is not trusted.
@@ -464,6 +466,10 @@ const ROTATION_TRIES: u32 = 4;
 /// The staged certificate's connection may fail this often (the network's doing) before the
 /// rotation is rolled back; a refusal (revoked, inactive, not authorised) rolls back at once.
 const STAGED_DOWNS: u32 = 3;
+/// A committed certificate whose CONNECT is refused as not authorised this many times in a row
+/// (AWS closes a revoked certificate's session, then refuses it) makes iotd fall back to the
+/// previous one, when a rotation kept it: once could be a policy being edited.
+const COMMITTED_REFUSALS: u32 = 2;
 /// While a scheduled rotation waits for the clock to be trusted, it is looked at this often:
 /// systemd-timesyncd's flag file gives no notification iotd could wait on without inotify.
 const CLOCK_RECHECK: Duration = Duration::from_secs(60);
@@ -651,6 +657,7 @@ impl Core {
             installer_claim_lost,
             rotation_failures: 0,
             staged_downs: 0,
+            committed_refusals: 0,
             clock_recheck_at: None,
             clock_wait_logged: false,
             jobs: None,
@@ -1172,6 +1179,7 @@ impl Core {
                     tracing::error!("{e}; stopping until iotd is restarted");
                     self.machine.halted = true;
                     self.machine.state.last_error = Some(crate::store::LastError {
+                        sticky: false,
                         code: e.code.as_str().to_owned(),
                         message: e.message.clone(),
                         at: self.clock.now(),
@@ -1624,6 +1632,7 @@ impl Core {
                 if live.credentials.certificate_id != certificate_id {
                     return Ok(());
                 }
+                self.committed_refusals = 0;
                 let committed = self
                     .machine
                     .state
@@ -1694,16 +1703,25 @@ impl Core {
                     }
                     return Ok(());
                 }
+                // Revoked or inactive said by a TLS alert, or (AWS's way, after it closed the
+                // session) a CONNECT refused as not authorised twice in a row, for a certificate
+                // that connected before.
+                if committed && error.code == ErrorCode::ConnectRefused {
+                    self.committed_refusals += 1;
+                } else if committed {
+                    self.committed_refusals = 0;
+                }
                 let refused = matches!(
                     error.code,
                     ErrorCode::CertificateRevoked | ErrorCode::CertificateInactive
-                );
+                ) || self.committed_refusals >= COMMITTED_REFUSALS;
                 let now = self.clock.now();
                 let fallback = state
                     .previous
                     .as_ref()
                     .is_some_and(|p| p.identity.not_after > now);
                 if committed && refused && fallback && state.operation.is_none() {
+                    self.committed_refusals = 0;
                     return self.apply(Input::FallBack(failure));
                 }
                 if self.machine.state.identity.is_some() {

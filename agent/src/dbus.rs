@@ -844,6 +844,7 @@ mod tests {
 
         let mut s = provisioned("c1", true);
         s.last_error = Some(LastError {
+            sticky: false,
             code: "network".into(),
             message: "no route".into(),
             at: 7,

@@ -464,6 +464,7 @@ impl Machine {
 
     fn record(&mut self, f: &Failure, permanent: bool, now: i64) {
         self.state.last_error = Some(LastError {
+            sticky: false,
             code: f.code.as_str().to_owned(),
             message: f.message.clone(),
             at: now,
@@ -508,6 +509,7 @@ impl Machine {
                 };
                 if self.state.identity.is_none() || self.state.operation.is_some() {
                     self.state.last_error = Some(LastError {
+                        sticky: false,
                         code: code.as_str().to_owned(),
                         message: message.clone(),
                         at: now,
@@ -693,11 +695,12 @@ impl Machine {
                 };
                 let certificate_id = identity.certificate_id.clone();
                 let mut t = Transition::default();
+                // A rotation's rollback or a fall-back stays on show until the next commit.
                 if self
                     .state
                     .last_error
                     .as_ref()
-                    .is_some_and(|_| self.state.operation.is_none())
+                    .is_some_and(|e| !e.sticky && self.state.operation.is_none())
                 {
                     self.state.last_error = None;
                     t.actions.push(Action::Persist(Durability::Atomic));
@@ -715,7 +718,8 @@ impl Machine {
                 }
                 let was = std::mem::replace(&mut self.connected, false);
                 let mut t = Transition::default();
-                if self.state.operation.is_none() {
+                let sticky = self.state.last_error.as_ref().is_some_and(|e| e.sticky);
+                if self.state.operation.is_none() && !sticky {
                     self.record(f, false, now);
                     t.actions.push(Action::Persist(Durability::Atomic));
                 }
@@ -1024,7 +1028,15 @@ impl Machine {
         };
         // Atomic is enough: a rotation is rolled back after a crash whatever its step, and the
         // certificate is already recorded (certificate-issued is durable).
-        self.rotation_advance(input, next, Some(Durability::Atomic))
+        let mut t = self.rotation_advance(input, next, Some(Durability::Atomic))?;
+        // Next the connection switches to the new certificate: down until it is up again.
+        if std::mem::replace(&mut self.connected, false) {
+            t.actions.push(Action::Emit(Event::Disconnected {
+                code: None,
+                message: "switching to the rotation's new certificate".to_owned(),
+            }));
+        }
+        Ok(t)
     }
 
     /// Starts a rotation: a new key in the next generation, the live identity in use until
@@ -1171,6 +1183,7 @@ impl Machine {
         self.record(&f, false, now);
         if let Some(e) = &mut self.state.last_error {
             e.retry_at = Some(retry_at);
+            e.sticky = true;
         }
         self.state.rotation.retry_at = Some(retry_at);
         if let (Some(id), Some(identity)) = (&abandoned, &self.state.identity) {
@@ -1241,6 +1254,15 @@ impl Machine {
             false,
             now,
         );
+        if let Some(e) = &mut self.state.last_error {
+            e.sticky = true;
+        }
+        // A report of the commit not sent yet would make the backend deactivate the certificate
+        // the gateway is going back to.
+        self.state
+            .rotation
+            .reports
+            .retain(|r| r.new_certificate_id != refused_id);
         self.connected = false;
         Ok(Transition {
             actions: vec![
@@ -2093,6 +2115,7 @@ mod tests {
         // A parked machine is unparked.
         m.parked = true;
         m.state.last_error = Some(LastError {
+            sticky: false,
             code: "x".into(),
             message: "m".into(),
             at: 0,

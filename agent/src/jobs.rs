@@ -357,13 +357,11 @@ impl Context {
 
     /// Looks at the pending jobs (subscribing first on a new connection).
     async fn look(&mut self, subscribe: bool, done: &mut BTreeSet<String>) {
-        if subscribe {
-            if let Err(e) = self.subscribe().await {
-                // A policy without the jobs topics: no cloud-triggered rotation, and no
-                // publish to them either (AWS would close the connection on it).
-                tracing::warn!("job notifications are off on this connection: {e}");
-                return;
-            }
+        if subscribe && let Err(e) = self.subscribe().await {
+            // A policy without the jobs topics: no cloud-triggered rotation, and no publish to
+            // them either (AWS would close the connection on it).
+            tracing::warn!("job notifications are off on this connection: {e}");
+            return;
         }
         let ids = match self.pending().await {
             Ok(ids) => ids,

@@ -266,6 +266,7 @@ mod tests {
         let mut m = machine(State {
             identity: Some(identity()),
             last_error: Some(LastError {
+                sticky: false,
                 code: "network".into(),
                 message: "no route".into(),
                 at: 10,
@@ -297,6 +298,7 @@ mod tests {
                 step: Some(Step::KeyReady { generation: 1 }),
             }),
             last_error: Some(LastError {
+                sticky: false,
                 code: "claim-rejected".into(),
                 message: "the claim was refused".into(),
                 at: 1,

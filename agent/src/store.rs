@@ -228,6 +228,11 @@ pub struct LastError {
     /// When the next attempt starts (Unix seconds), for transient errors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<i64>,
+    /// Kept until the next rotation commits (or a reprovision), whatever the connection does
+    /// meanwhile: why a rotation was rolled back, or why the gateway fell back to its previous
+    /// certificate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sticky: bool,
 }
 
 /// Everything in `state.json`.

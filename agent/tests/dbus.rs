@@ -170,6 +170,7 @@ fn snapshot() -> Snapshot {
         connected: true,
         endpoint: "example.iot.eu-west-1.amazonaws.com:8883".into(),
         last_error: Some(LastError {
+            sticky: false,
             code: "network".into(),
             message: "connecting to example: no route to host".into(),
             at: 1_700_000_000,

@@ -185,18 +185,6 @@ async fn iotd_on_bus(conf: &str, dir: &Path, bus: &DbusDaemon) -> Iotd {
     .await
 }
 
-async fn run_iotctl(bus: &DbusDaemon, args: &[&str]) -> std::process::Output {
-    let out = tokio::process::Command::new(iotctl_binary())
-        .args(args)
-        .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(WAIT * 2, out)
-        .await
-        .unwrap_or_else(|_| panic!("iotctl {args:?} did not finish"))
-        .unwrap()
-}
-
 /// `iotctl rotate --wait` on a provisioned gateway (AWS's default 2049 certificate, nothing
 /// due): exits 0 once the new certificate is committed, and `iotctl status` shows it, the
 /// previous one and the next rotation. Asked while the gateway is still waiting for a claim,
@@ -214,7 +202,7 @@ async fn iotctl_rotate_wait_follows_an_on_demand_rotation_and_is_refused_before_
         .replace(&format!("claim_key = \"{key}\"\n"), "");
     let mut waiting = iotd_on_bus(&conf, waiting_dir.path(), &bus).await;
     waiting.wait_status("READY=1").await;
-    let out = run_iotctl(&bus, &["rotate", "--wait"]).await;
+    let out = run_iotctl(bus.address(), &["rotate", "--wait"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("not provisioned yet"), "{stderr}");
@@ -226,7 +214,7 @@ async fn iotctl_rotate_wait_follows_an_on_demand_rotation_and_is_refused_before_
     iotd.wait_status("Provisioned as gw-w2; certificate valid until")
         .await;
     let (generation, certificate) = identity(&iotd.state());
-    let out = run_iotctl(&bus, &["rotate", "--wait"]).await;
+    let out = run_iotctl(bus.address(), &["rotate", "--wait"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -243,7 +231,7 @@ async fn iotctl_rotate_wait_follows_an_on_demand_rotation_and_is_refused_before_
     );
     assert_eq!(state["rotation"]["last"]["reason"], "on-demand");
 
-    let out = run_iotctl(&bus, &["status", "--json"]).await;
+    let out = run_iotctl(bus.address(), &["status", "--json"]).await;
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         status["certificateId"],

@@ -91,6 +91,7 @@ fn snapshot() -> Snapshot {
         key_backend: "file",
         endpoint: "example-ats.iot.eu-west-1.amazonaws.com:8883".into(),
         last_error: Some(LastError {
+            sticky: false,
             code: "config".into(),
             message: "resolving template parameter Serial: command `/usr/bin/get-serial \
                       '--password=S3CRET-dbus-a S3CRET-dbus-b' --device /dev/ttyS0` failed \
@@ -120,6 +121,7 @@ fn state() -> State {
         }),
         last_generation: 1,
         last_error: Some(LastError {
+            sticky: false,
             code: "config".into(),
             message: "resolving template parameter Model: command `/usr/bin/get-model --token \
                       S3CRET-state-token --verbose` failed (exit status: 2): env \

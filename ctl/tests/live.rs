@@ -38,6 +38,7 @@ fn provisioning() -> Snapshot {
         key_reference: Some("file /var/lib/iotd/gen/1/key.pem".into()),
         endpoint: "example-ats.iot.eu-west-1.amazonaws.com:8883".into(),
         last_error: Some(LastError {
+            sticky: false,
             code: "network".into(),
             message: "connecting to example: no route to host".into(),
             at: 1_780_826_310,
@@ -213,9 +214,7 @@ async fn rotate_and_reprovision_print_the_agent_answer() {
     let rotate = tokio::spawn(service.iotctl(&["rotate"]).output());
     match service.next_command().await {
         Command::Rotate(reply) => reply
-            .send(Ok(Outcome::Changed(
-                "requested a new certificate for gw-live-1".into(),
-            )))
+            .send(Ok(Outcome::Changed("rotation-2".into())))
             .unwrap(),
         other => panic!("expected Rotate, got {other:?}"),
     }
@@ -223,7 +222,8 @@ async fn rotate_and_reprovision_print_the_agent_answer() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert_eq!(
         common::stdout(&out),
-        "requested a new certificate for gw-live-1\n"
+        "rotation-2 started: a new key and certificate; iotctl rotate --wait follows it, \
+         iotctl status shows where it is\n"
     );
 
     // An error of the agent: exit 1 with its message, naming the action.

@@ -172,6 +172,8 @@ const SCHEMA: &[(&str, &[&str])] = &[
     ("certificateNotAfter", &["string", "null"]),
     ("certificatePath", &["string", "null"]),
     ("nextRotation", &["string", "null"]),
+    ("previousCertificateId", &["string", "null"]),
+    ("previousDeleteAfter", &["string", "null"]),
     ("keyBackend", &["string"]),
     ("keyReference", &["string", "null"]),
     ("connected", &["boolean"]),

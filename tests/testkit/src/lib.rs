@@ -78,6 +78,19 @@ pub fn iotctl_binary() -> PathBuf {
     path
 }
 
+/// Runs iotctl with `args` on the system bus at `bus_address`; its output, whatever its exit.
+pub async fn run_iotctl(bus_address: &str, args: &[&str]) -> std::process::Output {
+    let out = tokio::process::Command::new(iotctl_binary())
+        .args(args)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", bus_address)
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(WAIT * 2, out)
+        .await
+        .unwrap_or_else(|_| panic!("iotctl {args:?} did not finish"))
+        .unwrap()
+}
+
 /// The D-Bus policy the package ships (`/usr/share/dbus-1/system.d/io.iotd.Agent1.conf`).
 pub fn dbus_policy_file() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../packaging/dbus/io.iotd.Agent1.conf")

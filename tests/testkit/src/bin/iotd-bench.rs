@@ -26,6 +26,16 @@
 //! that line; claim received → connected is from iotd's own log stamps (microseconds, in the
 //! process that does the work), from "received the installer's claim" to "provisioned:
 //! connected".
+//!
+//! Rotation (rotation.rs): back-to-back rotations (`iotctl rotate --wait` over a private system
+//! bus) of one gateway with a file key and one with its key in a swtpm, timed by iotd's log
+//! stamps from "rotation started" (RotationStarted) to the commit, with iotd's RSS and open
+//! descriptors from the first rotation to the last; then iotd killed with SIGKILL at random
+//! instants of a rotation and started again: bricked gateways, and where state.json stood at
+//! each kill.
+
+#[path = "iotd-bench/rotation.rs"]
+mod rotation;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -73,7 +83,8 @@ const PREVIOUS_RENAMES: u32 = 6;
 /// iotd's footprint: memory, binary size, start-up, idle CPU and wake-ups, reconnects, and its
 /// fsyncs per provisioning, with the time a slow disk adds; and that a provisioning killed with
 /// SIGKILL once or twice at random instants always ends provisioned, with how many duplicate
-/// certificates the kills cost.
+/// certificates the kills cost; certificate rotation back to back (time, failures, RSS and
+/// fds), and killed with SIGKILL at random instants (bricked gateways, kills by step).
 ///
 /// The figures mean something only for release builds of iotd and iotctl, which are looked for
 /// next to this program or in target/release/: run it as `make bench`, which builds them.
@@ -110,10 +121,21 @@ struct Args {
     /// provisioning (every other run once, the others twice), then started again.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     crash_runs: u32,
-    /// The seed of the crash runs' kill instants (the crash part prints the one it used; decimal
-    /// or 0x-hex), to draw the same instants again. A new one by default (or IOTD_CRASH_SEED's).
+    /// The seed of the crash runs' kill instants, and of the rotation part's (each part prints
+    /// the one it used; decimal or 0x-hex), to draw the same instants again. A new one by
+    /// default (or IOTD_CRASH_SEED's).
     #[arg(long, value_parser = iotd_testkit::parse_seed)]
     crash_seed: Option<u64>,
+    /// Rotations back to back, with each key backend (file, swtpm), for the rotation part's
+    /// times and footprint. About a second each: iotd's new CONNECT waits for the second since
+    /// the previous one.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    rotations: u32,
+    /// SIGKILLs at random instants of a rotation, half with a file key, half with swtpm; iotd is
+    /// started again after each and must come back with a working identity. Only kills that
+    /// landed in a rotation count: one before iotd started it is sent again.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    rotation_kills: u32,
 }
 
 /// A part of the benchmark, for `--only`.
@@ -134,6 +156,10 @@ enum Part {
     /// trusted-user onboarding: iotctl's pairing + hand-over, the gateway's CPU per pairing,
     /// claim received → connected (file key, swtpm), idle RSS of an onboarded gateway.
     Onboarding,
+    /// certificate rotation, back to back (file key, swtpm): RotationStarted → committed,
+    /// failures, iotd's RSS and open fds from the first to the last; SIGKILL at random instants
+    /// of a rotation: bricked gateways, kills by step.
+    Rotation,
 }
 
 impl Args {
@@ -245,10 +271,11 @@ async fn bench(args: Args) -> Result<()> {
     // What the parts need is checked before any runs: a missing tool fails now, not after
     // minutes of other figures.
     let python = args.runs(Part::Provisioning).then(python).transpose()?;
-    let iotctl = (args.runs(Part::Size) || args.runs(Part::Onboarding))
-        .then(|| iotd_testkit::release_binary("iotctl"))
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
+    let iotctl =
+        (args.runs(Part::Size) || args.runs(Part::Onboarding) || args.runs(Part::Rotation))
+            .then(|| iotd_testkit::release_binary("iotctl"))
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
     if args.runs(Part::Fsync) {
         strace_works()?;
     }
@@ -486,6 +513,9 @@ async fn bench(args: Args) -> Result<()> {
     if args.runs(Part::Crash) {
         notes.extend(crashes(&args, &exe, &mut rows, &mut failed).await?);
     }
+    if let Some(iotctl) = iotctl.as_deref().filter(|_| args.runs(Part::Rotation)) {
+        notes.extend(rotation::rotations(&args, &exe, iotctl, &mut rows, &mut failed).await?);
+    }
 
     if let Some(iotctl) = iotctl.filter(|_| args.runs(Part::Size)) {
         // 3. Binary sizes. iotd has no build without onboarding: its server is always in.
@@ -526,7 +556,7 @@ async fn bench(args: Args) -> Result<()> {
         println!("{note}");
     }
     if failed > 0 {
-        bail!("{failed} provisioning runs failed");
+        bail!("{failed} runs failed (FAILED above)");
     }
     Ok(())
 }
