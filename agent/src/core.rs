@@ -1812,8 +1812,14 @@ impl Core {
         }
         self.clock_wait_logged = false;
         if self.work.is_some() || self.live.is_none() {
-            // After the unit in flight (or once connected): the loop arms the timer again.
-            self.clock_recheck_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            // After the unit in flight (a second); without a production connection (its
+            // credentials failing to load: minutes, maybe) once a minute, not in a tight loop.
+            let again = if self.live.is_none() {
+                CLOCK_RECHECK
+            } else {
+                Duration::from_secs(1)
+            };
+            self.clock_recheck_at = Some(tokio::time::Instant::now() + again);
             return Ok(());
         }
         let reason = crate::schedule::reason(

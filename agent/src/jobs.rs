@@ -346,7 +346,10 @@ impl Context {
                 Err(e) => {
                     tracing::debug!(job_id = id, attempt, "ending the rotation job: {e}");
                     last = Some(e);
-                    tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+                    // 1, 2, 4 s, each with up to half of it again at random.
+                    let base = 1000u64 << attempt;
+                    let jitter = rand::random::<u64>() % (base / 2 + 1);
+                    tokio::time::sleep(Duration::from_millis(base + jitter)).await;
                 }
             }
         }
