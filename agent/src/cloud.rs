@@ -117,6 +117,9 @@ pub struct Session {
     /// Messages that arrived while a request or subscription waited for its answer: kept for
     /// `next_event` (a job notification must not be lost to a rotation's request).
     held: std::collections::VecDeque<Message>,
+    /// Acknowledgements of our QoS 1 publishes that arrived meanwhile, likewise (a report in
+    /// flight must be marked done, not published again).
+    held_acks: u32,
 }
 
 impl Drop for Session {
@@ -471,6 +474,7 @@ impl Session {
             target: target.clone(),
             subscribed: Vec::new(),
             held: std::collections::VecDeque::new(),
+            held_acks: 0,
         };
         match first {
             Ok(Some(Incoming::ConnAck(ConnectReturnCode::Success))) => Ok(session),
@@ -583,6 +587,7 @@ impl Session {
                 Ok(Some(Incoming::Message { topic, payload })) => {
                     self.hold(Message { topic, payload })
                 }
+                Ok(Some(Incoming::PubAck)) => self.held_acks += 1,
                 Ok(Some(_)) => {}
                 Ok(None) => return Err(self.closed("event loop ended", None, "while subscribing")),
                 Err(_) => {
@@ -652,6 +657,7 @@ impl Session {
                 Ok(Some(Incoming::Message { topic, payload })) => {
                     self.hold(Message { topic, payload })
                 }
+                Ok(Some(Incoming::PubAck)) => self.held_acks += 1,
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     return Err(self.closed("event loop ended", None, "while waiting for a reply"));
@@ -685,6 +691,10 @@ impl Session {
     /// The next message on a subscribed topic or acknowledgement of our publish, or why the
     /// connection ended (the production session, which routes what arrives).
     pub async fn next_event(&mut self) -> Result<SessionEvent, AgentError> {
+        if self.held_acks > 0 {
+            self.held_acks -= 1;
+            return Ok(SessionEvent::Acknowledged);
+        }
         if let Some(message) = self.held.pop_front() {
             return Ok(SessionEvent::Message(message));
         }

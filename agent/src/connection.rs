@@ -16,7 +16,7 @@
 //! A rotation's requests (CreateCertificateFromCsr, RegisterThing) go over this session too:
 //! the core hands the task an `Exchange` (through an `Exchanger`), which runs on the session
 //! between the task's own reads, while connected; one that waits too long is given up by its
-//! caller and then never runs.
+//! caller and then never runs. What arrives on the session meanwhile is kept for the task.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -377,13 +377,9 @@ async fn run(
                             Err(e) => break e,
                         },
                         Some(report) = queued.recv() => outbox.add(report),
-                        Some(exchange) = exchanges.recv() => {
-                            exchange(&mut session).await;
-                            // It read the session's events itself and may have taken the
-                            // acknowledgement of a report in flight: that one goes out again
-                            // (the backend takes a report twice; it must not miss one).
-                            outbox.in_flight = None;
-                        }
+                        // What arrives meanwhile (a report's acknowledgement, a notification) the
+                        // session keeps for `next_event`.
+                        Some(exchange) = exchanges.recv() => exchange(&mut session).await,
                         _ = &mut stopped => {
                             session.disconnect().await;
                             return;
