@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use iotd_testkit::dbus_daemon::DbusDaemon;
 use iotd_testkit::*;
@@ -28,26 +28,20 @@ fn rotation_config(cloud: &Cloud, dir: &Path, serial: &str, extra: &str) -> Stri
     )
 }
 
-/// Waits until state.json satisfies `done`; returns it. The state is written by iotd at each
-/// transition; reading it a few times a second is how a test sees one it has no event for.
-async fn wait_state(
-    iotd: &Iotd,
-    what: &str,
-    within: Duration,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let state = iotd.state();
-        if done(&state) {
-            return state;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "state.json does not show {what} within {within:?}: {state:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// Waits for the report of the rotation that replaced certificate `old` of `thing` (published
+/// right after the commit, which state.json then shows): the fake's log is the signal.
+async fn wait_rotated(cloud: &Cloud, thing: &str, old: &str) {
+    let topic = format!("iotd/{thing}/rotation");
+    let old = format!("\"oldCertificateId\":\"{old}\"");
+    cloud
+        .wait_log("the report of a committed rotation", |e| {
+            e.kind == "in"
+                && e.topic.as_deref() == Some(topic.as_str())
+                && e.payload
+                    .as_deref()
+                    .is_some_and(|p| p.contains(&old) && p.contains("\"committed\""))
+        })
+        .await;
 }
 
 fn identity(state: &Value) -> (u64, String) {
@@ -108,13 +102,8 @@ async fn three_scheduled_rotations(serial: &str, key: &str) {
     keys.insert(public_key(&state));
 
     for round in 1..=3 {
-        let state = wait_state(
-            &iotd,
-            &format!("rotation {round}"),
-            Duration::from_secs(40),
-            |s| identity(s).0 > generation && s["operation"].is_null(),
-        )
-        .await;
+        wait_rotated(&cloud, &thing, &certificate).await;
+        let state = iotd.state();
         let (new_generation, new_certificate) = identity(&state);
         assert_eq!(new_generation, generation + 1, "{state:#}");
         assert_ne!(new_certificate, certificate);
@@ -257,20 +246,30 @@ async fn create_job(cloud: &Cloud, id: &str, thing: &str, document: Value) {
     assert_eq!(status, 200, "CreateJob {id}: {reply}");
 }
 
-/// Waits until job `id`'s execution for `thing` has a terminal status; returns the execution.
+/// Waits until iotd ended job `id` of `thing` (its UpdateJobExecution to SUCCEEDED or FAILED,
+/// and the fake's answer to it, in the fake's log); returns the execution as DescribeJobExecution
+/// tells it.
 async fn wait_job(cloud: &Cloud, id: &str, thing: &str) -> Value {
-    let deadline = Instant::now() + WAIT * 2;
-    loop {
-        let (_, reply) = cloud
-            .http("GET", &format!("/things/{thing}/jobs/{id}"), None)
-            .await;
-        let execution = reply["execution"].clone();
-        if ["SUCCEEDED", "FAILED"].contains(&execution["status"].as_str().unwrap_or_default()) {
-            return execution;
-        }
-        assert!(Instant::now() < deadline, "job {id} did not end: {reply:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let topic = format!("$aws/things/{thing}/jobs/{id}/update");
+    let ended = cloud
+        .wait_log(&format!("the end of job {id}"), |e| {
+            e.kind == "in"
+                && e.topic.as_deref() == Some(topic.as_str())
+                && e.payload
+                    .as_deref()
+                    .is_some_and(|p| p.contains("SUCCEEDED") || p.contains("FAILED"))
+        })
+        .await;
+    let accepted = format!("{topic}/accepted");
+    cloud
+        .wait_log(&format!("the answer to the end of job {id}"), |e| {
+            e.seq > ended.seq && e.kind == "out" && e.topic.as_deref() == Some(accepted.as_str())
+        })
+        .await;
+    let (_, reply) = cloud
+        .http("GET", &format!("/things/{thing}/jobs/{id}"), None)
+        .await;
+    reply["execution"].clone()
 }
 
 /// AWS IoT Jobs: a job `{"operation": "ROTATE_CERTIFICATE"}` makes the gateway rotate and ends
@@ -373,7 +372,7 @@ async fn a_scheduled_rotation_waits_for_a_trusted_clock() {
     .await;
     iotd.wait_status("Provisioned as gw-t1; certificate valid until")
         .await;
-    let (generation, _) = identity(&iotd.state());
+    let (generation, certificate) = identity(&iotd.state());
     iotd.wait_status("a rotation is due: waiting for the system clock to be synchronised")
         .await;
     assert_eq!(
@@ -382,9 +381,7 @@ async fn a_scheduled_rotation_waits_for_a_trusted_clock() {
         "rotated without a trusted clock"
     );
     std::fs::write(&flag, "").unwrap();
-    wait_state(&iotd, "the rotation", WAIT, |s| {
-        identity(s).0 > generation && s["operation"].is_null()
-    })
-    .await;
+    wait_rotated(&cloud, "gw-t1", &certificate).await;
+    assert_eq!(identity(&iotd.state()).0, generation + 1);
     assert!(iotd.terminate().await.success());
 }
