@@ -1,45 +1,35 @@
-//! The PKCS#10 certificate signing request for CreateCertificateFromCsr, signed through the
-//! device key, so the private key never has to leave its backend (file or TPM).
+//! The PKCS#10 certificate signing request for CreateCertificateFromCsr, and the onboarding
+//! server's self-signed certificate, both signed through a key backend (file or TPM), so the
+//! private key never has to leave it.
 //!
-//! rcgen is built without a crypto backend: its remote-key traits (`PublicKeyData` and
-//! `SigningKey`) are implemented here on an adapter over `&dyn DeviceKey`.
+//! Written here with `der` rather than by rcgen: the two fixed structures are a few lines of
+//! DER, and rcgen (with yasna and pem) was 60 kB of a binary with a 5 MB budget.
 
-use std::cell::RefCell;
-
+use crate::der;
 use crate::keys::file::p256_point;
 use crate::keys::{DeviceKey, KeyError};
 
 const ACTION: &str = "building the certificate signing request";
+
+/// AlgorithmIdentifier ecdsa-with-SHA256 (1.2.840.10045.4.3.2), parameters absent (RFC 5758).
+const ECDSA_WITH_SHA256: &[u8] = &[
+    0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
+];
 
 /// A PEM PKCS#10 request for the public key of `key`, signed by `key` (ECDSA P-256 / SHA-256).
 ///
 /// The subject is CN=iotd: AWS IoT ignores the CSR's subject, and the certificate it issues has
 /// its own. Keys that are not P-256 answer `KeyError::Unsupported`.
 pub fn build_csr(key: &dyn DeviceKey) -> Result<String, KeyError> {
-    let spki = key.public_key_spki();
-    let signer = RemoteKey::new(key, &spki, ACTION, "device")?;
-
-    let mut params = rcgen::CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "iotd");
-
-    let request = params.serialize_request(&signer);
-    // rcgen only knows `RemoteKeyError`; the key's own error says what actually went wrong.
-    if let Some(failure) = signer.failure.take() {
-        return Err(failure);
-    }
-    let request = request.map_err(|e| rcgen_error(key, e))?;
-    request.pem().map_err(|e| rcgen_error(key, e))
-}
-
-fn rcgen_error(key: &dyn DeviceKey, e: rcgen::Error) -> KeyError {
-    KeyError::Crypto {
-        action: ACTION,
-        key: key.location(),
-        message: e.to_string(),
-    }
+    let spki = p256_spki(key, ACTION, "device")?;
+    // CertificationRequestInfo: version 0, subject, subjectPKInfo, attributes [0] (none).
+    let info = der::sequence(&[
+        &[0x02, 0x01, 0x00],
+        &der::common_name("iotd"),
+        &spki,
+        &[0xa0, 0x00],
+    ]);
+    Ok(der::pem("CERTIFICATE REQUEST", &signed(key, &info)?))
 }
 
 /// The onboarding certificate's serial number length (bytes).
@@ -54,83 +44,50 @@ pub fn self_signed(
     not_before: time::OffsetDateTime,
 ) -> Result<Vec<u8>, KeyError> {
     const SELF_SIGNING: &str = "making the onboarding certificate";
-    let failed = |message: String| KeyError::Crypto {
-        action: SELF_SIGNING,
-        key: key.location(),
-        message,
-    };
-    let spki = key.public_key_spki();
-    let signer = RemoteKey::new(key, &spki, SELF_SIGNING, "onboarding")?;
-    let mut params = rcgen::CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, common_name);
-    params.not_before = not_before;
-    params.not_after = not_before.saturating_add(time::Duration::days(30 * 365));
-    // rcgen makes a serial number only with its `crypto` feature, which iotd does not build
-    // (test builds get it from dev-dependencies, so only a release build would fail here):
-    // 16 random bytes, positive as RFC 5280 §4.1.2.2 wants.
+    let spki = p256_spki(key, SELF_SIGNING, "onboarding")?;
+    // 16 random bytes, positive as RFC 5280 §4.1.2.2 wants (and never a leading zero byte,
+    // which DER would forbid).
     let mut serial = rand::random::<[u8; SERIAL_LEN]>();
     serial[0] = (serial[0] & 0x7f) | 0x01;
-    params.serial_number = Some(rcgen::SerialNumber::from(serial.to_vec()));
-    let certificate = params.self_signed(&signer);
-    if let Some(failure) = signer.failure.take() {
-        return Err(failure);
-    }
-    let certificate = certificate.map_err(|e| failed(e.to_string()))?;
-    Ok(certificate.der().to_vec())
+    let name = der::common_name(common_name);
+    let not_after = not_before.saturating_add(time::Duration::days(30 * 365));
+    let validity = der::sequence(&[&der::time(not_before), &der::time(not_after)]);
+    // TBSCertificate: version [0] v3, serialNumber, signature, issuer, validity, subject,
+    // subjectPublicKeyInfo; no extensions.
+    let tbs = der::sequence(&[
+        &[0xa0, 0x03, 0x02, 0x01, 0x02],
+        &der::tlv(0x02, &serial),
+        ECDSA_WITH_SHA256,
+        &name,
+        &validity,
+        &name,
+        &spki,
+    ]);
+    signed(key, &tbs)
 }
 
-/// The device key as rcgen sees a remote key.
-struct RemoteKey<'a> {
-    key: &'a dyn DeviceKey,
-    /// The uncompressed P-256 point, borrowed from the SPKI.
-    point: &'a [u8],
-    /// The error of a failed signature, kept because rcgen's error type cannot carry it.
-    failure: RefCell<Option<KeyError>>,
+/// `key`'s SubjectPublicKeyInfo, which must be P-256; `what` names the key in the error
+/// ("device", "onboarding").
+fn p256_spki(key: &dyn DeviceKey, action: &'static str, what: &str) -> Result<Vec<u8>, KeyError> {
+    let spki = key.public_key_spki();
+    if p256_point(&spki).is_none() {
+        return Err(KeyError::Unsupported {
+            action,
+            message: format!("the {what} key ({}) is not ECDSA P-256", key.location()),
+        });
+    }
+    Ok(spki)
 }
 
-impl<'a> RemoteKey<'a> {
-    /// The adapter for `key` (whose SPKI is `spki`), which must be P-256; `what` names the key
-    /// in the error ("device", "onboarding").
-    fn new(
-        key: &'a dyn DeviceKey,
-        spki: &'a [u8],
-        action: &'static str,
-        what: &str,
-    ) -> Result<Self, KeyError> {
-        let Some(point) = p256_point(spki) else {
-            return Err(KeyError::Unsupported {
-                action,
-                message: format!("the {what} key ({}) is not ECDSA P-256", key.location()),
-            });
-        };
-        Ok(Self {
-            key,
-            point,
-            failure: RefCell::new(None),
-        })
-    }
-}
-
-impl rcgen::PublicKeyData for RemoteKey<'_> {
-    fn der_bytes(&self) -> &[u8] {
-        self.point
-    }
-
-    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        &rcgen::PKCS_ECDSA_P256_SHA256
-    }
-}
-
-impl rcgen::SigningKey for RemoteKey<'_> {
-    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        self.key.sign_ecdsa_p256_sha256(msg).map_err(|e| {
-            self.failure.replace(Some(e));
-            rcgen::Error::RemoteKeyError
-        })
-    }
+/// `SEQUENCE { body, ecdsa-with-SHA256, BIT STRING signature }`: the shape of both a signed
+/// request and a certificate. The key's own error, if signing fails, is what is returned.
+fn signed(key: &dyn DeviceKey, body: &[u8]) -> Result<Vec<u8>, KeyError> {
+    let signature = key.sign_ecdsa_p256_sha256(body)?;
+    Ok(der::sequence(&[
+        body,
+        ECDSA_WITH_SHA256,
+        &der::bit_string(&signature),
+    ]))
 }
 
 #[cfg(test)]
@@ -180,19 +137,31 @@ mod tests {
             .expect("the CSR signature verifies");
     }
 
-    /// The serial number is iotd's own (rcgen without its `crypto` feature, as in a release
-    /// build, refuses a certificate without one), positive, and new for each certificate.
+    /// The onboarding certificate parses, names its holder, is valid from the given instant
+    /// for 30 years (a notAfter past 2049 in GeneralizedTime), is signed by its own key, and
+    /// has a positive 16-byte serial that is new each time.
     #[test]
-    fn the_self_signed_certificate_has_its_own_positive_serial() {
+    fn the_self_signed_certificate_is_well_formed_and_signed_by_its_key() {
         use x509_parser::prelude::X509Certificate;
         let dir = tempfile::tempdir().unwrap();
         let key = FileBackend::new(dir.path()).create(1).unwrap();
 
-        let now = time::OffsetDateTime::now_utc();
+        let now = time::macros::datetime!(2026-12-04 23:10:07 UTC);
         let serials: Vec<Vec<u8>> = (0..2)
             .map(|_| {
                 let der = self_signed(key.as_ref(), "iotd onboarding GW-1", now).unwrap();
-                let (_, cert) = X509Certificate::from_der(&der).unwrap();
+                let (rest, cert) = X509Certificate::from_der(&der).unwrap();
+                assert!(rest.is_empty());
+                assert_eq!(cert.version().0, 2);
+                assert_eq!(cert.subject().to_string(), "CN=iotd onboarding GW-1");
+                assert_eq!(cert.issuer(), cert.subject());
+                assert_eq!(cert.validity().not_before.timestamp(), now.unix_timestamp());
+                assert_eq!(
+                    cert.validity().not_after.timestamp(),
+                    (now + time::Duration::days(30 * 365)).unix_timestamp()
+                );
+                assert_eq!(cert.public_key().raw, key.public_key_spki().as_slice());
+                cert.verify_signature(None).expect("signed by its own key");
                 let serial = cert.raw_serial().to_vec();
                 assert_eq!(serial.len(), SERIAL_LEN, "{serial:02x?}");
                 assert!(serial[0] & 0x80 == 0 && serial[0] != 0, "{serial:02x?}");
@@ -200,6 +169,17 @@ mod tests {
             })
             .collect();
         assert_ne!(serials[0], serials[1]);
+    }
+
+    #[test]
+    fn a_key_that_is_not_p256_makes_no_onboarding_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = FileBackend::new(dir.path())
+            .import_pem(1, RSA_PKCS1_PEM)
+            .unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let err = self_signed(key.as_ref(), "x", now).unwrap_err();
+        assert!(matches!(err, KeyError::Unsupported { .. }), "{err}");
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod connection;
 pub mod core;
 pub mod csr;
 pub mod dbus;
+pub mod der;
 pub mod error;
 pub mod exit;
 pub mod fleet;

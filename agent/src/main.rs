@@ -97,24 +97,56 @@ fn init_logging() {
         }),
         Err(_) => DEFAULT_LOG.parse().unwrap_or_default(),
     };
-    // The builder's own ceiling is INFO; the filter decides.
-    let builder = tracing_subscriber::fmt()
+    // Under systemd the journal stamps every line itself; elsewhere each line starts with the
+    // time. One formatter type for both, rather than tracing-subscriber's two (with and without
+    // a timer): each is a separate copy of its formatting code, and the binary has a size budget.
+    let line = LogLine {
+        time: std::env::var_os("JOURNAL_STREAM").is_none(),
+    };
+    tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
-        .with_writer(std::io::stderr);
-    // Under systemd the journal stamps every line itself; colour only for a person at a terminal.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder
-            .without_time()
-            .with_ansi(false)
-            .finish()
-            .with(filter)
-            .init();
-    } else {
-        builder.with_ansi(ansi).finish().with(filter).init();
-    }
+        .with_writer(std::io::stderr)
+        .event_format(line)
+        .finish()
+        .with(filter)
+        .init();
     if let Some(warning) = invalid {
         tracing::warn!("{warning}");
+    }
+}
+
+/// One log line: `[time ]LEVEL target: message fields`, as tracing-subscriber's full format
+/// prints it without colour (iotd opens no spans).
+struct LogLine {
+    time: bool,
+}
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for LogLine
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use tracing_subscriber::fmt::FormatFields as _;
+        use tracing_subscriber::fmt::time::FormatTime as _;
+        if self.time {
+            if tracing_subscriber::fmt::time::SystemTime
+                .format_time(&mut writer)
+                .is_err()
+            {
+                writer.write_str("<unknown time>")?;
+            }
+            writer.write_char(' ')?;
+        }
+        let meta = event.metadata();
+        write!(writer, "{:>5} {}: ", meta.level(), meta.target())?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
     }
 }
 

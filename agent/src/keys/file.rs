@@ -14,7 +14,6 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use base64::Engine as _;
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
 use rustls::pki_types::PrivateKeyDer;
@@ -146,7 +145,7 @@ fn generate_p256(path: &Path, action: &'static str) -> Result<(FileKey, String),
         })?;
     let der = PrivateKeyDer::Pkcs8(pkcs8.as_ref().to_vec().into());
     let key = FileKey::from_der(&der, path, action)?;
-    Ok((key, pem_armor("PRIVATE KEY", pkcs8.as_ref())))
+    Ok((key, crate::der::pem("PRIVATE KEY", pkcs8.as_ref())))
 }
 
 /// Writes `pem` to `<dir>/key.pem` atomically: a 0600 temporary file (never readable by others,
@@ -215,7 +214,7 @@ impl KeyBackend for FileBackend {
             PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
             _ => "PRIVATE KEY",
         };
-        let armored = pem_armor(label, der.secret_der());
+        let armored = crate::der::pem(label, der.secret_der());
         self.write_key(generation, ACTION, armored.as_bytes())?;
         tracing::info!(path = %path.display(), algorithm = key.algorithm, "imported device key");
         Ok(Arc::new(key))
@@ -494,40 +493,12 @@ fn load_p256(der: &PrivateKeyDer<'_>) -> Option<EcdsaKeyPair> {
                 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
             ];
             let mut body = VERSION_AND_ALGORITHM.to_vec();
-            body.extend(der_tlv(0x04, sec1.secret_sec1_der()));
-            let pkcs8 = der_tlv(0x30, &body);
+            body.extend(crate::der::tlv(0x04, sec1.secret_sec1_der()));
+            let pkcs8 = crate::der::tlv(0x30, &body);
             EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &pkcs8, &rng).ok()
         }
         _ => None,
     }
-}
-
-/// One DER tag-length-value (definite length).
-fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    let len = content.len();
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes = len.to_be_bytes();
-        let skip = bytes.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (bytes.len() - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
-    }
-    out.extend_from_slice(content);
-    out
-}
-
-fn pem_armor(label: &str, der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut pem = format!("-----BEGIN {label}-----\n");
-    // base64 output is ASCII, so splitting the bytes never cuts a character.
-    for line in b64.as_bytes().chunks(64) {
-        pem.push_str(&String::from_utf8_lossy(line));
-        pem.push('\n');
-    }
-    pem.push_str(&format!("-----END {label}-----\n"));
-    pem
 }
 
 fn remove_if_exists(path: &Path) -> io::Result<()> {
@@ -1051,8 +1022,11 @@ mod tests {
 
     #[test]
     fn der_lengths_are_encoded_in_long_form() {
-        assert_eq!(der_tlv(0x04, &[0; 3])[..2], [0x04, 3]);
-        assert_eq!(der_tlv(0x04, &[0; 0x80])[..3], [0x04, 0x81, 0x80]);
-        assert_eq!(der_tlv(0x30, &[0; 0x1234])[..4], [0x30, 0x82, 0x12, 0x34]);
+        assert_eq!(crate::der::tlv(0x04, &[0; 3])[..2], [0x04, 3]);
+        assert_eq!(crate::der::tlv(0x04, &[0; 0x80])[..3], [0x04, 0x81, 0x80]);
+        assert_eq!(
+            crate::der::tlv(0x30, &[0; 0x1234])[..4],
+            [0x30, 0x82, 0x12, 0x34]
+        );
     }
 }

@@ -56,7 +56,7 @@ pub fn server_tls(
                 time::OffsetDateTime::now_utc() - time::Duration::days(1),
             )
             .map_err(|e| e.to_string())?;
-            let pem = pem_certificate(&der);
+            let pem = crate::der::pem("CERTIFICATE", &der);
             if let Some(dir) = path.parent() {
                 use std::os::unix::fs::DirBuilderExt;
                 std::fs::DirBuilder::new()
@@ -90,18 +90,6 @@ pub fn server_tls(
         config: Arc::new(config),
         leaf_der,
     })
-}
-
-fn pem_certificate(der: &[u8]) -> String {
-    use base64::Engine as _;
-    let body = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in body.as_bytes().chunks(64) {
-        pem.push_str(&String::from_utf8_lossy(line));
-        pem.push('\n');
-    }
-    pem.push_str("-----END CERTIFICATE-----\n");
-    pem
 }
 
 /// The one certificate, whatever the client asks for (it reaches the gateway by address).
