@@ -91,6 +91,8 @@ pub enum Input {
     ThingRegistered {
         thing_name: String,
         device_configuration: BTreeMap<String, String>,
+        /// The installer's parameters it was sent (`Identity::installer_parameters`).
+        installer_parameters: BTreeMap<String, String>,
     },
     /// The operation's new certificate connected: it works, commit it as the identity.
     IdentityVerified {
@@ -249,6 +251,9 @@ pub enum Work {
         /// Where the certificate was issued (`None`: `cloud.endpoint`): only a claim for
         /// the same endpoint can register it.
         endpoint: Option<String>,
+        /// A rotation's: the current identity's installer parameters, sent again. Empty when
+        /// provisioning, where they come with the claim.
+        installer_parameters: BTreeMap<String, String>,
     },
     /// Connect with the registered certificate; success commits it.
     VerifyIdentity {
@@ -286,6 +291,7 @@ fn step_work(step: &Step) -> Work {
             ownership_token: ownership_token.clone(),
             issued_at: *issued_at,
             endpoint: endpoint.clone(),
+            installer_parameters: BTreeMap::new(),
         },
         Step::ThingRegistered {
             generation,
@@ -397,12 +403,24 @@ impl Machine {
                 step,
                 ..
             }) => {
-                return match step {
-                    None => Work::CreateKey {
+                let Some(step) = step else {
+                    return Work::CreateKey {
                         generation: *staged_generation,
-                    },
-                    Some(step) => step_work(step),
+                    };
                 };
+                let mut work = step_work(step);
+                // The rotation's RegisterThing sends the installer's parameters again.
+                if let (
+                    Work::RegisterThing {
+                        installer_parameters,
+                        ..
+                    },
+                    Some(identity),
+                ) = (&mut work, &self.state.identity)
+                {
+                    installer_parameters.clone_from(&identity.installer_parameters);
+                }
+                return work;
             }
             None if self.state.identity.is_some() => return Work::Serve,
             None => return Work::WaitForClaim,
@@ -584,6 +602,7 @@ impl Machine {
             Input::ThingRegistered {
                 thing_name,
                 device_configuration,
+                installer_parameters,
             } => {
                 if self.rotating() {
                     return self.rotation_registered(&input, thing_name, device_configuration, now);
@@ -608,6 +627,7 @@ impl Machine {
                     thing_name: thing_name.clone(),
                     device_configuration: device_configuration.clone(),
                     endpoint,
+                    installer_parameters: installer_parameters.clone(),
                 };
                 // From here on a restart needs no claim: connecting as the thing completes it.
                 // Durable when a restart from certificate-issued would find no claim (it is
@@ -637,6 +657,7 @@ impl Machine {
                         thing_name,
                         device_configuration,
                         endpoint,
+                        installer_parameters,
                     }),
                     origin,
                 )) = self.provisioning().map(|(s, o)| (s.clone(), o))
@@ -645,6 +666,7 @@ impl Machine {
                 };
                 self.state.identity = Some(Identity {
                     endpoint,
+                    installer_parameters,
                     generation,
                     certificate_id: certificate_id.clone(),
                     certificate_pem,
@@ -1025,6 +1047,13 @@ impl Machine {
             thing_name: thing_name.to_owned(),
             device_configuration: device_configuration.clone(),
             endpoint,
+            // What the work sent: the current identity's.
+            installer_parameters: self
+                .state
+                .identity
+                .as_ref()
+                .map(|i| i.installer_parameters.clone())
+                .unwrap_or_default(),
         };
         // Atomic is enough: a rotation is rolled back after a crash whatever its step, and the
         // certificate is already recorded (certificate-issued is durable).
@@ -1093,6 +1122,7 @@ impl Machine {
                     thing_name,
                     device_configuration,
                     endpoint,
+                    installer_parameters,
                 }),
             ..
         }) = self.state.operation.clone()
@@ -1123,6 +1153,7 @@ impl Machine {
             device_configuration,
             committed_at: now,
             endpoint,
+            installer_parameters,
         });
         self.state.previous = Some(Previous {
             identity: old,
@@ -1380,6 +1411,7 @@ mod tests {
         Input::ThingRegistered {
             thing_name: "gw-1".into(),
             device_configuration: BTreeMap::new(),
+            installer_parameters: BTreeMap::new(),
         }
     }
 
@@ -1570,6 +1602,7 @@ mod tests {
         let other = Input::ThingRegistered {
             thing_name: "gw-other".into(),
             device_configuration: BTreeMap::new(),
+            installer_parameters: BTreeMap::new(),
         };
         let t = m.apply(other, NOW).unwrap();
         assert!(t.actions.contains(&Action::RemoveKey(2)));
@@ -1695,6 +1728,7 @@ mod tests {
                 certificate_pem: "PEM 1".into(),
                 ownership_token: "token".into(),
                 issued_at: NOW,
+                installer_parameters: BTreeMap::new(),
             }
         );
 

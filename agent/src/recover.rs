@@ -127,6 +127,7 @@ fn identity(
         device_configuration: record.device_configuration,
         committed_at: record.committed_at,
         endpoint: record.endpoint,
+        installer_parameters: record.installer_parameters,
     })
 }
 

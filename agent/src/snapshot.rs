@@ -211,6 +211,7 @@ mod tests {
             not_after: 2_524_607_999,
             device_configuration: Default::default(),
             committed_at: 0,
+            installer_parameters: Default::default(),
         }
     }
 

@@ -54,6 +54,12 @@ pub struct Identity {
     /// configured endpoint, whatever it is now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The template parameters an installer supplied with the claim that made this identity
+    /// (`onboarding.installer_parameters`, e.g. the site). They exist nowhere else on the
+    /// gateway, so each rotation's RegisterThing sends them again and the template sets the
+    /// same attributes. Empty for a claim from files.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub installer_parameters: BTreeMap<String, String>,
 }
 
 /// Where the claim of a provisioning came from.
@@ -101,6 +107,9 @@ pub enum Step {
         device_configuration: BTreeMap<String, String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         endpoint: Option<String>,
+        /// What RegisterThing was sent of the installer's parameters (`Identity::installer_parameters`).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        installer_parameters: BTreeMap<String, String>,
     },
 }
 
@@ -508,6 +517,7 @@ fn migrate_v1(old: v1::State, certificate: impl Fn(u32) -> V1Certificate) -> Sta
                 thing_name,
                 device_configuration,
                 endpoint: None,
+                installer_parameters: BTreeMap::new(),
             }),
         ),
         v1::Step::Provisioned {
@@ -531,6 +541,7 @@ fn migrate_v1(old: v1::State, certificate: impl Fn(u32) -> V1Certificate) -> Sta
                     device_configuration,
                     committed_at: provisioned_at,
                     endpoint: None,
+                    installer_parameters: BTreeMap::new(),
                 }),
                 None,
             )
@@ -638,6 +649,8 @@ pub struct IdentityRecord {
     pub committed_at: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub installer_parameters: BTreeMap<String, String>,
 }
 
 impl From<&Identity> for IdentityRecord {
@@ -648,6 +661,7 @@ impl From<&Identity> for IdentityRecord {
             device_configuration: i.device_configuration.clone(),
             committed_at: i.committed_at,
             endpoint: i.endpoint.clone(),
+            installer_parameters: i.installer_parameters.clone(),
         }
     }
 }
@@ -1053,6 +1067,7 @@ mod tests {
             certificate_pem: String::new(),
             thing_name: "gw-1".into(),
             device_configuration: BTreeMap::from([("k".into(), "v".into())]),
+            installer_parameters: BTreeMap::new(),
         }
     }
 
@@ -1089,6 +1104,7 @@ mod tests {
                     not_after: 2,
                     device_configuration: BTreeMap::new(),
                     committed_at: 3,
+                    installer_parameters: BTreeMap::new(),
                 }),
                 operation: Some(Operation::Rotation {
                     staged_generation: 2,
@@ -1296,6 +1312,7 @@ mod directory_tests {
             not_after: 2,
             device_configuration: BTreeMap::new(),
             committed_at: 3,
+            installer_parameters: BTreeMap::new(),
         };
         assert!(store.write_identity_record(&identity).unwrap());
         assert!(!store.write_identity_record(&identity).unwrap());
@@ -1326,6 +1343,7 @@ mod directory_tests {
             not_after: 1,
             device_configuration: BTreeMap::new(),
             committed_at: 0,
+            installer_parameters: BTreeMap::new(),
         };
         let issued = |endpoint: Option<&str>| Step::CertificateIssued {
             generation: 2,

@@ -407,6 +407,7 @@ async fn step(
             certificate_pem,
             ownership_token,
             endpoint,
+            installer_parameters,
             ..
         } => {
             let claimed = claim.and_then(|c| c.endpoint.as_deref());
@@ -427,14 +428,17 @@ async fn step(
                 ));
             }
             let mut parameters = parameters(res, resolved).await?.as_ref().clone();
-            // What the installer supplied with the claim; never a device-sourced value (the
-            // bundle's validation refuses those names).
-            if let Some(c) = claim {
-                for (name, value) in &c.installer_parameters {
-                    parameters
-                        .entry(name.clone())
-                        .or_insert_with(|| value.clone());
-                }
+            // What the installer supplied: with the claim when provisioning, kept with the
+            // identity when rotating. Never a device-sourced value (the bundle's validation
+            // refuses those names).
+            let installer_parameters = match (via, claim) {
+                (Via::Claim(_), Some(c)) => c.installer_parameters.clone(),
+                _ => installer_parameters,
+            };
+            for (name, value) in &installer_parameters {
+                parameters
+                    .entry(name.clone())
+                    .or_insert_with(|| value.clone());
             }
             let template = match via {
                 Via::Claim(_) => claim
@@ -515,6 +519,7 @@ async fn step(
             Input::ThingRegistered {
                 thing_name,
                 device_configuration: registered.device_configuration,
+                installer_parameters,
             }
         }
         Work::VerifyIdentity {

@@ -817,6 +817,73 @@ async fn an_installer_hands_over_a_claim_and_the_gateway_provisions_with_its_tpm
     assert!(gateway.iotd.terminate().await.success());
 }
 
+/// What the installer supplied (Site) lives only in the thing's attributes and in iotd's
+/// identity: a rotation's RegisterThing sends it again, so that the template (Site has a
+/// default, "lab", and merges attributes) does not overwrite the installer's site. It is kept
+/// in state.json and in the generation's identity.json, across a restart.
+#[tokio::test]
+async fn the_installers_parameters_are_sent_again_when_the_certificate_rotates() {
+    let cloud = Cloud::start().await;
+    let mut gateway = Gateway::start(&cloud, "p1", "", true).await;
+    let claim = new_claim(&cloud, gateway.dir.path(), "claim").await;
+    let out = tokio::process::Command::new(iotctl())
+        .args(["onboard", &gateway.target(), "--qr", &gateway.label.qr])
+        .args(["--claim-cert", claim.cert.to_str().unwrap()])
+        .args(["--claim-key", claim.key.to_str().unwrap()])
+        .args(["--param", "Site=hall-9"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "iotctl onboard: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gateway
+        .iotd
+        .wait_status("Provisioned as gw-p1; certificate")
+        .await;
+    let first = gateway.iotd.state()["identity"].clone();
+    assert_eq!(first["installerParameters"]["Site"], "hall-9", "{first}");
+    assert!(gateway.iotd.terminate().await.success());
+    let bus = gateway.bus.as_ref().unwrap().address().to_owned();
+    gateway.iotd = Iotd::start_with_config(
+        &iotd_binary(),
+        &gateway.config_path,
+        &gateway.dir.path().join("state"),
+        &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)],
+    )
+    .await;
+    gateway.iotd.wait_status("READY=1").await;
+    let out = run_iotctl(&bus, &["rotate", "--wait"]).await;
+    assert!(
+        out.status.success(),
+        "iotctl rotate --wait: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rotated = gateway.iotd.state()["identity"].clone();
+    assert_ne!(rotated["certificateId"], first["certificateId"]);
+    assert_eq!(
+        rotated["installerParameters"]["Site"], "hall-9",
+        "{rotated}"
+    );
+    let thing = &cloud.registry()["things"]["gw-p1"];
+    assert_eq!(thing["attributes"]["site"], "hall-9", "{thing}");
+    cloud.assert_active_and_attached(
+        "gw-p1",
+        rotated["certificateId"].as_str().unwrap(),
+        "the rotated certificate",
+    );
+    // The generation's record keeps them too, for a state.json rebuilt from gen/.
+    let record_path = gateway
+        .dir
+        .path()
+        .join(format!("state/gen/{}/identity.json", rotated["generation"]));
+    let record: Value = serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    assert_eq!(record["installerParameters"]["Site"], "hall-9", "{record}");
+    assert!(gateway.iotd.terminate().await.success());
+}
+
 /// Twenty wrong codes (each a real `iotctl onboard`, the code's check digit valid so that it
 /// reaches the gateway): each exits 1 saying the gateway did not prove it knows the code, with
 /// the attempts left. Then the window is closed: a 21st, with the right code, is refused. It

@@ -188,6 +188,7 @@ fn log_since(cloud: &Cloud, thing: &str, mark: u64) -> String {
 async fn wait_current_status(iotd: &mut Iotd, gateway: &Gateway, text: &str) -> String {
     let deadline = Instant::now() + WAIT;
     loop {
+        // Every line sent so far, then each new one as it comes.
         while iotd.next_line(Duration::ZERO).await.is_some() {}
         let current = iotd
             .seen
@@ -199,12 +200,12 @@ async fn wait_current_status(iotd: &mut Iotd, gateway: &Gateway, text: &str) -> 
         if current.contains(text) {
             return current;
         }
+        let left = deadline.saturating_duration_since(Instant::now());
         assert!(
-            Instant::now() < deadline,
+            iotd.next_line(left).await.is_some(),
             "the current STATUS= line does not contain {text:?} within {WAIT:?}: {current:?}\n{}",
             gateway.log_tail()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

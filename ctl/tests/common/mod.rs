@@ -179,6 +179,7 @@ pub fn save_provisioned(store: &Store, thing: &str, not_after: i64) {
                     not_after,
                     device_configuration: BTreeMap::new(),
                     committed_at: 1_700_000_000,
+                    installer_parameters: BTreeMap::new(),
                 }),
                 last_generation: 1,
                 ..State::default()
