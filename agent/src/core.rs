@@ -507,18 +507,14 @@ fn instant_at(at: i64, now: i64) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(secs)
 }
 
-fn rotation_report_topic(settings: &Settings, thing: &str) -> Option<String> {
-    let topic = &settings.rotation.report_topic;
+/// A configured report topic (`cloud.report_topic`, `rotation.report_topic`) for `thing`;
+/// `None` when it is set to "" (no reports).
+fn topic_for(topic: &str, thing: &str) -> Option<String> {
     (!topic.is_empty()).then(|| topic.replace("{thing}", thing))
 }
 
 /// The id under which a rotation report is queued (an abandoned certificate's is its id).
 const ROTATION_REPORT_PREFIX: &str = "rotation:";
-
-fn report_topic(settings: &Settings, thing: &str) -> Option<String> {
-    let topic = &settings.cloud.report_topic;
-    (!topic.is_empty()).then(|| topic.replace("{thing}", thing))
-}
 
 async fn until(at: Option<tokio::time::Instant>) {
     match at {
@@ -1593,7 +1589,10 @@ impl Core {
         let (Some(live), Some(identity)) = (&self.live, &self.machine.state.identity) else {
             return;
         };
-        if let Some(topic) = rotation_report_topic(&self.res.settings, &identity.thing_name) {
+        if let Some(topic) = topic_for(
+            &self.res.settings.rotation.report_topic,
+            &identity.thing_name,
+        ) {
             for report in &self.machine.state.rotation.reports {
                 live.connection.report(crate::connection::Report {
                     id: format!("{ROTATION_REPORT_PREFIX}{}", report.new_certificate_id),
@@ -1602,7 +1601,8 @@ impl Core {
                 });
             }
         }
-        let Some(topic) = report_topic(&self.res.settings, &identity.thing_name) else {
+        let Some(topic) = topic_for(&self.res.settings.cloud.report_topic, &identity.thing_name)
+        else {
             return;
         };
         for id in self.machine.state.unreported_certificates() {
