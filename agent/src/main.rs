@@ -143,7 +143,9 @@ where
             }
             writer.write_char(' ')?;
         }
-        let meta = event.metadata();
+        // A log-crate record arrives with the target "log"; its own is in its fields.
+        let normalized = tracing_log::NormalizeEvent::normalized_metadata(event);
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         write!(writer, "{:>5} {}: ", meta.level(), meta.target())?;
         ctx.format_fields(writer.by_ref(), event)?;
         writeln!(writer)
@@ -357,6 +359,46 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Invocation, String> {
         parse_args(args.iter().map(std::ffi::OsString::from))
+    }
+
+    /// A line as the journal gets it (no time), for tracing's own events and for a log-crate
+    /// record (tss-esapi's, rumqttc's), which keeps its own target rather than "log".
+    #[test]
+    fn log_lines_name_the_level_the_target_and_the_fields() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let out = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || out.clone())
+            .event_format(LogLine { time: false })
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "iotd::core", attempts = 3, "rotation rolled back");
+            let record = tracing_log::log::Record::builder()
+                .level(tracing_log::log::Level::Error)
+                .target("tss_esapi::context")
+                .args(format_args!("Error in creating derived key"))
+                .build();
+            tracing_log::format_trace(&record).unwrap();
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text,
+            " WARN iotd::core: rotation rolled back attempts=3\n\
+             ERROR tss_esapi::context: Error in creating derived key\n"
+        );
     }
 
     #[test]

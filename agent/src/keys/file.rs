@@ -1019,14 +1019,4 @@ mod tests {
         backend.remove(1).unwrap();
         assert!(backend.onboarding_key_path().exists());
     }
-
-    #[test]
-    fn der_lengths_are_encoded_in_long_form() {
-        assert_eq!(crate::der::tlv(0x04, &[0; 3])[..2], [0x04, 3]);
-        assert_eq!(crate::der::tlv(0x04, &[0; 0x80])[..3], [0x04, 0x81, 0x80]);
-        assert_eq!(
-            crate::der::tlv(0x30, &[0; 0x1234])[..4],
-            [0x30, 0x82, 0x12, 0x34]
-        );
-    }
 }
