@@ -101,6 +101,9 @@ pub enum Command {
     },
     /// Closes the onboarding window; answers whether it was open.
     CloseOnboarding(oneshot::Sender<Result<bool, AgentError>>),
+    /// systemd-timedated says the kernel's clock is synchronised (NTPSynchronized), which
+    /// chrony or ntpd set as well as systemd-timesyncd: a due rotation may start.
+    ClockSynchronised,
 }
 
 /// What other tasks (D-Bus, the onboarding server) hold: a command sender, the snapshot, the
@@ -194,6 +197,9 @@ pub struct Core {
     clock_recheck_at: Option<tokio::time::Instant>,
     /// Said once per wait: the clock is not trusted.
     clock_wait_logged: bool,
+    /// systemd-timedated said the clock is synchronised (kept until iotd stops: the kernel's
+    /// clock does not become untrustworthy again by itself).
+    clock_synchronised: bool,
     /// Cloud-triggered rotation (AWS IoT Jobs), once the identity has connected.
     jobs: Option<crate::jobs::Watcher>,
     job_requests: mpsc::Receiver<crate::jobs::RotateForJob>,
@@ -471,13 +477,15 @@ const STAGED_DOWNS: u32 = 3;
 /// previous one, when a rotation kept it: once could be a policy being edited.
 const COMMITTED_REFUSALS: u32 = 2;
 /// While a scheduled rotation waits for the clock to be trusted, it is looked at this often:
-/// systemd-timesyncd's flag file gives no notification iotd could wait on without inotify.
+/// systemd-timesyncd's flag file gives no notification iotd could wait on without inotify, and
+/// systemd-timedated's NTPSynchronized emits no change signal.
 const CLOCK_RECHECK: Duration = Duration::from_secs(60);
 /// Written by systemd-timesyncd once the clock is synchronised.
 const TIMESYNC_FLAG: &str = "/run/systemd/timesync/synchronized";
 /// What status says while a due rotation waits for the clock.
-const WAITING_FOR_CLOCK: &str = "the system clock to be synchronised (systemd-timesyncd) before \
-     the scheduled rotation; set rotation.trust_clock = true on a gateway with a trusted RTC";
+const WAITING_FOR_CLOCK: &str = "the system clock to be synchronised (systemd-timesyncd's flag, or \
+     NTPSynchronized from systemd-timedated) before the scheduled rotation; set \
+     rotation.trust_clock = true on a gateway with a trusted RTC";
 
 /// systemd-timesyncd's flag file; with `test-hooks`, `IOTD_TEST_TIMESYNC_FLAG` names another.
 fn timesync_flag() -> std::path::PathBuf {
@@ -488,9 +496,9 @@ fn timesync_flag() -> std::path::PathBuf {
     TIMESYNC_FLAG.into()
 }
 
-/// How often a due rotation looks at the clock again; with `test-hooks`,
-/// `IOTD_TEST_CLOCK_RECHECK_MS` sets it.
-fn clock_recheck() -> Duration {
+/// How often a due rotation looks at the clock again (the core at the flag file, the D-Bus side
+/// at timedated); with `test-hooks`, `IOTD_TEST_CLOCK_RECHECK_MS` sets it.
+pub(crate) fn clock_recheck() -> Duration {
     #[cfg(feature = "test-hooks")]
     if let Some(ms) = std::env::var("IOTD_TEST_CLOCK_RECHECK_MS")
         .ok()
@@ -656,6 +664,7 @@ impl Core {
             committed_refusals: 0,
             clock_recheck_at: None,
             clock_wait_logged: false,
+            clock_synchronised: false,
             jobs: None,
             job_requests,
             job_requests_tx,
@@ -1042,6 +1051,7 @@ impl Core {
         let mut snap = snapshot::snapshot(&self.machine, &cx);
         snap.next_rotation = self.next_rotation();
         if self.clock_wait_logged && self.machine.state.operation.is_none() {
+            snap.waiting_for_clock = true;
             snap.waiting_for = Some(WAITING_FOR_CLOCK.to_owned());
             snap.status_line = format!(
                 "{}; a rotation is due: waiting for the system clock to be synchronised",
@@ -1785,10 +1795,13 @@ impl Core {
         Some(due.max(state.rotation.retry_at.unwrap_or(i64::MIN)))
     }
 
-    /// Whether expiry and age can be judged by the system clock: systemd-timesyncd says it is
-    /// synchronised, or the configuration says the clock can be trusted (an RTC).
+    /// Whether expiry and age can be judged by the system clock: systemd-timesyncd's flag file
+    /// or systemd-timedated (through the D-Bus side) says it is synchronised, or the
+    /// configuration says the clock can be trusted (an RTC).
     fn clock_trusted(&self) -> bool {
-        self.res.settings.rotation.trust_clock || timesync_flag().exists()
+        self.res.settings.rotation.trust_clock
+            || self.clock_synchronised
+            || timesync_flag().exists()
     }
 
     /// The rotation timer fired: start the scheduled rotation if it is due by the wall clock
@@ -1803,7 +1816,7 @@ impl Core {
             if !std::mem::replace(&mut self.clock_wait_logged, true) {
                 tracing::warn!(
                     due = %crate::cloud::rfc3339(at),
-                    "the certificate is due for rotation, but the system clock is not synchronised ({} is missing): waiting for it (set rotation.trust_clock = true on a gateway with a trusted RTC)",
+                    "the certificate is due for rotation, but the system clock is not synchronised ({} is missing, and systemd-timedated does not say NTPSynchronized): waiting for it (set rotation.trust_clock = true on a gateway with a trusted RTC)",
                     timesync_flag().display()
                 );
             }
@@ -1951,6 +1964,10 @@ impl Core {
                 let answer = self.rotate_on_demand();
                 let _ = reply.send(answer);
                 Ok(())
+            }
+            Command::ClockSynchronised => {
+                self.clock_synchronised = true;
+                self.rotation_due()
             }
             Command::Reprovision(reply) => {
                 let answer = self.reprovision();

@@ -22,6 +22,7 @@
 //! the socket (SO_PEERGROUPS) when the client connects.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use iotd_api::LastErrorWire;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -728,6 +729,8 @@ pub async fn serve(handle: Handle, address: Option<&str>) -> Result<Server, Serv
         snapshot.borrow_and_update();
         snapshot.clone()
     };
+    let clock_snapshot = snapshot.clone();
+    let clock_commands = commands.clone();
     // For messages: which bus, and where (what `Builder::system()` will use).
     let bus = match address {
         Some(a) => format!("bus at {a}"),
@@ -766,8 +769,73 @@ pub async fn serve(handle: Handle, address: Option<&str>) -> Result<Server, Serv
         Err(cause) => return Err(ServeError::Name { bus, cause }),
     }
     tracing::info!(name = iotd_api::BUS_NAME, "serving on the D-Bus {bus}");
-    let task = tokio::spawn(follow(emitter, follower_snapshot, events));
+    let clock = confirm_clock(connection.clone(), clock_snapshot, clock_commands);
+    let task = tokio::spawn(async move {
+        // Both end when the core does.
+        tokio::join!(follow(emitter, follower_snapshot, events), clock);
+    });
     Ok(Server { connection, task })
+}
+
+/// While a scheduled rotation waits for the clock (`Snapshot::waiting_for_clock`), asks
+/// systemd-timedated once a minute whether the kernel's clock is synchronised
+/// (`NTPSynchronized`: the kernel's own flag, set by whichever NTP daemon disciplines the clock,
+/// chrony and ntpd as well as systemd-timesyncd), and tells the core when it is. The core looks
+/// at timesyncd's flag file itself; this covers the gateways without timesyncd. timedated emits
+/// no change signal for this property, so it is asked; it is started on demand by the bus and
+/// exits when idle.
+async fn confirm_clock(
+    connection: Connection,
+    mut snapshot: watch::Receiver<Snapshot>,
+    commands: mpsc::Sender<Command>,
+) {
+    let mut said = false;
+    loop {
+        if snapshot.wait_for(|s| s.waiting_for_clock).await.is_err() {
+            return;
+        }
+        match ntp_synchronized(&connection).await {
+            Ok(true) => {
+                tracing::info!("systemd-timedated says the system clock is synchronised");
+                if commands.send(Command::ClockSynchronised).await.is_err() {
+                    return;
+                }
+            }
+            Ok(false) => {}
+            // No timedated (a system without it, a test bus): the flag file or trust_clock
+            // decide. Said once, not every minute.
+            Err(e) if !std::mem::replace(&mut said, true) => {
+                tracing::info!("asking systemd-timedated whether the clock is synchronised: {e}");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = tokio::time::sleep(crate::core::clock_recheck()) => {}
+            ended = snapshot.wait_for(|s| !s.waiting_for_clock) => {
+                if ended.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// timedated's `NTPSynchronized` property.
+async fn ntp_synchronized(connection: &Connection) -> Result<bool, String> {
+    const TIMEDATED: &str = "org.freedesktop.timedate1";
+    let call = connection.call_method(
+        Some(TIMEDATED),
+        "/org/freedesktop/timedate1",
+        Some("org.freedesktop.DBus.Properties"),
+        "Get",
+        &(TIMEDATED, "NTPSynchronized"),
+    );
+    let reply = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .map_err(|_| "no answer in 10 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let value: zbus::OwnedVariant = reply.body().deserialize().map_err(|e| e.to_string())?;
+    bool::try_from(value).map_err(|e| format!("NTPSynchronized is not a boolean: {e}"))
 }
 
 #[cfg(test)]

@@ -17,6 +17,9 @@ pub struct Snapshot {
     pub step: &'static str,
     /// What the agent waits for, in words ("a claim: …"); `None` when it is not waiting.
     pub waiting_for: Option<String>,
+    /// A scheduled rotation is due and waits for the system clock to be synchronised (the D-Bus
+    /// side then asks systemd-timedated).
+    pub waiting_for_clock: bool,
     pub thing_name: Option<String>,
     pub certificate_id: Option<String>,
     pub certificate_not_after: Option<i64>,
@@ -124,6 +127,7 @@ pub fn snapshot(machine: &Machine, cx: &Context) -> Snapshot {
         state: api_state,
         step,
         waiting_for,
+        waiting_for_clock: false,
         thing_name,
         certificate_id,
         certificate_not_after: not_after,

@@ -165,6 +165,7 @@ fn snapshot() -> Snapshot {
         previous_delete_after: Some(1_700_600_000),
         next_rotation: None,
         waiting_for: None,
+        waiting_for_clock: false,
         key_backend: "file",
         key_reference: Some("/var/lib/iotd/gen/1/key.pem".into()),
         connected: true,

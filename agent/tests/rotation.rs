@@ -8,6 +8,8 @@
 //!   refusal before the gateway is provisioned.
 //! - AWS IoT Jobs: a rotation job ends SUCCEEDED, another job is left alone, a rotation job
 //!   whose rotation fails ends FAILED with the cause.
+//! - Clock trust: a due rotation waits until systemd-timesyncd's flag file appears, or until a
+//!   stand-in for systemd-timedated on the private bus says NTPSynchronized.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
@@ -346,42 +348,157 @@ async fn jobs_trigger_rotations_and_end_succeeded_or_failed_and_other_jobs_are_l
     assert!(iotd.terminate().await.success());
 }
 
+/// A gateway whose clock is not trusted yet (`trust_clock` at its default, false), on a private
+/// system bus with the shipped policy and, when `timedated` is given, a stand-in for
+/// systemd-timedated on it. A due rotation waits, and status says what for. `flag` stands for
+/// systemd-timesyncd's flag file (through the test hook); the clock is looked at every 200 ms.
+struct UntrustedClock {
+    cloud: Cloud,
+    dir: tempfile::TempDir,
+    iotd: Iotd,
+    generation: u64,
+    certificate: String,
+    _bus: DbusDaemon,
+}
+
+impl UntrustedClock {
+    async fn start(serial: &str, timedated: Option<&Timedated>, bus: DbusDaemon) -> Self {
+        let cloud = Cloud::start_with(|s| s.cert_validity = Some(Duration::from_secs(20))).await;
+        let dir = tempfile::tempdir().unwrap();
+        let conf = format!(
+            "{}\n[rotation]\nrenew_before = \"50%\"\njitter = \"0\"\n",
+            config(&cloud, &dir.path().join("state"), serial)
+        );
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, conf).unwrap();
+        let flag = dir.path().join("synchronized");
+        let mut iotd = Iotd::start_with_config(
+            &iotd_binary(),
+            &config_path,
+            &dir.path().join("state"),
+            &[
+                ("DBUS_SYSTEM_BUS_ADDRESS", bus.address()),
+                ("IOTD_TEST_TIMESYNC_FLAG", flag.to_str().unwrap()),
+                ("IOTD_TEST_CLOCK_RECHECK_MS", "200"),
+            ],
+        )
+        .await;
+        iotd.wait_status(&format!(
+            "Provisioned as gw-{serial}; certificate valid until"
+        ))
+        .await;
+        let (generation, certificate) = identity(&iotd.state());
+        iotd.wait_status("a rotation is due: waiting for the system clock to be synchronised")
+            .await;
+        if let Some(timedated) = timedated {
+            // Asked, and answered "no", at least twice: still waiting.
+            timedated.wait_asked(2).await;
+        }
+        assert_eq!(
+            identity(&iotd.state()).0,
+            generation,
+            "rotated without a trusted clock"
+        );
+        UntrustedClock {
+            cloud,
+            dir,
+            iotd,
+            generation,
+            certificate,
+            _bus: bus,
+        }
+    }
+
+    async fn assert_rotates(mut self, serial: &str) {
+        wait_rotated(&self.cloud, &format!("gw-{serial}"), &self.certificate).await;
+        assert_eq!(identity(&self.iotd.state()).0, self.generation + 1);
+        assert!(self.iotd.terminate().await.success());
+    }
+}
+
 /// Without a trusted clock no expiry decision is made: a due rotation waits, and status says
 /// what for; once systemd-timesyncd's flag appears (here a file of the test's, through the
-/// test hook), the rotation runs. `trust_clock` is left at its default (false).
+/// test hook), the rotation runs. The bus has no timedated.
 #[tokio::test]
 async fn a_scheduled_rotation_waits_for_a_trusted_clock() {
-    let cloud = Cloud::start_with(|s| s.cert_validity = Some(Duration::from_secs(20))).await;
-    let dir = tempfile::tempdir().unwrap();
-    let conf = format!(
-        "{}\n[rotation]\nrenew_before = \"50%\"\njitter = \"0\"\n",
-        config(&cloud, &dir.path().join("state"), "t1")
+    let bus = DbusDaemon::start(&[&dbus_policy_file()], Some(ROOT_MAY_OWN));
+    let gateway = UntrustedClock::start("t1", None, bus).await;
+    std::fs::write(gateway.dir.path().join("synchronized"), "").unwrap();
+    gateway.assert_rotates("t1").await;
+}
+
+/// The gateways without systemd-timesyncd (chrony, ntpd): no flag file, but systemd-timedated's
+/// `NTPSynchronized` (the kernel's flag) says the clock is synchronised. Here a stand-in for
+/// timedated on the private bus, with the access its own policy gives (anyone may call it),
+/// answers "no", then "yes": the rotation runs.
+#[tokio::test]
+async fn a_scheduled_rotation_runs_once_timedated_says_the_clock_is_synchronised() {
+    let bus = DbusDaemon::start(
+        &[&dbus_policy_file()],
+        Some(&format!("{ROOT_MAY_OWN}{TIMEDATED_POLICY}")),
     );
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(&config_path, conf).unwrap();
-    let flag = dir.path().join("synchronized");
-    let mut iotd = Iotd::start_with_config(
-        &iotd_binary(),
-        &config_path,
-        &dir.path().join("state"),
-        &[
-            ("IOTD_TEST_TIMESYNC_FLAG", flag.to_str().unwrap()),
-            ("IOTD_TEST_CLOCK_RECHECK_MS", "200"),
-        ],
-    )
-    .await;
-    iotd.wait_status("Provisioned as gw-t1; certificate valid until")
-        .await;
-    let (generation, certificate) = identity(&iotd.state());
-    iotd.wait_status("a rotation is due: waiting for the system clock to be synchronised")
-        .await;
-    assert_eq!(
-        identity(&iotd.state()).0,
-        generation,
-        "rotated without a trusted clock"
-    );
-    std::fs::write(&flag, "").unwrap();
-    wait_rotated(&cloud, "gw-t1", &certificate).await;
-    assert_eq!(identity(&iotd.state()).0, generation + 1);
-    assert!(iotd.terminate().await.success());
+    let timedated = Timedated::start(&bus).await;
+    let gateway = UntrustedClock::start("t2", Some(&timedated), bus).await;
+    timedated.synchronised(true);
+    gateway.assert_rotates("t2").await;
+}
+
+/// What systemd's own policy file for timedated allows, and root owning its name here.
+const TIMEDATED_POLICY: &str = r#"<policy user="root"><allow own="org.freedesktop.timedate1"/></policy><policy context="default"><allow send_destination="org.freedesktop.timedate1"/></policy>"#;
+
+/// A stand-in for systemd-timedated: `org.freedesktop.timedate1` with the one property iotd
+/// reads, `NTPSynchronized`.
+struct Timedated {
+    state: std::sync::Arc<TimedatedState>,
+    _connection: zbus::Connection,
+}
+
+#[derive(Default)]
+struct TimedatedState {
+    synchronised: std::sync::atomic::AtomicBool,
+    asked: tokio::sync::watch::Sender<u32>,
+}
+
+struct TimedatedObject(std::sync::Arc<TimedatedState>);
+
+#[zbus::interface(name = "org.freedesktop.timedate1")]
+impl TimedatedObject {
+    #[zbus(property, name = "NTPSynchronized")]
+    fn ntp_synchronized(&self) -> bool {
+        self.0.asked.send_modify(|n| *n += 1);
+        self.0
+            .synchronised
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Timedated {
+    async fn start(bus: &DbusDaemon) -> Timedated {
+        let state = std::sync::Arc::new(TimedatedState::default());
+        let connection = zbus::connection::Builder::address(bus.address())
+            .name("org.freedesktop.timedate1")
+            .serve_at("/org/freedesktop/timedate1", TimedatedObject(state.clone()))
+            .build()
+            .await
+            .unwrap();
+        Timedated {
+            state,
+            _connection: connection,
+        }
+    }
+
+    fn synchronised(&self, yes: bool) {
+        self.state
+            .synchronised
+            .store(yes, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits until NTPSynchronized was read `times` times.
+    async fn wait_asked(&self, times: u32) {
+        let mut asked = self.state.asked.subscribe();
+        tokio::time::timeout(WAIT, asked.wait_for(|n| *n >= times))
+            .await
+            .unwrap_or_else(|_| panic!("timedated was not asked {times} times within {WAIT:?}"))
+            .unwrap();
+    }
 }
