@@ -823,19 +823,30 @@ async fn confirm_clock(
 /// timedated's `NTPSynchronized` property.
 async fn ntp_synchronized(connection: &Connection) -> Result<bool, String> {
     const TIMEDATED: &str = "org.freedesktop.timedate1";
-    let call = connection.call_method(
-        Some(TIMEDATED),
+    let call = crate::bus::call(
+        connection,
+        TIMEDATED,
         "/org/freedesktop/timedate1",
-        Some("org.freedesktop.DBus.Properties"),
+        "org.freedesktop.DBus.Properties",
         "Get",
-        &(TIMEDATED, "NTPSynchronized"),
+        crate::bus::Args::new((TIMEDATED, "NTPSynchronized")),
     );
     let reply = tokio::time::timeout(Duration::from_secs(10), call)
         .await
         .map_err(|_| "no answer in 10 s".to_owned())?
         .map_err(|e| e.to_string())?;
-    let value: zbus::OwnedVariant = reply.body().deserialize().map_err(|e| e.to_string())?;
-    bool::try_from(value).map_err(|e| format!("NTPSynchronized is not a boolean: {e}"))
+    // Properties.Get answers a variant holding the value.
+    let value = match reply.value(0).map_err(|e| e.to_string())? {
+        Variant::Variant(inner) => *inner,
+        other => other,
+    };
+    match value {
+        Variant::Bool(synchronised) => Ok(synchronised),
+        other => Err(format!(
+            "NTPSynchronized is a {}, not a boolean",
+            zbus::DynamicType::signature(&other)
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@
 //! directory (`state.json`, `gen/<n>/` with the key and `cert.pem`), the claim certificate and
 //! key named in the config (read, never written, deleted only when the config says so).
 
+pub mod bus;
 pub mod claim;
 pub mod cloud;
 pub mod config;

@@ -28,9 +28,10 @@ use std::path::Path;
 
 use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, watch};
-use zbus::{MatchRule, Message, MessageStream, ObjectPath, Variant};
+use zbus::{MatchRule, Message, MessageStream, ObjectPath};
 
 use self::avahi::{group_state, server_state};
+use crate::bus::{Args, Values, call};
 use crate::config::OnboardingSettings;
 use crate::onboard::port::{Port, Request, View};
 
@@ -632,82 +633,6 @@ impl Announcer {
 /// The bus itself: its name, which is also its interface's, and its path.
 const DBUS_NAME: &str = "org.freedesktop.DBus";
 const DBUS_PATH: &str = "/org/freedesktop/DBus";
-
-/// A method call's arguments: none, or a structure of D-Bus values. Every call passes this one
-/// type, so that zbus's generic call and serialization code is in iotd once rather than once
-/// per argument list.
-struct Args<'a>(Option<zbus::Structure<'a>>);
-
-impl<'a> Args<'a> {
-    const NONE: Self = Args(None);
-
-    fn new(fields: impl Into<zbus::Structure<'a>>) -> Self {
-        Args(Some(fields.into()))
-    }
-}
-
-impl serde::Serialize for Args<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match &self.0 {
-            Some(fields) => fields.serialize(serializer),
-            None => serializer.serialize_unit(),
-        }
-    }
-}
-
-impl zbus::DynamicType for Args<'_> {
-    fn signature(&self) -> zbus::Signature {
-        match &self.0 {
-            Some(fields) => fields.signature().clone(),
-            None => zbus::Signature::Unit,
-        }
-    }
-}
-
-/// A reply's or a signal's values, read by position; each value's D-Bus type is checked as it
-/// is read. One dynamic reader for every message, rather than a typed deserializer per reply,
-/// keeps zbus's generic decoding code in iotd once.
-struct Values(zbus::message::Body);
-
-impl Values {
-    fn of(message: &Message) -> Self {
-        Values(message.body())
-    }
-
-    /// The value at `index`, as a `T`.
-    fn get<'a, T>(&'a self, index: usize) -> zbus::Result<T>
-    where
-        T: TryFrom<Variant<'a>, Error = zbus::Error>,
-    {
-        T::try_from(self.value(index)?)
-    }
-
-    /// Decodes the body again for each value: Avahi's messages carry a few small values, and
-    /// iotd reads each once.
-    fn value(&self, index: usize) -> zbus::Result<Variant<'_>> {
-        // Even a single value comes as a structure of one.
-        let mut values = self.0.deserialize::<zbus::Structure<'_>>()?.into_fields();
-        if index >= values.len() {
-            return Err(zbus::Error::IncorrectType);
-        }
-        Ok(values.swap_remove(index))
-    }
-}
-
-/// Calls `method` of `interface` at `path` of `destination`; the reply's values.
-async fn call(
-    connection: &zbus::Connection,
-    destination: &str,
-    path: &str,
-    interface: &str,
-    method: &str,
-    args: Args<'_>,
-) -> zbus::Result<Values> {
-    let reply = connection
-        .call_method(Some(destination), path, Some(interface), method, &args)
-        .await?;
-    Ok(Values::of(&reply))
-}
 
 /// The signals `rule` (without its sender and type) selects, from `sender`.
 async fn subscribe(
