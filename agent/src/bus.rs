@@ -81,3 +81,45 @@ pub async fn call(
         .await?;
     Ok(Values::of(&reply))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// What iotd sends (here Avahi's AddService) is what a typed call would send, and replies read back by position
+    /// with their types checked.
+    #[test]
+    fn arguments_and_values_are_d_bus_values() {
+        let txt = vec![b"v=1".to_vec(), b"sn=GW-1".to_vec()];
+        let typed = (-1i32, 0u32, "iotd GW-1", 8443u16, txt);
+        let message = Message::method_call("/", "AddService")
+            .build(&Args::new(typed.clone()))
+            .unwrap();
+        let expected = Message::method_call("/", "AddService")
+            .build(&typed)
+            .unwrap();
+        assert_eq!(message.body().signature().to_string_no_parens(), "iusqaay");
+        assert_eq!(message.body().signature(), expected.body().signature());
+        assert_eq!(
+            message.body().data().bytes(),
+            expected.body().data().bytes()
+        );
+        let values = Values::of(&message);
+        assert_eq!(values.get::<i32>(0).unwrap(), -1);
+        assert_eq!(values.get::<String>(2).unwrap(), "iotd GW-1");
+        assert!(values.get::<i32>(2).is_err(), "a string is not an i32");
+        assert!(values.get::<u16>(5).is_err(), "there are five values");
+
+        let single = Message::method_call("/", "GetState")
+            .build(&Args::new((2i32,)))
+            .unwrap();
+        assert_eq!(single.body().signature().to_string_no_parens(), "i");
+        assert_eq!(Values::of(&single).get::<i32>(0).unwrap(), 2);
+        let none = Message::method_call("/", "Commit")
+            .build(&Args::NONE)
+            .unwrap();
+        assert!(none.body().is_empty());
+        assert!(Values::of(&none).get::<i32>(0).is_err());
+    }
+}
