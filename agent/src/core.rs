@@ -824,24 +824,25 @@ impl Core {
     /// Logs a change of the window and persists its count.
     fn window_changed(&mut self, change: onboard::window::Change) {
         use onboard::window::Change;
-        match change {
-            Change::Opened(opener) => {
-                tracing::info!(
-                    ?opener,
-                    attempts_left = self.window.attempts_left(),
-                    closes_at = self.window.closes_at(),
-                    "onboarding window open"
-                );
-                if self.onboarding_served {
+        // Without the onboarding server the window is bookkeeping only (still persisted):
+        // nothing to announce, and a log line saying it opened would mislead the journal's
+        // reader.
+        if self.onboarding_served {
+            match change {
+                Change::Opened(opener) => {
+                    tracing::info!(
+                        ?opener,
+                        attempts_left = self.window.attempts_left(),
+                        closes_at = self.window.closes_at(),
+                        "onboarding window open"
+                    );
                     let _ = self.events.send(Event::OnboardingOpened {
                         closes_at: self.window.closes_at().unwrap_or(0),
                         attempts_left: self.window.attempts_left(),
                     });
                 }
-            }
-            Change::Closed(why) => {
-                tracing::info!(why = why.as_str(), "onboarding window closed");
-                if self.onboarding_served {
+                Change::Closed(why) => {
+                    tracing::info!(why = why.as_str(), "onboarding window closed");
                     let _ = self.events.send(Event::OnboardingClosed {
                         reason: why.as_str(),
                     });
