@@ -46,16 +46,6 @@ async fn wait_rotated(cloud: &Cloud, thing: &str, old: &str) {
         .await;
 }
 
-fn identity(state: &Value) -> (u64, String) {
-    (
-        state["identity"]["generation"].as_u64().unwrap_or(0),
-        state["identity"]["certificateId"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-    )
-}
-
 /// The certificates the fake saw connect as `client_id`, in order of their first CONNECT.
 fn connected_certificates(cloud: &Cloud, client_id: &str) -> Vec<String> {
     let mut seen = Vec::new();
@@ -99,14 +89,14 @@ async fn three_scheduled_rotations(serial: &str, key: &str) {
     iotd.wait_status(&format!("Provisioned as {thing}; certificate valid until"))
         .await;
     let state = iotd.state();
-    let (mut generation, mut certificate) = identity(&state);
+    let (mut generation, mut certificate) = identity_of(&state);
     let mut keys = BTreeSet::new();
     keys.insert(public_key(&state));
 
     for round in 1..=3 {
         wait_rotated(&cloud, &thing, &certificate).await;
         let state = iotd.state();
-        let (new_generation, new_certificate) = identity(&state);
+        let (new_generation, new_certificate) = identity_of(&state);
         assert_eq!(new_generation, generation + 1, "{state:#}");
         assert_ne!(new_certificate, certificate);
         // A new key: its own generation, different from every earlier one.
@@ -204,7 +194,7 @@ async fn iotctl_rotate_wait_follows_an_on_demand_rotation_and_is_refused_before_
     let mut iotd = iotd_on_bus(&conf, dir.path(), &bus).await;
     iotd.wait_status("Provisioned as gw-w2; certificate valid until")
         .await;
-    let (generation, certificate) = identity(&iotd.state());
+    let (generation, certificate) = identity_of(&iotd.state());
     let out = run_iotctl(bus.address(), &["rotate", "--wait"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -213,7 +203,7 @@ async fn iotctl_rotate_wait_follows_an_on_demand_rotation_and_is_refused_before_
         String::from_utf8_lossy(&out.stderr)
     );
     let state = iotd.state();
-    let (new_generation, new_certificate) = identity(&state);
+    let (new_generation, new_certificate) = identity_of(&state);
     assert_eq!(new_generation, generation + 1);
     assert!(
         stdout.contains(&format!("rotation-{new_generation} committed"))
@@ -286,7 +276,7 @@ async fn jobs_trigger_rotations_and_end_succeeded_or_failed_and_other_jobs_are_l
     let mut iotd = Iotd::start(&iotd_binary(), dir.path(), &conf).await;
     iotd.wait_status("Provisioned as gw-j1; certificate valid until")
         .await;
-    let (generation, certificate) = identity(&iotd.state());
+    let (generation, certificate) = identity_of(&iotd.state());
 
     create_job(
         &cloud,
@@ -305,7 +295,7 @@ async fn jobs_trigger_rotations_and_end_succeeded_or_failed_and_other_jobs_are_l
     let execution = wait_job(&cloud, "rotate-1", "gw-j1").await;
     assert_eq!(execution["status"], "SUCCEEDED", "{execution:#}");
     let state = iotd.state();
-    let (new_generation, new_certificate) = identity(&state);
+    let (new_generation, new_certificate) = identity_of(&state);
     assert_eq!(new_generation, generation + 1);
     assert_ne!(new_certificate, certificate);
     assert_eq!(state["rotation"]["last"]["reason"], "job");
@@ -344,7 +334,7 @@ async fn jobs_trigger_rotations_and_end_succeeded_or_failed_and_other_jobs_are_l
         cause.contains("rolled back") && cause.contains("no rotation today"),
         "{execution:#}"
     );
-    assert_eq!(identity(&iotd.state()).1, new_certificate);
+    assert_eq!(identity_of(&iotd.state()).1, new_certificate);
     assert!(iotd.terminate().await.success());
 }
 
@@ -387,7 +377,7 @@ impl UntrustedClock {
             "Provisioned as gw-{serial}; certificate valid until"
         ))
         .await;
-        let (generation, certificate) = identity(&iotd.state());
+        let (generation, certificate) = identity_of(&iotd.state());
         iotd.wait_status("a rotation is due: waiting for the system clock to be synchronised")
             .await;
         if let Some(timedated) = timedated {
@@ -395,7 +385,7 @@ impl UntrustedClock {
             timedated.wait_asked(2).await;
         }
         assert_eq!(
-            identity(&iotd.state()).0,
+            identity_of(&iotd.state()).0,
             generation,
             "rotated without a trusted clock"
         );
@@ -411,7 +401,7 @@ impl UntrustedClock {
 
     async fn assert_rotates(mut self, serial: &str) {
         wait_rotated(&self.cloud, &format!("gw-{serial}"), &self.certificate).await;
-        assert_eq!(identity(&self.iotd.state()).0, self.generation + 1);
+        assert_eq!(identity_of(&self.iotd.state()).0, self.generation + 1);
         assert!(self.iotd.terminate().await.success());
     }
 }

@@ -231,16 +231,3 @@ async fn sigkill_at_random_instants_of_a_rotation_comes_back_with_a_working_iden
     }
     assert!(iotd.terminate().await.success());
 }
-
-/// Waits until `dir` is gone (keys are removed in the background, after the state is written).
-async fn wait_gone(dir: &Path) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while dir.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} is still there",
-            dir.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}

@@ -11,7 +11,7 @@
 //!   certificate, and says why.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use fake_iot_core::registry::CertStatus;
@@ -92,16 +92,6 @@ async fn rotate_ok(bus: &DbusDaemon, gateway: &Gateway) -> String {
     stdout
 }
 
-fn identity(state: &Value) -> (u64, String) {
-    (
-        state["identity"]["generation"].as_u64().unwrap_or(0),
-        state["identity"]["certificateId"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-    )
-}
-
 fn abandoned(state: &Value, id: &str) -> bool {
     state["abandonedCertificates"]
         .as_array()
@@ -111,6 +101,11 @@ fn abandoned(state: &Value, id: &str) -> bool {
 fn last_error(state: &Value) -> &str {
     state["lastError"]["message"].as_str().unwrap_or_default()
 }
+
+/// How often these tests read state.json while they wait on it. Not every write has a signal
+/// a test could wait on (a STATUS= line only when the summary changes), and the states passed
+/// through on the way (a rollback's, a fallback's) are what some assertions are about.
+const STATE_LOOK: Duration = Duration::from_millis(20);
 
 /// Polls state.json (iotd writes it at each transition) until `done`, within `WAIT`; every
 /// state seen on the way goes to `seen` (a transient one can matter).
@@ -135,20 +130,7 @@ async fn wait_state(
             "state.json does not show {what} within {WAIT:?}: {state:#}\n{}",
             gateway.log_tail()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until `dir` is gone (keys are removed in the background, after the state is written).
-async fn wait_gone(dir: &Path) {
-    let deadline = Instant::now() + WAIT;
-    while dir.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} is still there",
-            dir.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(STATE_LOOK).await;
     }
 }
 
@@ -222,7 +204,7 @@ async fn a_new_certificate_refused_at_connect_is_rolled_back_and_the_next_rotati
     let thing = gateway.thing.clone();
     let mut iotd = gateway.start(&bus).await;
     let before = gateway.connected(&mut iotd).await;
-    let (generation, old) = identity(&before);
+    let (generation, old) = identity_of(&before);
 
     let rule = cloud.add_fault(json!({
         "api": "Connect",
@@ -242,7 +224,7 @@ async fn a_new_certificate_refused_at_connect_is_rolled_back_and_the_next_rotati
     let out = loop {
         tokio::select! {
             out = &mut rotate => break out,
-            () = tokio::time::sleep(Duration::from_millis(20)) => {
+            () = tokio::time::sleep(STATE_LOOK) => {
                 let state = iotd.state();
                 if seen.last() != Some(&state) {
                     seen.push(state);
@@ -295,7 +277,7 @@ async fn a_new_certificate_refused_at_connect_is_rolled_back_and_the_next_rotati
         s["operation"].is_null() && abandoned(s, &refused)
     })
     .await;
-    assert_eq!(identity(&state), (generation, old.clone()), "{state:#}");
+    assert_eq!(identity_of(&state), (generation, old.clone()), "{state:#}");
     // The next scheduled rotation waits retry_interval (1 h by default).
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -413,7 +395,7 @@ async fn a_new_certificate_refused_at_connect_is_rolled_back_and_the_next_rotati
     let mark = log_mark(&cloud);
     let stdout = rotate_ok(&bus, &gateway).await;
     let state = iotd.state();
-    let (new_generation, new) = identity(&state);
+    let (new_generation, new) = identity_of(&state);
     assert_eq!(new_generation, generation + 2, "{state:#}");
     assert!(new != old && new != refused, "{state:#}");
     assert!(
@@ -471,7 +453,7 @@ async fn wait_fallback(
         if seen.last() != Some(&state) {
             seen.push(state.clone());
         }
-        if identity(&state).1 == old {
+        if identity_of(&state).1 == old {
             return;
         }
         assert!(
@@ -487,7 +469,7 @@ async fn wait_fallback(
             log_since(cloud, &gateway.thing, mark),
             gateway.log_tail()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(STATE_LOOK).await;
     }
 }
 
@@ -571,7 +553,7 @@ async fn a_revoked_new_certificate_falls_back_to_the_previous_identity() {
     let gateway = Gateway::new(&cloud, "fb1", "");
     let thing = gateway.thing.clone();
     let mut iotd = gateway.start(&bus).await;
-    let (old_generation, old) = identity(&gateway.connected(&mut iotd).await);
+    let (old_generation, old) = identity_of(&gateway.connected(&mut iotd).await);
     rotate_ok(&bus, &gateway).await;
     let mut seen = Vec::new();
     // The backend has the report (the broker acknowledged it).
@@ -579,7 +561,7 @@ async fn a_revoked_new_certificate_falls_back_to_the_previous_identity() {
         s["rotation"]["reports"].is_null()
     })
     .await;
-    let (generation, new) = identity(&rotated);
+    let (generation, new) = identity_of(&rotated);
     assert_eq!(generation, old_generation + 1, "{rotated:#}");
     assert_eq!(
         rotated["previous"]["identity"]["certificateId"],
@@ -622,7 +604,7 @@ async fn a_revoked_new_certificate_falls_back_to_the_previous_identity() {
     // As the message says: rotate again. A new generation, the old certificate kept.
     rotate_ok(&bus, &gateway).await;
     let state = iotd.state();
-    let (third_generation, third) = identity(&state);
+    let (third_generation, third) = identity_of(&state);
     assert_eq!(third_generation, generation + 1, "{state:#}");
     assert!(third != old && third != new, "{state:#}");
     assert_eq!(state["previous"]["identity"]["certificateId"], old.as_str());
@@ -643,7 +625,7 @@ async fn a_fallback_before_the_rotation_report_does_not_report_the_commit() {
     let gateway = Gateway::new(&cloud, "fb2", "");
     let thing = gateway.thing.clone();
     let mut iotd = gateway.start(&bus).await;
-    let (old_generation, old) = identity(&gateway.connected(&mut iotd).await);
+    let (old_generation, old) = identity_of(&gateway.connected(&mut iotd).await);
 
     // Revoked the moment the fake accepted its CONNECT (its CONNACK is already on the wire:
     // iotd commits, then loses the session).
@@ -747,7 +729,7 @@ async fn without_a_grace_period_a_revoked_new_certificate_stays_disconnected_and
     let gateway = Gateway::new(&cloud, "fb0", "grace_period = \"0\"\n");
     let thing = gateway.thing.clone();
     let mut iotd = gateway.start(&bus).await;
-    let (old_generation, old) = identity(&gateway.connected(&mut iotd).await);
+    let (old_generation, old) = identity_of(&gateway.connected(&mut iotd).await);
     rotate_ok(&bus, &gateway).await;
     let mut seen = Vec::new();
     let rotated = wait_state(
@@ -758,7 +740,7 @@ async fn without_a_grace_period_a_revoked_new_certificate_stays_disconnected_and
         |s| s["previous"].is_null(),
     )
     .await;
-    let (generation, new) = identity(&rotated);
+    let (generation, new) = identity_of(&rotated);
     assert_eq!(generation, old_generation + 1, "{rotated:#}");
     wait_gone(&iotd.state_dir.join(format!("gen/{old_generation}"))).await;
     cloud
@@ -791,7 +773,7 @@ async fn without_a_grace_period_a_revoked_new_certificate_stays_disconnected_and
         last_error(s).contains(&new)
     })
     .await;
-    assert_eq!(identity(&state), (generation, new.clone()), "{state:#}");
+    assert_eq!(identity_of(&state), (generation, new.clone()), "{state:#}");
     assert!(state["previous"].is_null(), "{state:#}");
     assert!(state["operation"].is_null(), "{state:#}");
     assert!(!abandoned(&state, &new), "{state:#}");

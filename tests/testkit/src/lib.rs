@@ -281,6 +281,32 @@ impl Cloud {
 }
 
 /// Copies the directory tree `from` to `to` (files and directories; modes kept).
+/// The generation and certificate id of the identity in a `state.json` (0 and "" without one).
+pub fn identity_of(state: &Value) -> (u64, String) {
+    (
+        state["identity"]["generation"].as_u64().unwrap_or(0),
+        state["identity"]["certificateId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+/// Waits until `dir` is gone: iotd removes a generation's key and files in the background after
+/// state.json is written, and says so nowhere a test could wait on, so it is looked at every
+/// 50 ms until `WAIT`.
+pub async fn wait_gone(dir: &Path) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while dir.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} is still there after {WAIT:?}",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
