@@ -1,18 +1,21 @@
-//! Stage 1: one file's TOML into serde structs that mirror it.
+//! Stage 1: one file's TOML into structs that mirror it.
 //!
 //! Every field is optional (any file may set any subset) and every value keeps its byte span,
 //! so that stage 2 can name `file:line:column` for a value it refuses. Unknown keys are refused
-//! here by `deny_unknown_fields`; enumerations and numbers are read as plain strings and
-//! integers and checked in stage 2, which gives clearer messages than serde's.
+//! here; enumerations and numbers are read as plain strings and integers and checked in stage
+//! 2, which gives clearer messages.
+//!
+//! The structs are filled by hand from the parser's spanned tree (`DeTable`), not by serde's
+//! derive: derived, each struct and each `Option<Spanned<T>>` became its own copy of toml's
+//! deserializer, about 100 KB of a binary whose budget is 5 MB. The messages are serde's
+//! wording, which the configuration's users and tests know ("invalid type: integer `5`,
+//! expected a string").
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt;
 use std::ops::Range;
 use std::path::Path;
 
-use serde::Deserialize;
-use serde::de::{self, MapAccess, Visitor};
 use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
@@ -42,8 +45,7 @@ impl Source<'_> {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default)]
 pub(super) struct Fragment {
     pub cloud: Option<CloudFragment>,
     pub provisioning: Option<ProvisioningFragment>,
@@ -53,8 +55,7 @@ pub(super) struct Fragment {
     pub rotation: Option<RotationFragment>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a [cloud] table")]
+#[derive(Debug)]
 pub(super) struct CloudFragment {
     pub endpoint: Option<Spanned<String>>,
     pub port: Option<Spanned<i64>>,
@@ -66,8 +67,7 @@ pub(super) struct CloudFragment {
     pub report_topic: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a [provisioning] table")]
+#[derive(Debug)]
 pub(super) struct ProvisioningFragment {
     pub template: Option<Spanned<String>>,
     pub certificate_source: Option<Spanned<String>>,
@@ -87,8 +87,7 @@ pub(super) enum ParameterFragment {
     Table(ParameterTable),
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub(super) struct ParameterTable {
     pub file: Option<Spanned<String>>,
     pub command: Option<Spanned<Vec<String>>>,
@@ -97,35 +96,7 @@ pub(super) struct ParameterTable {
 const PARAMETER_EXPECTING: &str =
     "a string, { file = \"path\" } or { command = [\"program\", \"argument\"] }";
 
-// By hand rather than `#[serde(untagged)]`: untagged enums lose the inner error and its span
-// ("data did not match any variant"), and the expected forms belong in the message.
-impl<'de> Deserialize<'de> for ParameterFragment {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ParameterVisitor;
-
-        impl<'de> Visitor<'de> for ParameterVisitor {
-            type Value = ParameterFragment;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(PARAMETER_EXPECTING)
-            }
-
-            fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
-                Ok(ParameterFragment::Literal(value.to_owned()))
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                ParameterTable::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(ParameterFragment::Table)
-            }
-        }
-
-        deserializer.deserialize_any(ParameterVisitor)
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a [key] table")]
+#[derive(Debug)]
 pub(super) struct KeyFragment {
     pub backend: Option<Spanned<String>>,
     pub tcti: Option<Spanned<String>>,
@@ -133,14 +104,12 @@ pub(super) struct KeyFragment {
     pub persistent_handle: Option<Spanned<toml::Value>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a [state] table")]
+#[derive(Debug)]
 pub(super) struct StateFragment {
     pub dir: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "an [onboarding] table")]
+#[derive(Debug)]
 pub(super) struct OnboardingFragment {
     /// Written like a template parameter: a string, `{ file = … }` or `{ command = […] }`.
     pub serial: Option<Spanned<ParameterFragment>>,
@@ -150,10 +119,12 @@ pub(super) struct OnboardingFragment {
     pub allowed_templates: Option<Spanned<Vec<String>>>,
     pub allowed_endpoints: Option<Spanned<Vec<String>>>,
     pub installer_parameters: Option<Spanned<Vec<String>>>,
+    pub page_interfaces: Option<Spanned<Vec<String>>>,
+    pub page_shared_interfaces: Option<Spanned<Vec<String>>>,
+    pub page_port: Option<Spanned<i64>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a [rotation] table")]
+#[derive(Debug)]
 pub(super) struct RotationFragment {
     /// Lengths of time are a string (`"30d"`, `"20%"`) or an integer (seconds); both are read
     /// as TOML values and told apart in stage 2, which names the forms accepted.
@@ -186,18 +157,348 @@ pub(super) fn parse(source: &Source<'_>) -> Result<Fragment, ConfigError> {
         });
     }
     refuse_arrays_as_tables(table.get_ref(), source)?;
-    Fragment::deserialize(toml::de::Deserializer::from(table)).map_err(|error| {
-        let offset = error.span().map_or(0, |span| span.start);
-        // The document parsed once already, so parsing again for the key index cannot fail;
-        // this is the error path only.
-        let index = DeTable::parse(source.text)
-            .map(|table| entries(table.get_ref()))
-            .unwrap_or_default();
+    read_fragment(table.get_ref()).map_err(|Refused { offset, message }| {
+        let index = entries(table.get_ref());
         ConfigError::Invalid {
             at: source.locate(offset),
             key: key_at(&index, offset).unwrap_or_else(|| "(top level)".to_owned()),
-            message: clean_message(error.message()),
+            message,
         }
+    })
+}
+
+/// A value refused while filling the structs: where, and why.
+struct Refused {
+    offset: usize,
+    message: String,
+}
+
+type Read<T> = Result<T, Refused>;
+type Value<'t, 'a> = &'t Spanned<DeValue<'a>>;
+
+fn read_fragment(root: &DeTable<'_>) -> Read<Fragment> {
+    let [cloud, provisioning, key, state, onboarding, rotation] = keys(
+        root,
+        &[
+            "cloud",
+            "provisioning",
+            "key",
+            "state",
+            "onboarding",
+            "rotation",
+        ],
+    )?;
+    Ok(Fragment {
+        cloud: opt(cloud, |v| {
+            let t = table(v, "a [cloud] table")?;
+            let [
+                endpoint,
+                port,
+                alpn,
+                ca_bundle,
+                keep_alive,
+                reply_timeout,
+                throttle,
+                topic,
+            ] = keys(
+                t,
+                &[
+                    "endpoint",
+                    "port",
+                    "alpn",
+                    "ca_bundle",
+                    "keep_alive_secs",
+                    "reply_timeout_secs",
+                    "throttle_retry_max_secs",
+                    "report_topic",
+                ],
+            )?;
+            Ok(CloudFragment {
+                endpoint: opt(endpoint, string)?,
+                port: opt(port, integer)?,
+                alpn: opt(alpn, boolean)?,
+                ca_bundle: opt(ca_bundle, string)?,
+                keep_alive_secs: opt(keep_alive, integer)?,
+                reply_timeout_secs: opt(reply_timeout, integer)?,
+                throttle_retry_max_secs: opt(throttle, integer)?,
+                report_topic: opt(topic, string)?,
+            })
+        })?,
+        provisioning: opt(provisioning, |v| {
+            let t = table(v, "a [provisioning] table")?;
+            let [
+                template,
+                source,
+                cert,
+                key,
+                client_id,
+                delete,
+                reprovision,
+                format,
+                params,
+            ] = keys(
+                t,
+                &[
+                    "template",
+                    "certificate_source",
+                    "claim_certificate",
+                    "claim_key",
+                    "claim_client_id",
+                    "delete_claim",
+                    "reprovision_when_key_lost",
+                    "format",
+                    "parameters",
+                ],
+            )?;
+            Ok(ProvisioningFragment {
+                template: opt(template, string)?,
+                certificate_source: opt(source, string)?,
+                claim_certificate: opt(cert, string)?,
+                claim_key: opt(key, string)?,
+                claim_client_id: opt(client_id, string)?,
+                delete_claim: opt(delete, boolean)?,
+                reprovision_when_key_lost: opt(reprovision, boolean)?,
+                format: opt(format, string)?,
+                parameters: opt(params, |v| {
+                    table(v, "a [provisioning.parameters] table")?
+                        .iter()
+                        .map(|(name, value)| {
+                            let name = Spanned::new(name.span(), name.get_ref().to_string());
+                            Ok((name, parameter(value)?))
+                        })
+                        .collect()
+                })?,
+            })
+        })?,
+        key: opt(key, |v| {
+            let t = table(v, "a [key] table")?;
+            let [backend, tcti, handle] = keys(t, &["backend", "tcti", "persistent_handle"])?;
+            Ok(KeyFragment {
+                backend: opt(backend, string)?,
+                tcti: opt(tcti, string)?,
+                persistent_handle: opt(handle, any)?,
+            })
+        })?,
+        state: opt(state, |v| {
+            let [dir] = keys(table(v, "a [state] table")?, &["dir"])?;
+            Ok(StateFragment {
+                dir: opt(dir, string)?,
+            })
+        })?,
+        onboarding: opt(onboarding, |v| {
+            let t = table(v, "a [onboarding] table")?;
+            let [
+                serial,
+                model,
+                listen,
+                templates,
+                endpoints,
+                installer,
+                page,
+                shared,
+                port,
+            ] = keys(
+                t,
+                &[
+                    "serial",
+                    "model",
+                    "listen",
+                    "allowed_templates",
+                    "allowed_endpoints",
+                    "installer_parameters",
+                    "page_interfaces",
+                    "page_shared_interfaces",
+                    "page_port",
+                ],
+            )?;
+            Ok(OnboardingFragment {
+                serial: opt(serial, parameter)?,
+                model: opt(model, parameter)?,
+                listen: opt(listen, string)?,
+                allowed_templates: opt(templates, strings)?,
+                allowed_endpoints: opt(endpoints, strings)?,
+                installer_parameters: opt(installer, strings)?,
+                page_interfaces: opt(page, strings)?,
+                page_shared_interfaces: opt(shared, strings)?,
+                page_port: opt(port, integer)?,
+            })
+        })?,
+        rotation: opt(rotation, |v| {
+            let t = table(v, "a [rotation] table")?;
+            let [renew, max_age, jitter, retry, template, topic, grace, trust] = keys(
+                t,
+                &[
+                    "renew_before",
+                    "max_age",
+                    "jitter",
+                    "retry_interval",
+                    "template",
+                    "report_topic",
+                    "grace_period",
+                    "trust_clock",
+                ],
+            )?;
+            Ok(RotationFragment {
+                renew_before: opt(renew, any)?,
+                max_age: opt(max_age, any)?,
+                jitter: opt(jitter, any)?,
+                retry_interval: opt(retry, any)?,
+                template: opt(template, string)?,
+                report_topic: opt(topic, string)?,
+                grace_period: opt(grace, any)?,
+                trust_clock: opt(trust, boolean)?,
+            })
+        })?,
+    })
+}
+
+/// The values of `names` in `table`, in that order; any other key is refused (at the key, with
+/// the names expected and the nearest one).
+fn keys<'t, 'a, const N: usize>(
+    table: &'t DeTable<'a>,
+    names: &[&str; N],
+) -> Read<[Option<Value<'t, 'a>>; N]> {
+    let mut found = [None; N];
+    for (key, value) in table {
+        let name: &str = key.get_ref();
+        match names.iter().position(|n| *n == name) {
+            Some(i) => found[i] = Some(value),
+            None => {
+                return Err(Refused {
+                    offset: key.span().start,
+                    message: unknown_key(name, names),
+                });
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn unknown_key(unknown: &str, expected: &[&str]) -> String {
+    let mut text = format!("unknown key (expected one of: {})", expected.join(", "));
+    if let Some(near) = expected
+        .iter()
+        .filter(|name| edit_distance(unknown, name) <= 2)
+        .min_by_key(|name| edit_distance(unknown, name))
+    {
+        text = format!("{text}; did you mean {near}?");
+    }
+    text
+}
+
+fn opt<'t, 'a, T>(
+    value: Option<Value<'t, 'a>>,
+    read: impl FnOnce(Value<'t, 'a>) -> Read<T>,
+) -> Read<Option<T>> {
+    value.map(read).transpose()
+}
+
+/// "invalid type: integer `5`, expected a string", at the value.
+fn invalid<T>(value: Value<'_, '_>, expected: &str) -> Read<T> {
+    let found = match value.get_ref() {
+        DeValue::String(s) => format!("string {s:?}"),
+        DeValue::Integer(i) => format!("integer `{i}`"),
+        DeValue::Float(f) => format!("floating point `{f}`"),
+        DeValue::Boolean(b) => format!("boolean `{b}`"),
+        DeValue::Datetime(d) => format!("datetime `{d}`"),
+        DeValue::Array(_) => "array".to_owned(),
+        DeValue::Table(_) => "table".to_owned(),
+    };
+    Err(Refused {
+        offset: value.span().start,
+        message: format!("invalid type: {found}, expected {expected}"),
+    })
+}
+
+fn table<'t, 'a>(value: Value<'t, 'a>, expected: &str) -> Read<&'t DeTable<'a>> {
+    match value.get_ref() {
+        DeValue::Table(table) => Ok(table),
+        _ => invalid(value, expected),
+    }
+}
+
+fn string(value: Value<'_, '_>) -> Read<Spanned<String>> {
+    match value.get_ref() {
+        DeValue::String(s) => Ok(Spanned::new(value.span(), s.to_string())),
+        _ => invalid(value, "a string"),
+    }
+}
+
+fn boolean(value: Value<'_, '_>) -> Read<Spanned<bool>> {
+    match value.get_ref() {
+        DeValue::Boolean(b) => Ok(Spanned::new(value.span(), *b)),
+        _ => invalid(value, "a boolean"),
+    }
+}
+
+fn integer(value: Value<'_, '_>) -> Read<Spanned<i64>> {
+    match value.get_ref() {
+        DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
+            Ok(n) => Ok(Spanned::new(value.span(), n)),
+            Err(_) => Err(Refused {
+                offset: value.span().start,
+                message: format!(
+                    "invalid value: integer `{i}`, expected an integer that fits in 64 bits"
+                ),
+            }),
+        },
+        _ => invalid(value, "an integer"),
+    }
+}
+
+fn strings(value: Value<'_, '_>) -> Read<Spanned<Vec<String>>> {
+    match value.get_ref() {
+        DeValue::Array(array) => {
+            let items = array
+                .iter()
+                .map(|item| string(item).map(Spanned::into_inner))
+                .collect::<Read<_>>()?;
+            Ok(Spanned::new(value.span(), items))
+        }
+        _ => invalid(value, "a sequence"),
+    }
+}
+
+/// A template parameter: `"value"`, `{ file = "path" }` or `{ command = ["prog", "arg"] }`.
+fn parameter(value: Value<'_, '_>) -> Read<Spanned<ParameterFragment>> {
+    let fragment = match value.get_ref() {
+        DeValue::String(s) => ParameterFragment::Literal(s.to_string()),
+        DeValue::Table(table) => {
+            let [file, command] = keys(table, &["file", "command"])?;
+            ParameterFragment::Table(ParameterTable {
+                file: opt(file, string)?,
+                command: opt(command, strings)?,
+            })
+        }
+        _ => return invalid(value, PARAMETER_EXPECTING),
+    };
+    Ok(Spanned::new(value.span(), fragment))
+}
+
+/// Any value, for keys whose forms stage 2 tells apart (durations, the persistent handle).
+fn any(value: Value<'_, '_>) -> Read<Spanned<toml::Value>> {
+    Ok(Spanned::new(value.span(), to_value(value)?))
+}
+
+fn to_value(value: Value<'_, '_>) -> Read<toml::Value> {
+    Ok(match value.get_ref() {
+        DeValue::String(s) => toml::Value::String(s.to_string()),
+        DeValue::Integer(_) => toml::Value::Integer(integer(value)?.into_inner()),
+        DeValue::Float(f) => match f.as_str().parse::<f64>() {
+            Ok(f) => toml::Value::Float(f),
+            Err(_) => return invalid(value, "a number"),
+        },
+        DeValue::Boolean(b) => toml::Value::Boolean(*b),
+        DeValue::Datetime(d) => toml::Value::Datetime(*d),
+        DeValue::Array(array) => {
+            toml::Value::Array(array.iter().map(to_value).collect::<Read<_>>()?)
+        }
+        DeValue::Table(table) => toml::Value::Table(
+            table
+                .iter()
+                .map(|(k, v)| Ok((k.get_ref().to_string(), to_value(v)?)))
+                .collect::<Read<_>>()?,
+        ),
     })
 }
 
@@ -333,33 +634,6 @@ fn duplicate_key_path(entries: &[Entry], text: &str, offset: usize) -> Option<St
         None => String::new(),
     };
     Some(format!("{parent}{text}"))
-}
-
-/// Rewrites serde's wording into the config's: keys, not fields; TOML types, not Rust types.
-fn clean_message(message: &str) -> String {
-    if let Some(rest) = message.strip_prefix("unknown field `") {
-        let (unknown, expected) = rest.split_once('`').unwrap_or((rest, ""));
-        // Serde lists the expected names in backticks: "expected `a`", "expected `a` or `b`",
-        // "expected one of `a`, `b`, `c`"; every other segment is punctuation.
-        let expected: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
-        if expected.is_empty() {
-            return "unknown key (this table has no keys)".to_owned();
-        }
-        let mut text = format!("unknown key (expected one of: {})", expected.join(", "));
-        if let Some(near) = expected
-            .iter()
-            .filter(|name| edit_distance(unknown, name) <= 2)
-            .min_by_key(|name| edit_distance(unknown, name))
-        {
-            text = format!("{text}; did you mean {near}?");
-        }
-        return text;
-    }
-    message
-        .replace("expected i64", "expected an integer")
-        .replace(" as i128", "")
-        .replace("invalid type: sequence", "invalid type: array")
-        .replace("invalid type: map", "invalid type: table")
 }
 
 /// Levenshtein distance, for "did you mean" on short key names.

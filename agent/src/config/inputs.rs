@@ -60,6 +60,9 @@ pub(super) struct Layer {
     pub allowed_templates: Option<Located<Vec<String>>>,
     pub allowed_endpoints: Option<Located<Vec<String>>>,
     pub installer_parameters: Option<Located<Vec<String>>>,
+    pub page_interfaces: Option<Located<Vec<String>>>,
+    pub page_shared_interfaces: Option<Located<Vec<String>>>,
+    pub page_port: Option<Located<u16>>,
     pub rotation_renew_before: Option<Located<Span>>,
     /// `Some(None)`: written as `"off"`, which undoes an earlier file's age limit.
     pub rotation_max_age: Option<Located<Option<Duration>>>,
@@ -103,6 +106,9 @@ impl Layer {
             allowed_templates,
             allowed_endpoints,
             installer_parameters,
+            page_interfaces,
+            page_shared_interfaces,
+            page_port,
             rotation_renew_before,
             rotation_max_age,
             rotation_jitter,
@@ -142,6 +148,9 @@ impl Layer {
         over(&mut self.allowed_templates, allowed_templates);
         over(&mut self.allowed_endpoints, allowed_endpoints);
         over(&mut self.installer_parameters, installer_parameters);
+        over(&mut self.page_interfaces, page_interfaces);
+        over(&mut self.page_shared_interfaces, page_shared_interfaces);
+        over(&mut self.page_port, page_port);
         over(&mut self.rotation_renew_before, rotation_renew_before);
         over(&mut self.rotation_max_age, rotation_max_age);
         over(&mut self.rotation_jitter, rotation_jitter);
@@ -301,6 +310,9 @@ impl Layer {
             allowed_templates,
             allowed_endpoints,
             installer_parameters,
+            page_interfaces,
+            page_shared_interfaces,
+            page_port,
         } = onboarding;
         self.onboarding_listen = check.opt("onboarding.listen", listen, listen_address)?;
         self.allowed_templates =
@@ -327,6 +339,21 @@ impl Layer {
                     .collect()
             },
         )?;
+        self.page_interfaces =
+            check.opt("onboarding.page_interfaces", page_interfaces, |names| {
+                names.into_iter().map(interface_name).collect()
+            })?;
+        self.page_shared_interfaces = check.opt(
+            "onboarding.page_shared_interfaces",
+            page_shared_interfaces,
+            |names| names.into_iter().map(interface_name).collect(),
+        )?;
+        self.page_port = check.opt("onboarding.page_port", page_port, |p| {
+            u16::try_from(p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{p} is not a TCP port (1 to 65535)"))
+        })?;
         if let Some(serial) = serial {
             let key = "onboarding.serial";
             let span = serial.span();
@@ -659,6 +686,26 @@ fn report_topic_value(topic: String) -> Result<String, String> {
 
 /// `onboarding.listen`: an IP address and a port of 1024 or more (the unit has no capability
 /// to bind below).
+/// A network interface's name as Linux allows it: 1 to 15 bytes, no `/`, `:` or white space,
+/// not `.` or `..`.
+fn interface_name(name: String) -> Result<String, String> {
+    if name.is_empty() || name.len() > 15 {
+        Err(format!(
+            "{name:?} is not a network interface's name (1 to 15 characters, like \"usb0\")"
+        ))
+    } else if name == "."
+        || name == ".."
+        || name.contains(['/', ':'])
+        || name.contains(char::is_whitespace)
+    {
+        Err(format!(
+            "{name:?} is not a network interface's name (no '/', ':' or spaces)"
+        ))
+    } else {
+        Ok(name)
+    }
+}
+
 fn listen_address(value: String) -> Result<std::net::SocketAddr, String> {
     let address: std::net::SocketAddr = value.parse().map_err(|_| {
         format!("{value:?} is not an address and port, like \"0.0.0.0:8443\" or \"[::]:8443\"")

@@ -206,7 +206,19 @@ pub struct OnboardingSettings {
     /// Template parameters an installer may supply (e.g. Site); never one the gateway sources
     /// itself (provisioning.parameters).
     pub installer_parameters: Vec<String>,
+    /// Interfaces that are direct links to the installer (the setup access point, a USB
+    /// gadget, a cable): the installer's page and the browser API are served there on plain
+    /// HTTP. Empty: the page is not served.
+    pub page_interfaces: Vec<String>,
+    /// Interfaces on shared networks where the page is served all the same, by explicit
+    /// choice; the page then warns that `iotctl onboard` or an app is the safe path.
+    pub page_shared_interfaces: Vec<String>,
+    /// The page's TCP port on those interfaces.
+    pub page_port: u16,
 }
+
+/// The port of the installer's page when no file sets it.
+pub const DEFAULT_PAGE_PORT: u16 = 8080;
 
 /// The port of `onboarding.listen` when no file sets it (on all IPv4 addresses).
 pub const DEFAULT_ONBOARDING_PORT: u16 = 8443;
@@ -684,6 +696,9 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
         allowed_templates,
         allowed_endpoints,
         installer_parameters,
+        page_interfaces,
+        page_shared_interfaces,
+        page_port,
         rotation_renew_before,
         rotation_max_age,
         rotation_jitter,
@@ -731,6 +746,22 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
                 "\"cloud-generated\" needs key.backend = \"file\" (key.backend = \"tpm\" at {}): \
                  a TPM key never leaves the TPM",
                 backend.at
+            ),
+        });
+    }
+
+    // An interface is a direct link or a shared network, not both: which warning the page shows
+    // depends on it.
+    if let (Some(direct), Some(shared)) = (&page_interfaces, &page_shared_interfaces)
+        && let Some(both) = shared.value.iter().find(|name| direct.value.contains(name))
+    {
+        return Err(ConfigError::Invalid {
+            at: shared.at.clone(),
+            key: "onboarding.page_shared_interfaces".to_owned(),
+            message: format!(
+                "{both:?} is also in onboarding.page_interfaces (at {}): an interface is either \
+                 a direct link or a shared network",
+                direct.at
             ),
         });
     }
@@ -807,6 +838,9 @@ fn settings(merged: Layer, main: &Path, sources: Vec<PathBuf>) -> Result<Setting
             allowed_templates: allowed_templates.map_or(default_templates, |t| t.value),
             allowed_endpoints: allowed_endpoints.map_or(default_endpoints, |e| e.value),
             installer_parameters: installer_parameters.map(|p| p.value).unwrap_or_default(),
+            page_interfaces: page_interfaces.map(|p| p.value).unwrap_or_default(),
+            page_shared_interfaces: page_shared_interfaces.map(|p| p.value).unwrap_or_default(),
+            page_port: page_port.map_or(DEFAULT_PAGE_PORT, |p| p.value),
         },
         rotation: RotationSettings {
             renew_before: rotation_renew_before.map_or(DEFAULT_RENEW_BEFORE, |r| r.value),

@@ -1441,6 +1441,9 @@ fn onboarding_defaults() -> OnboardingSettings {
         allowed_templates: vec![s.provisioning.template.clone()],
         allowed_endpoints: vec![s.cloud.endpoint.clone()],
         installer_parameters: Vec::new(),
+        page_interfaces: Vec::new(),
+        page_shared_interfaces: Vec::new(),
+        page_port: crate::config::DEFAULT_PAGE_PORT,
     }
 }
 
@@ -1467,6 +1470,42 @@ fn onboarding_addresses_and_allowances_default_and_are_checked() {
         ),
         ("allowed_endpoints = [\"https://x\"]", "is a URL"),
         ("installer_parameters = [\"\"]", "cannot be empty"),
+    ] {
+        let e = error_of(&format!("[onboarding]\n{text}\n"));
+        assert!(e.contains(says), "{text}: {e}");
+    }
+}
+
+#[test]
+fn the_installers_page_is_off_by_default_and_its_interfaces_are_checked() {
+    let defaults = onboarding_defaults();
+    assert!(defaults.page_interfaces.is_empty() && defaults.page_shared_interfaces.is_empty());
+    assert_eq!(defaults.page_port, 8080);
+    let s = with(
+        "[onboarding]\npage_interfaces = [\"uap0\", \"usb0\"]\n\
+         page_shared_interfaces = [\"eth0\"]\npage_port = 8000\n",
+    );
+    assert_eq!(s.onboarding.page_interfaces, ["uap0", "usb0"]);
+    assert_eq!(s.onboarding.page_shared_interfaces, ["eth0"]);
+    assert_eq!(s.onboarding.page_port, 8000);
+    for (text, says) in [
+        (
+            "page_interfaces = [\"\"]",
+            "is not a network interface's name",
+        ),
+        (
+            "page_interfaces = [\"a-very-long-name0\"]",
+            "1 to 15 characters",
+        ),
+        ("page_interfaces = [\"eth0:1\"]", "no '/', ':' or spaces"),
+        ("page_shared_interfaces = [\"..\"]", "no '/', ':' or spaces"),
+        ("page_interfaces = \"usb0\"", "expected a sequence"),
+        ("page_port = 0", "not a TCP port"),
+        ("page_port = 70000", "not a TCP port"),
+        (
+            "page_interfaces = [\"usb0\"]\npage_shared_interfaces = [\"eth0\", \"usb0\"]",
+            "key onboarding.page_shared_interfaces: \"usb0\" is also in onboarding.page_interfaces",
+        ),
     ] {
         let e = error_of(&format!("[onboarding]\n{text}\n"));
         assert!(e.contains(says), "{text}: {e}");
@@ -1544,7 +1583,8 @@ fn a_bad_onboarding_serial_is_refused_where_it_is_written() {
         (
             "[onboarding]\nserail = \"A\"\n",
             "unknown key (expected one of: serial, model, listen, allowed_templates, \
-             allowed_endpoints, installer_parameters); did you mean serial?",
+             allowed_endpoints, installer_parameters, page_interfaces, page_shared_interfaces, \
+             page_port); did you mean serial?",
         ),
         ("onboarding = [1]\n", "expected a [onboarding] table"),
     ] {

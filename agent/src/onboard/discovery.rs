@@ -825,6 +825,9 @@ mod tests {
             allowed_templates: Vec::new(),
             allowed_endpoints: Vec::new(),
             installer_parameters: Vec::new(),
+            page_interfaces: Vec::new(),
+            page_shared_interfaces: Vec::new(),
+            page_port: crate::config::DEFAULT_PAGE_PORT,
         };
         use crate::config::ParameterSource;
         let command = ParameterSource::Command(vec!["echo".to_owned(), " IoT-GW 3000 ".to_owned()]);

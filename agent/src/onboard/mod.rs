@@ -25,6 +25,7 @@ pub mod bundle;
 pub mod certificate;
 pub mod code;
 pub mod discovery;
+pub mod page;
 pub mod port;
 pub mod register;
 pub mod run;

@@ -1,7 +1,8 @@
 //! Starting the onboarding server as one of iotd's supervised tasks: the gateway's verifier
 //! record (made by `iotctl onboarding register`), the onboarding key from the key backend, its
-//! certificate, and the listening socket; and, beside it, the task that announces it on the
-//! local network while the window is open (`discovery`).
+//! certificate, and the listening socket; beside it, the installer's page's listeners on the
+//! interfaces configured for it (`page`), and the task that announces the server on the local
+//! network while the window is open (`discovery`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use crate::config::OnboardingSettings;
 use crate::keys::KeyBackend;
 use crate::onboard::discovery::{self, Announcement};
+use crate::onboard::page::{self, PageInterfaces};
 use crate::onboard::port::Port;
 use crate::onboard::register::{OnboardingRecord, RegisterError};
 use crate::onboard::server::{Limits, Server};
@@ -72,14 +74,22 @@ pub async fn start(
         ))
     })?;
     let serial = record.serial.clone();
-    let server = Server::new(
+    let mut server = Server::new(
         listener,
         tls.config,
         &tls.leaf_der,
         record,
         port.clone(),
         Limits::default(),
-    );
+    )
+    .with_installer_parameters(settings.installer_parameters.clone());
+    // The installer's page, on the interfaces named for it. Its listeners live as long as the
+    // server does: when the server's end of the channel goes, `page::listen` returns.
+    if let Some(interfaces) = PageInterfaces::from_settings(settings) {
+        let (accepted, connections) = tokio::sync::mpsc::channel(8);
+        server = server.with_page(connections);
+        tokio::spawn(page::listen(interfaces, accepted));
+    }
     let address = server
         .local_addr()
         .map_err(|e| StartError::Failed(format!("reading the onboarding server's address: {e}")))?;

@@ -76,6 +76,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
+use super::page::{Accepted, Link};
 use super::port::{Port, Refusal, Request, View};
 use super::register::OnboardingRecord;
 use super::session::{
@@ -139,6 +140,8 @@ pub struct Server {
     listener: TcpListener,
     tls: tokio_rustls::TlsAcceptor,
     shared: Arc<Shared>,
+    /// Connections accepted on the installer's page's interfaces (plain HTTP), if it is served.
+    page: Option<tokio::sync::mpsc::Receiver<Accepted>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -195,8 +198,28 @@ impl Server {
                 session: Mutex::new(None),
                 bucket: Mutex::new(bucket),
                 rearm: Notify::new(),
+                installer_parameters: Vec::new(),
             }),
+            page: None,
         }
+    }
+
+    /// The template parameters the installer may supply (`onboarding.installer_parameters`),
+    /// which `GET /v1/form` lists for the page. Call before [`Server::run`].
+    #[must_use]
+    pub fn with_installer_parameters(mut self, names: Vec<String>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.installer_parameters = names;
+        }
+        self
+    }
+
+    /// Serves the installer's page and the browser API on plain HTTP to the connections that
+    /// arrive on `page` (from [`super::page::listen`]).
+    #[must_use]
+    pub fn with_page(mut self, page: tokio::sync::mpsc::Receiver<Accepted>) -> Self {
+        self.page = Some(page);
+        self
     }
 
     /// The address the server listens on.
@@ -212,12 +235,26 @@ impl Server {
             listener,
             tls,
             shared,
+            mut page,
         } = self;
         let router = router();
         let mut connections = JoinSet::new();
         loop {
             let deadline = shared.next_deadline();
             tokio::select! {
+                Some(accepted) = next_page_connection(&mut page) => {
+                    let Accepted { tcp, peer, link } = accepted;
+                    if connections.len() >= shared.limits.max_connections {
+                        tracing::warn!(%peer, "onboarding page: refusing a connection: {} are open already", connections.len());
+                        drop(tcp);
+                        continue;
+                    }
+                    if let Err(error) = tcp.set_nodelay(true) {
+                        tracing::debug!(%peer, "onboarding page: TCP_NODELAY: {error}");
+                    }
+                    let app = App { shared: shared.clone(), peer, transport: Transport::Plain(link) };
+                    connections.spawn(serve_http(Box::new(tcp), app, router.clone()));
+                }
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         if connections.len() >= shared.limits.max_connections {
@@ -230,7 +267,7 @@ impl Server {
                         if let Err(error) = tcp.set_nodelay(true) {
                             tracing::debug!(%peer, "onboarding: TCP_NODELAY: {error}");
                         }
-                        let app = App { shared: shared.clone(), peer };
+                        let app = App { shared: shared.clone(), peer, transport: Transport::Tls };
                         connections.spawn(connection(tcp, tls.clone(), app, router.clone()));
                     }
                     Err(error) if transient(&error) => {
@@ -249,7 +286,7 @@ impl Server {
 }
 
 /// Accept errors after which the listener still works.
-fn transient(error: &io::Error) -> bool {
+pub(crate) fn transient(error: &io::Error) -> bool {
     matches!(
         error.kind(),
         io::ErrorKind::ConnectionAborted
@@ -269,6 +306,23 @@ mod libc_errno {
     pub const ENFILE: i32 = 23;
     pub const EMFILE: i32 = 24;
     pub const ENOBUFS: i32 = 105;
+}
+
+/// The next connection of the page's listeners; pending forever when the page is not served
+/// (or its listeners are gone).
+async fn next_page_connection(
+    page: &mut Option<tokio::sync::mpsc::Receiver<Accepted>>,
+) -> Option<Accepted> {
+    match page {
+        Some(receiver) => match receiver.recv().await {
+            Some(accepted) => Some(accepted),
+            None => {
+                *page = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -298,6 +352,19 @@ async fn connection(
             return;
         }
     };
+    serve_http(Box::new(stream), app, router).await;
+}
+
+/// A connection's byte stream, TLS or plain.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// HTTP/1.1 on a connection (after TLS, or plain on the page's interfaces). One stream type
+/// for both, so that hyper's HTTP/1 server is in the binary once, not once per transport
+/// (35 KB).
+async fn serve_http(stream: Box<dyn Io>, app: App, router: Router<App>) {
+    let peer = app.peer;
+    let timeout = app.shared.limits.request_timeout;
     let service = hyper_util::service::TowerToHyperService::new(router.with_state(app));
     let served = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -322,6 +389,8 @@ struct Shared {
     bucket: Mutex<Bucket>,
     /// The session's deadline changed: the accept loop re-arms its timer.
     rearm: Notify,
+    /// What `GET /v1/form` lists (`onboarding.installer_parameters`).
+    installer_parameters: Vec<String>,
 }
 
 /// A token bucket for `/pair/params`.
@@ -586,19 +655,31 @@ impl Drop for Held<'_> {
     }
 }
 
-/// A handler's view: the shared state and the peer of the connection.
+/// How a connection reached the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// HTTPS on `onboarding.listen`: the API, for `iotctl onboard` and apps.
+    Tls,
+    /// Plain HTTP on one of the page's interfaces: the page and the browser API.
+    Plain(Link),
+}
+
+/// A handler's view: the shared state, the peer of the connection and how it came.
 #[derive(Clone)]
 struct App {
     shared: Arc<Shared>,
     peer: SocketAddr,
+    transport: Transport,
 }
 
 fn router() -> Router<App> {
     Router::new()
+        .route("/", get(page))
         .route(PARAMS, post(pair_params))
         .route(START, post(pair_start))
         .route(FINISH, post(pair_finish))
         .route(CLAIM, post(claim))
+        .route("/v1/form", get(form))
         .route("/v1/status", get(status))
         .route("/v1/events", get(events))
 }
@@ -1011,6 +1092,90 @@ pub(crate) fn status_body(view: &View, serial: &str) -> Value {
     body
 }
 
+/// The installer's page (agent/page/dist/index.html), gzip-compressed when iotd is built
+/// (agent/build.rs), and the Content-Security-Policy that allows its one inline script and
+/// style by their hashes, and nothing else.
+static PAGE_GZIP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/page.html.gz"));
+const PAGE_CSP: &str = include_str!(concat!(env!("OUT_DIR"), "/page.csp"));
+
+/// `GET /`: the page, on the page's interfaces only. It is sent as it is stored, gzip: every
+/// browser accepts that; a client that says it does not gets `406` and a sentence.
+async fn page(State(app): State<App>, request: HttpRequest) -> Response {
+    let text = |status: StatusCode, message: &'static str| {
+        let mut response = (status, message).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    };
+    if app.transport == Transport::Tls {
+        return text(
+            StatusCode::NOT_FOUND,
+            "The installer's page is served on plain HTTP on the gateway's direct links \
+             (onboarding.page_interfaces); this HTTPS port is for iotctl onboard and apps.\n",
+        );
+    }
+    if !accepts_gzip(request.headers()) {
+        return text(
+            StatusCode::NOT_ACCEPTABLE,
+            "This page is sent gzip-compressed: open it in a web browser (or curl --compressed).\n",
+        );
+    }
+    let mut response = Response::new(Body::from(PAGE_GZIP));
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (header::CONTENT_ENCODING, "gzip"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::CONTENT_SECURITY_POLICY, PAGE_CSP),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::VARY, "accept-encoding"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// Whether `Accept-Encoding` allows gzip (`gzip` or `*`, without `q=0`).
+fn accepts_gzip(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or_default();
+            // q=0, q=0.0, q=0.000: not acceptable (RFC 9110 §12.4.2).
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=").is_some_and(|q| {
+                    q.starts_with('0') && q.bytes().all(|b| b == b'0' || b == b'.')
+                })
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
+}
+
+/// `GET /v1/form`: what the page needs before pairing, no secrets: the serial, the template
+/// parameters the installer may supply, whether this connection came over a direct link, and
+/// the status.
+async fn form(State(app): State<App>) -> Response {
+    let view = app.shared.view();
+    let serial = &app.shared.record.serial;
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "v": VERSION,
+            "serial": serial,
+            "parameters": app.shared.installer_parameters,
+            "direct_link": app.transport == Transport::Plain(Link::Direct),
+            "status": status_body(&view, serial),
+        }),
+    )
+}
+
 async fn status(State(app): State<App>) -> Response {
     let view = app.shared.view();
     json_response(
@@ -1071,9 +1236,15 @@ async fn params_step(app: &App, request: HttpRequest) -> Result<Value, ApiError>
     rng.fill(&mut session_id)
         .and_then(|()| rng.fill(&mut gateway_random))
         .map_err(|_| ApiError::internal("its random number generator failed"))?;
-    let binding = match asked.binding {
-        BindingChoice::TlsServerEndPoint => shared.binding,
-        BindingChoice::None => Binding::None,
+    let binding = match (asked.binding, app.transport) {
+        (BindingChoice::TlsServerEndPoint, Transport::Tls) => shared.binding,
+        (BindingChoice::TlsServerEndPoint, Transport::Plain(_)) => {
+            return Err(ApiError::malformed(
+                "\"binding\" must be \"none\" on plain HTTP (the installer's page): there is no \
+                 TLS certificate to bind to; use HTTPS for \"tls-server-end-point\".",
+            ));
+        }
+        (BindingChoice::None, _) => Binding::None,
     };
     let record = &shared.record;
     let info = session::session_info(
