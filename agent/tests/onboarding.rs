@@ -51,6 +51,10 @@ use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+/// The installer's page in headless Chromium (issue 15).
+#[path = "onboarding/page.rs"]
+mod page;
+
 fn iotctl() -> PathBuf {
     let path = iotd_binary().with_file_name("iotctl");
     assert!(

@@ -47,7 +47,7 @@ const TITLES = {
 };
 
 function show(screen, title) {
-  for (const section of document.querySelectorAll('[data-screen]')) {
+  for (const section of document.querySelectorAll('main > section')) {
     section.hidden = section.id !== screen;
   }
   const heading = $('title');
@@ -148,18 +148,16 @@ function renderWindow() {
   const view = state.view;
   const line = $('window-line');
   if (!view) return;
+  const strong = document.createElement('b');
+  strong.textContent = view.window === 'open' ? 'open' : 'closed';
+  let rest = '';
   if (view.window === 'open') {
-    line.innerHTML = '';
-    const open = document.createElement('span');
-    open.innerHTML = 'Setup window: <b>open</b>';
-    const left = document.createElement('span');
-    left.textContent = view.closes_in > 0 ? `closes in ${minutes(view.closes_in)}` : 'open while the gateway needs a claim';
-    const attempts = document.createElement('span');
-    attempts.textContent = `${view.attempts_left} ${view.attempts_left === 1 ? 'try' : 'tries'} left`;
-    line.append(open, left, attempts);
+    const tries = `${view.attempts_left} ${view.attempts_left === 1 ? 'try' : 'tries'} left`;
+    rest = view.closes_in > 0 ? `: ${tries}, closes in ${minutes(view.closes_in)}.` : `: ${tries}.`;
   } else {
-    line.innerHTML = 'Setup window: <b>closed</b>';
+    rest = '.';
   }
+  line.replaceChildren('Setup is ', strong, rest);
 }
 
 const PHASES = ['paired', 'claim-received', 'connecting-with-claim', 'certificate-issued', 'thing-registered', 'connected'];
@@ -690,7 +688,9 @@ async function main() {
   renderParameters();
   onView(form.status);
   watchEvents();
-  if (form.status.phase === 'connected' && form.status.thing_name) {
+  // Onboarded just now, or provisioned before: nothing to do here.
+  const provisioned = form.status.phase === 'waiting' || form.status.phase === 'connected';
+  if (provisioned && form.status.thing_name) {
     $('thing-name').textContent = form.status.thing_name;
     show('done', 'This gateway is set up');
     return;

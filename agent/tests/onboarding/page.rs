@@ -1,0 +1,312 @@
+//! The installer's page (issue 15) in headless Chromium, against the real iotd and
+//! fake-iot-core: Debian's chromium driven by playwright-core (agent/page/e2e/drive.mjs) at
+//! phone size, 390×844. The page is served on the loopback interface, configured as a direct
+//! link (`page_interfaces = ["lo"]`); the refusal on an interface that is not one runs in
+//! network namespaces (a direct link and a "site LAN" to one gateway).
+//!
+//! Screenshots of every screen at 390×844 and 1280×800 go to `target/tmp/page-screenshots/`
+//! (test artefacts); with `IOTD_BLESS_SCREENSHOTS=1` the main ones are copied to
+//! docs/screenshots/, which README's onboarding section shows.
+//!
+//! Needs node (≥ 20.19), the page's npm packages (`npm ci` in agent/page) and
+//! /usr/bin/chromium: scripts/setup.sh installs them. A missing one fails the test.
+
+use super::*;
+
+/// Where the screenshots go (a test artefact).
+fn shots() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("page-screenshots")
+}
+
+fn page_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("page")
+}
+
+/// Runs one scenario of drive.mjs with `job` (the scenario's inputs); its JSON result. A
+/// scenario that fails prints what it saw, and the test fails with it.
+async fn drive(scenario: &str, mut job: Value) -> Value {
+    let driver = page_dir().join("e2e/drive.mjs");
+    assert!(
+        page_dir().join("node_modules/playwright-core").exists(),
+        "agent/page/node_modules is missing: run scripts/setup.sh (npm ci in agent/page)"
+    );
+    assert!(
+        Path::new("/usr/bin/chromium").exists(),
+        "/usr/bin/chromium is missing: run scripts/setup.sh (apt-get install chromium)"
+    );
+    job["scenario"] = json!(scenario);
+    job["shots"] = json!(shots());
+    let child = tokio::process::Command::new("node")
+        .arg(&driver)
+        .env("IOTD_PAGE_JOB", job.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting node (scripts/setup.sh checks it is there)");
+    let out = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("the browser scenario {scenario} did not finish in 3 minutes"))
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result: Value = stdout
+        .lines()
+        .last()
+        .and_then(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "{scenario}: drive.mjs printed no result ({}): {stdout}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(
+        out.status.success(),
+        "{scenario} in Chromium: {}",
+        serde_json::to_string_pretty(&result).unwrap()
+    );
+    result
+}
+
+/// A gateway as `Gateway::start` makes it, serving the page on loopback (as a direct link, or
+/// as a shared network with `shared`). Returns it and the page's URL.
+async fn page_gateway(
+    cloud: &Cloud,
+    serial: &str,
+    with_bus: bool,
+    shared: bool,
+) -> (Gateway, String) {
+    let page_port = free_port();
+    let list = if shared {
+        "page_shared_interfaces"
+    } else {
+        "page_interfaces"
+    };
+    let gateway = Gateway::start_adjusted(cloud, serial, "", with_bus, |_, config| {
+        format!("{config}{list} = [\"lo\"]\npage_port = {page_port}\n")
+    })
+    .await;
+    (gateway, format!("http://127.0.0.1:{page_port}/"))
+}
+
+/// The claim as CreateProvisioningClaim returns it, in one JSON file (what a portal hands
+/// out), beside its certificate and key files.
+async fn claim_bundle(cloud: &Cloud, dir: &Path, name: &str) -> PathBuf {
+    let claim = post(cloud, "/provisioning-templates/gateway/provisioning-claim").await;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, claim.to_string()).unwrap();
+    path
+}
+
+fn text(result: &Value) -> &str {
+    result["text"].as_str().unwrap_or_default()
+}
+
+/// The whole way, as an installer with a phone: the label's QR text pasted, the portal's claim
+/// file, the site; the page pairs, hands the claim over and follows the gateway until it is
+/// connected, then shows the thing name. The gateway is provisioned, with the installer's Site.
+#[tokio::test]
+async fn an_installer_onboards_the_gateway_from_a_phone_browser() {
+    let cloud = Cloud::start().await;
+    let (mut gateway, url) = page_gateway(&cloud, "p1", false, false).await;
+    let bundle = claim_bundle(&cloud, gateway.dir.path(), "portal-claim").await;
+
+    let result = drive(
+        "onboard",
+        json!({
+            "url": url,
+            "qr": gateway.label.qr,
+            "files": [bundle],
+            "params": {"Site": "hall-9"},
+        }),
+    )
+    .await;
+    assert_eq!(result["thing"], "gw-p1", "{result}");
+    assert_eq!(result["title"], "Gateway set up", "{result}");
+    let form = &result["seen"][0];
+    assert_eq!(
+        form["code_state"], "QR code read: gateway GW-p1.",
+        "{result}"
+    );
+    assert!(
+        form["claim_state"]
+            .as_str()
+            .unwrap()
+            .starts_with("Certificate and key found. The claim expires in"),
+        "{result}"
+    );
+    assert_eq!(
+        result["console"],
+        json!([]),
+        "no errors in the page: {result}"
+    );
+
+    gateway.iotd.wait_status("Provisioned as gw-p1").await;
+    let state = gateway.iotd.state();
+    assert_eq!(state["identity"]["thingName"], "gw-p1", "{state}");
+    let thing = &cloud.registry()["things"]["gw-p1"];
+    assert_eq!(thing["attributes"]["site"], "hall-9", "{thing}");
+    // Opened again, the page says the gateway is set up.
+    let again = drive("opens", json!({"url": url, "shot": "5-already-set-up"})).await;
+    assert_eq!(again["title"], "This gateway is set up", "{again}");
+    assert!(text(&again).contains("gw-p1"), "{again}");
+    assert!(gateway.iotd.terminate().await.success());
+}
+
+/// The label's QR code read by the camera (where the browser has a barcode detector: Chromium
+/// on Linux has none, so a stand-in "sees" the label's text in Chromium's fake camera stream),
+/// the certificate and key as two files: onboarded.
+#[tokio::test]
+async fn the_qr_code_can_be_scanned_and_the_claim_given_as_two_files() {
+    let cloud = Cloud::start().await;
+    let (mut gateway, url) = page_gateway(&cloud, "p2", false, false).await;
+    let claim = new_claim(&cloud, gateway.dir.path(), "claim").await;
+    let result = drive(
+        "onboard",
+        json!({
+            "url": url,
+            "scan": gateway.label.qr,
+            "files": [claim.cert, claim.key],
+            "params": {"Site": "dock-2"},
+        }),
+    )
+    .await;
+    assert_eq!(result["thing"], "gw-p2", "{result}");
+    let code = result["seen"][0]["code"].as_str().unwrap();
+    assert_eq!(code.replace('-', ""), gateway.label.code, "{result}");
+    gateway.iotd.wait_status("Provisioned as gw-p2").await;
+    assert!(gateway.iotd.terminate().await.success());
+}
+
+/// Wrong codes (valid check digit, so they reach the gateway): each shows the attempts left;
+/// the 20th closes the window, and the page says setup is locked and what to do. The gateway
+/// counted 20 and handed nothing to the cloud.
+#[tokio::test]
+async fn wrong_codes_show_the_attempts_left_and_the_window_closes_at_the_cap() {
+    let cloud = Cloud::start().await;
+    let (gateway, url) = page_gateway(&cloud, "p3", true, false).await;
+    let claim = new_claim(&cloud, gateway.dir.path(), "claim").await;
+    let result = drive(
+        "wrongCodes",
+        json!({
+            "url": url,
+            "code": gateway.label.wrong_code(),
+            "files": [claim.cert, claim.key],
+            "params": {"Site": "x"},
+        }),
+    )
+    .await;
+    assert_eq!(result["title"], "Setup is locked", "{result}");
+    assert!(text(&result).contains("iotctl onboard open"), "{result}");
+    let refusals: Vec<&Value> = result["seen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["title"] == "Setup code not accepted")
+        .collect();
+    assert_eq!(refusals.len(), 19, "{result}");
+    for (i, refusal) in refusals.iter().enumerate() {
+        let left = 19 - i;
+        let tries = if left == 1 { "try" } else { "tries" };
+        assert!(
+            text(refusal).contains(&format!("allows {left} more {tries}")),
+            "refusal {i}: {refusal}"
+        );
+    }
+    let window = gateway.window().await;
+    assert_eq!(window["open"], false, "{window}");
+    assert_eq!(window["attemptsLeft"], 0, "{window}");
+    gateway.assert_untouched(&cloud);
+
+    // Reloaded, the page says so at once.
+    let again = drive("opens", json!({"url": url})).await;
+    assert_eq!(again["title"], "Setup is locked", "{again}");
+}
+
+/// A claim that expired before the gateway used it: AWS refuses it; the page shows the cause
+/// and asks for a new claim. A claim whose key is not its certificate's: the gateway refuses it
+/// itself. A window closed by hand: the page says the gateway is not accepting setup.
+#[tokio::test]
+async fn an_expired_claim_a_mismatched_key_and_a_closed_window_are_explained() {
+    let cloud = Cloud::start().await;
+    let (gateway, url) = page_gateway(&cloud, "p4", true, false).await;
+    let dir = gateway.dir.path();
+
+    let first = new_claim(&cloud, dir, "first").await;
+    let second = new_claim(&cloud, dir, "second").await;
+    let mismatched = drive(
+        "claimRefused",
+        json!({
+            "url": url,
+            "code": gateway.label.code,
+            "files": [first.cert, second.key],
+            "params": {"Site": "x"},
+        }),
+    )
+    .await;
+    assert!(
+        text(&mismatched).contains("certificate and the key must come from the same claim"),
+        "{mismatched}"
+    );
+    assert!(text(&mismatched).contains("key"), "{mismatched}");
+
+    let expired = claim_bundle(&cloud, dir, "expired").await;
+    cloud.shared().clock.advance(301);
+    let result = drive(
+        "failsOnline",
+        json!({
+            "url": url,
+            "code": gateway.label.code,
+            "files": [expired],
+            "params": {"Site": "x"},
+            "expect": "The claim has expired",
+            "shot": "8-claim-expired",
+        }),
+    )
+    .await;
+    assert!(text(&result).contains("Get a new claim"), "{result}");
+    let status = gateway.status().await;
+    assert_eq!(status["error"]["code"], "claim-expired", "{status}");
+
+    gateway.ctl(&["onboarding", "close"]).await;
+    let closed = drive("opens", json!({"url": url, "shot": "10-window-closed"})).await;
+    assert_eq!(
+        closed["title"], "The gateway is not accepting setup",
+        "{closed}"
+    );
+    assert!(text(&closed).contains("press its setup button"), "{closed}");
+}
+
+/// Served on an interface configured as a shared network, the page warns that `iotctl onboard`
+/// or an app is the safe path there; on a direct link it does not.
+#[tokio::test]
+async fn on_a_shared_network_the_page_says_iotctl_is_the_safe_path() {
+    let cloud = Cloud::start().await;
+    let (gateway, url) = page_gateway(&cloud, "p5", false, true).await;
+    let shared = drive("opens", json!({"url": url, "shot": "0-shared-network"})).await;
+    assert_eq!(shared["screen"], "form", "{shared}");
+    assert_eq!(shared["warning"], true, "{shared}");
+    assert!(text(&shared).contains("iotctl onboard"), "{shared}");
+    drop(gateway);
+
+    let (_gateway, url) = page_gateway(&cloud, "p6", false, false).await;
+    let direct = drive("opens", json!({"url": url})).await;
+    assert_eq!(direct["warning"], false, "{direct}");
+}
+
+/// With `IOTD_BLESS_SCREENSHOTS=1`, the main screens at phone size go to docs/screenshots/
+/// (README shows them).
+fn bless() {
+    if std::env::var_os("IOTD_BLESS_SCREENSHOTS").is_none() {
+        return;
+    }
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots");
+    std::fs::create_dir_all(&docs).unwrap();
+    for entry in std::fs::read_dir(shots()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with("-390x844.png") && !name.starts_with("failed") {
+            std::fs::copy(&path, docs.join(&name)).unwrap();
+        }
+    }
+}
