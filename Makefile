@@ -5,7 +5,7 @@ CARGO ?= cargo
 VENV ?= $(CURDIR)/target/venv
 export IOTD_VENV := $(VENV)
 
-.PHONY: setup build test lint test-packaging demo bench clean
+.PHONY: setup build test lint test-page test-packaging demo bench clean
 
 setup:
 	@scripts/setup.sh
@@ -19,9 +19,16 @@ lint:
 
 # The whole suite: lints, unit tests, and black-box tests that start the real binaries (and AWS's
 # Python SDK against fake-iot-core). A missing tool fails the run; nothing is skipped.
-test: setup lint
+test: setup lint test-page
 	$(CARGO) test --workspace --no-fail-fast
 	$(MAKE) test-packaging
+
+# The installer's page: its committed bundle is what its sources and lockfile build (byte for
+# byte), and its protocol module passes RFC 9383's and the profile's vectors under node's test
+# runner. (Its browser tests run in Chromium with the Rust suite: agent/tests/onboarding/page.rs.)
+test-page: setup
+	node agent/page/build.mjs --check
+	node --test agent/page/test/
 
 # The .deb (lintian, install/upgrade/purge in a bookworm root, piuparts, the unit's checks) and
 # the Yocto layer (oelint-adv, bitbake's parser, the crates file). Needs root, like CI.

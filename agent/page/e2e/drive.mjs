@@ -192,9 +192,21 @@ const scenarios = {
     return found;
   },
 
-  // The page as it opens: a problem screen (window closed) or the form (to read it).
+  // The page as it opens: a problem screen (window closed) or the form (to read it). With
+  // `retry`, a refused connection is tried again for up to 20 s: the interface the page is
+  // served on was just made, and iotd binds it when the kernel reports the new link.
   async opens() {
-    await page.goto(job.url);
+    const deadline = Date.now() + (job.retry ? 20_000 : 0);
+    for (;;) {
+      try {
+        await page.goto(job.url, { timeout: 15_000 });
+        break;
+      } catch (e) {
+        if (Date.now() > deadline || !/ERR_CONNECTION_REFUSED/.test(e.message)) throw e;
+        seen.push({ refused: Date.now() });
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    }
     const found = await page.waitForSelector('body[data-screen="problem"], body[data-screen="form"], body[data-screen="done"]').then(state);
     if (job.shot) await shot(job.shot);
     found.warning = await page.locator('#shared-warning').isVisible();

@@ -11,6 +11,8 @@
 //! Needs node (≥ 20.19), the page's npm packages (`npm ci` in agent/page) and
 //! /usr/bin/chromium: scripts/setup.sh installs them. A missing one fails the test.
 
+use iotd_testkit::avahi::Netns;
+
 use super::*;
 
 /// Where the screenshots go (a test artefact).
@@ -24,7 +26,12 @@ fn page_dir() -> PathBuf {
 
 /// Runs one scenario of drive.mjs with `job` (the scenario's inputs); its JSON result. A
 /// scenario that fails prints what it saw, and the test fails with it.
-async fn drive(scenario: &str, mut job: Value) -> Value {
+async fn drive(scenario: &str, job: Value) -> Value {
+    drive_in(None, scenario, job).await
+}
+
+/// `drive`, with Chromium inside the network namespace `netns`.
+async fn drive_in(netns: Option<&Netns>, scenario: &str, mut job: Value) -> Value {
     let driver = page_dir().join("e2e/drive.mjs");
     assert!(
         page_dir().join("node_modules/playwright-core").exists(),
@@ -36,7 +43,15 @@ async fn drive(scenario: &str, mut job: Value) -> Value {
     );
     job["scenario"] = json!(scenario);
     job["shots"] = json!(shots());
-    let child = tokio::process::Command::new("node")
+    let mut command = match netns {
+        Some(netns) => {
+            let mut command = tokio::process::Command::new("ip");
+            command.args(["netns", "exec", netns.name(), "node"]);
+            command
+        }
+        None => tokio::process::Command::new("node"),
+    };
+    let child = command
         .arg(&driver)
         .env("IOTD_PAGE_JOB", job.to_string())
         .stdout(std::process::Stdio::piped())
@@ -292,6 +307,157 @@ async fn on_a_shared_network_the_page_says_iotctl_is_the_safe_path() {
     let (_gateway, url) = page_gateway(&cloud, "p6", false, false).await;
     let direct = drive("opens", json!({"url": url})).await;
     assert_eq!(direct["warning"], false, "{direct}");
+}
+
+/// `ip` with `args`, which must succeed.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A veth pair: `a` in `netns_a` with `ip_a`/24, `b` in `netns_b` with `ip_b`/24, both up.
+fn veth(netns_a: &Netns, a: &str, ip_a: &str, netns_b: &Netns, b: &str, ip_b: &str) {
+    ip(&[
+        "link",
+        "add",
+        a,
+        "netns",
+        netns_a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b,
+        "netns",
+        netns_b.name(),
+    ]);
+    for (netns, name, address) in [(netns_a, a, ip_a), (netns_b, b, ip_b)] {
+        ip(&[
+            "-n",
+            netns.name(),
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            name,
+        ]);
+        ip(&["-n", netns.name(), "link", "set", name, "up"]);
+    }
+}
+
+/// A gateway with two networks, each in network namespaces this test makes: a direct link to
+/// the installer's phone (`page_interfaces`), made only after iotd started, and the site LAN.
+/// The phone gets the page; a host on the LAN is refused, also when it routes to the direct
+/// link's address through the gateway's LAN port (which reaches the HTTPS API there: only the
+/// page is bound to its interface). The direct link removed and made again (a new interface
+/// index) is served again.
+#[tokio::test]
+async fn the_page_is_served_on_the_direct_link_only() {
+    let gateway_ns = Netns::new("gw");
+    let phone = Netns::new("phone");
+    let lan = Netns::new("lan");
+    // Interface names are made in the host's namespace first: unique on the machine.
+    let id = format!("pg{:x}", std::process::id() % 0xffff_ff);
+    let (direct, phone_if, lan_if, host_if) = (
+        format!("{id}d"),
+        format!("{id}p"),
+        format!("{id}l"),
+        format!("{id}h"),
+    );
+    veth(
+        &gateway_ns,
+        &lan_if,
+        "10.78.2.1",
+        &lan,
+        &host_if,
+        "10.78.2.2",
+    );
+    ip(&[
+        "-n",
+        lan.name(),
+        "route",
+        "add",
+        "10.78.1.0/24",
+        "via",
+        "10.78.2.1",
+    ]);
+
+    let cloud = Cloud::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("config.toml");
+    let config = gateway_config(&cloud, dir.path(), "n1", 8443, "")
+        .replace("listen = \"127.0.0.1:8443\"", "listen = \"0.0.0.0:8443\"");
+    std::fs::write(
+        &config_path,
+        format!("{config}page_interfaces = [\"{direct}\"]\npage_port = 8080\n"),
+    )
+    .unwrap();
+    register(&config_path);
+    let wrapper = gateway_ns.wrapper(&iotd_binary(), &dir.path().join("iotd-in-netns"));
+    let mut iotd =
+        Iotd::start_with_config(&wrapper, &config_path, &dir.path().join("state"), &[]).await;
+    iotd.wait_status("READY=1").await;
+
+    // The installer plugs in: the direct link appears.
+    veth(
+        &gateway_ns,
+        &direct,
+        "10.78.1.1",
+        &phone,
+        &phone_if,
+        "10.78.1.2",
+    );
+    let page = "http://10.78.1.1:8080/";
+    let served = drive_in(Some(&phone), "opens", json!({"url": page, "retry": true})).await;
+    assert_eq!(served["screen"], "form", "{served}");
+    assert_eq!(served["warning"], false, "{served}");
+
+    for url in ["http://10.78.2.1:8080/", page] {
+        let refused = drive_in(Some(&lan), "refused", json!({"url": url})).await;
+        assert!(
+            refused["error"]
+                .as_str()
+                .unwrap()
+                .contains("ERR_CONNECTION_REFUSED"),
+            "{url} from the LAN: {refused}"
+        );
+    }
+    // The route through the LAN port works: the HTTPS API (not bound to an interface) answers
+    // there, with its self-signed certificate.
+    let api = drive_in(
+        Some(&lan),
+        "refused",
+        json!({"url": "https://10.78.1.1:8443/v1/status"}),
+    )
+    .await;
+    assert!(
+        api["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("ERR_CERT"),
+        "the API through the LAN port: {api}"
+    );
+
+    // Unplugged and plugged again: a new interface with the same name.
+    ip(&["-n", gateway_ns.name(), "link", "del", &direct]);
+    veth(
+        &gateway_ns,
+        &direct,
+        "10.78.1.1",
+        &phone,
+        &phone_if,
+        "10.78.1.2",
+    );
+    let again = drive_in(Some(&phone), "opens", json!({"url": page, "retry": true})).await;
+    assert_eq!(again["screen"], "form", "{again}");
+    assert!(iotd.terminate().await.success());
 }
 
 /// With `IOTD_BLESS_SCREENSHOTS=1`, the main screens at phone size go to docs/screenshots/

@@ -204,6 +204,8 @@ impl Drop for NotifyOnDrop<'_> {
 
 struct Gateway {
     addr: SocketAddr,
+    /// The page's plain-HTTP listener, when the gateway serves it (`Gateway::with_page`).
+    page: Option<SocketAddr>,
     leaf: Vec<u8>,
     code: SetupCode,
     view: watch::Sender<View>,
@@ -276,6 +278,17 @@ impl Gateway {
     }
 
     async fn with(limits: Limits, view: View) -> Self {
+        Self::serving(limits, view, None).await
+    }
+
+    /// A gateway that also serves the page on a plain listener on loopback, whose connections
+    /// are handed to the server as coming over `link` (as `page::listen` does per interface),
+    /// and lets the installer supply Site.
+    async fn with_page(link: Link) -> Self {
+        Self::serving(Limits::default(), open_view(20), Some(link)).await
+    }
+
+    async fn serving(limits: Limits, view: View, page_link: Option<Link>) -> Self {
         let (tls, leaf) = self_signed("gateway.local");
         let code = SetupCode::generate().unwrap();
         let salt: Vec<u8> = (0..32).collect();
@@ -283,7 +296,7 @@ impl Gateway {
         let (view_tx, view_rx) = watch::channel(view);
         let (requests, mut incoming) = mpsc::channel(4);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = Server::new(
+        let mut server = Server::new(
             listener,
             tls,
             &leaf,
@@ -293,8 +306,22 @@ impl Gateway {
                 view: view_rx,
             },
             limits,
-        );
+        )
+        .with_installer_parameters(vec!["Site".to_owned()]);
         let addr = server.local_addr().unwrap();
+        let mut tasks = Vec::new();
+        let mut page = None;
+        if let Some(link) = page_link {
+            let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            page = Some(plain.local_addr().unwrap());
+            let (accepted, connections) = mpsc::channel(4);
+            server = server.with_page(connections);
+            tasks.push(tokio::spawn(async move {
+                while let Ok((tcp, peer)) = plain.accept().await {
+                    let _ = accepted.send(Accepted { tcp, peer, link }).await;
+                }
+            }));
+        }
         let log = Arc::new(Mutex::new(CoreLog::default()));
         let hand_over = Arc::new(Mutex::new(Ok(())));
         let count_delay = Arc::new(Mutex::new(Duration::ZERO));
@@ -357,8 +384,10 @@ impl Gateway {
         let server = tokio::spawn(async move {
             server.run().await.unwrap();
         });
+        tasks.extend([server, core]);
         Self {
             addr,
+            page,
             leaf,
             code,
             view: view_tx,
@@ -366,7 +395,7 @@ impl Gateway {
             logged,
             hand_over,
             count_delay,
-            tasks: vec![server, core],
+            tasks,
         }
     }
 
@@ -1581,4 +1610,181 @@ fn the_parsers_take_what_the_profile_says() {
         (refused.session_id, refused.error.code),
         (None, "malformed")
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The installer's page and the browser API on plain HTTP.
+
+/// One plain HTTP/1.1 request to `addr`: the status, the headers and the body.
+async fn plain(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, axum::http::HeaderMap, Bytes) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, "10.0.0.1:8080");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = sender
+        .send_request(
+            request
+                .body(Full::new(Bytes::from(body.to_owned())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, body)
+}
+
+/// The hash a CSP names for an inline element's text.
+fn csp_hash(text: &str) -> String {
+    use sha2::Digest as _;
+    base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+#[tokio::test]
+async fn the_page_is_sent_gzip_compressed_with_a_policy_that_allows_its_own_code_only() {
+    let gateway = Gateway::with_page(Link::Direct).await;
+    let page = gateway.page.unwrap();
+    let (status, headers, body) = plain(
+        page,
+        "GET",
+        "/",
+        &[("accept-encoding", "gzip, deflate")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers[header::CONTENT_ENCODING], "gzip");
+    assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    assert_eq!(&body[..2], [0x1f, 0x8b], "gzip's magic");
+    assert_eq!(body, PAGE_GZIP);
+    // The policy names the page's one script and one style by their hashes, nothing else.
+    let html = include_str!("../../../page/dist/index.html");
+    let inner = |open: &str, close: &str| {
+        html.split_once(open)
+            .unwrap()
+            .1
+            .split_once(close)
+            .unwrap()
+            .0
+    };
+    let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    assert!(csp.starts_with("default-src 'none'; "), "{csp}");
+    assert!(
+        csp.contains(&format!(
+            "script-src 'sha256-{}';",
+            csp_hash(inner("<script>", "</script>"))
+        )),
+        "{csp}"
+    );
+    assert!(
+        csp.contains(&format!(
+            "style-src 'sha256-{}';",
+            csp_hash(inner("<style>", "</style>"))
+        )),
+        "{csp}"
+    );
+    assert!(csp.contains("connect-src 'self'") && csp.contains("frame-ancestors 'none'"));
+
+    // A client that takes no gzip is told so; so is one that refuses it with q=0.
+    for accept in [
+        None,
+        Some("identity"),
+        Some("gzip;q=0, identity"),
+        Some("gzip;q=0.000"),
+    ] {
+        let headers: Vec<(&str, &str)> =
+            accept.map(|a| ("accept-encoding", a)).into_iter().collect();
+        let (status, _, body) = plain(page, "GET", "/", &headers, "").await;
+        assert_eq!(status, 406, "{accept:?}");
+        assert!(String::from_utf8_lossy(&body).contains("curl --compressed"));
+    }
+    for accept in ["*", "br;q=1.0, gzip;q=0.5", "GZIP"] {
+        let (status, _, _) = plain(page, "GET", "/", &[("accept-encoding", accept)], "").await;
+        assert_eq!(status, 200, "{accept}");
+    }
+
+    // Not on the HTTPS port: that is the API's, for iotctl and apps.
+    let response = gateway
+        .client()
+        .send("GET", "/", Full::new(Bytes::new()))
+        .await;
+    assert_eq!(response.status(), 404);
+}
+
+#[tokio::test]
+async fn the_form_says_what_the_page_asks_and_whether_the_link_is_direct() {
+    for (link, direct) in [(Link::Direct, true), (Link::Shared, false)] {
+        let gateway = Gateway::with_page(link).await;
+        let (status, _, body) = plain(gateway.page.unwrap(), "GET", "/v1/form", &[], "").await;
+        assert_eq!(status, 200);
+        let form: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(form["v"], 1, "{form}");
+        assert_eq!(form["serial"], SERIAL, "{form}");
+        assert_eq!(form["parameters"], json!(["Site"]), "{form}");
+        assert_eq!(form["direct_link"], direct, "{form}");
+        assert_eq!(form["status"]["window"], "open", "{form}");
+        assert_eq!(form["status"]["attempts_left"], 20, "{form}");
+        // Over HTTPS the form is there too (for apps), never as a direct link.
+        let (status, form) = gateway.client().get("/v1/form").await;
+        assert_eq!(status, 200);
+        assert_eq!(form["direct_link"], false, "{form}");
+    }
+}
+
+/// On plain HTTP there is no certificate to bind to: `tls-server-end-point` is refused before a
+/// session is made; `none` starts one (the browser tests pair the whole way over it).
+#[tokio::test]
+async fn plain_http_pairs_with_binding_none_only() {
+    let gateway = Gateway::with_page(Link::Direct).await;
+    let page = gateway.page.unwrap();
+    let body = params_body(&[7; RANDOM_LEN], "tls-server-end-point").to_string();
+    let (status, _, answer) = plain(
+        page,
+        "POST",
+        PARAMS,
+        &[("content-type", "application/json")],
+        &body,
+    )
+    .await;
+    assert_eq!(status, 400);
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["error"], "malformed", "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("must be \"none\" on plain HTTP"),
+        "{answer}"
+    );
+
+    let body = params_body(&[7; RANDOM_LEN], "none").to_string();
+    let (status, _, answer) = plain(
+        page,
+        "POST",
+        PARAMS,
+        &[("content-type", "application/json")],
+        &body,
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["serial"], SERIAL, "{answer}");
+    assert_eq!(gateway.counted(), 0);
 }
