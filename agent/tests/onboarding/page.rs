@@ -80,6 +80,7 @@ async fn drive_in(netns: Option<&Netns>, scenario: &str, mut job: Value) -> Valu
         "{scenario} in Chromium: {}",
         serde_json::to_string_pretty(&result).unwrap()
     );
+    bless();
     result
 }
 
@@ -364,7 +365,7 @@ async fn the_page_is_served_on_the_direct_link_only() {
     let phone = Netns::new("phone");
     let lan = Netns::new("lan");
     // Interface names are made in the host's namespace first: unique on the machine.
-    let id = format!("pg{:x}", std::process::id() % 0xffff_ff);
+    let id = format!("pg{:x}", std::process::id() % 0x00ff_ffff);
     let (direct, phone_if, lan_if, host_if) = (
         format!("{id}d"),
         format!("{id}p"),
