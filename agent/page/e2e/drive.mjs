@@ -63,6 +63,7 @@ const seen = [];
 async function shot(name) {
   if (!job.shots) return;
   mkdirSync(job.shots, { recursive: true });
+  name = `${job.prefix ?? ''}${name}`;
   await page.screenshot({ path: `${job.shots}/${name}-390x844.png`, fullPage: true });
   await page.setViewportSize(DESKTOP);
   await page.screenshot({ path: `${job.shots}/${name}-1280x800.png`, fullPage: true });

@@ -540,7 +540,10 @@ function refused(e) {
     case 'claim_invalid':
       return problem({
         title: 'The gateway refused the claim',
-        cause: e.message,
+        cause: /does not match/.test(e.message)
+          ? 'The key file does not belong to the claim’s certificate.'
+          : 'The gateway cannot use these claim files.',
+        detail: `The gateway said: ${e.message}`,
         next: [
           'Choose the claim files again: the certificate and the key must come from the same claim.',
           'If the portal gave you one file, choose that file alone.',
