@@ -151,6 +151,10 @@ async fn an_installer_onboards_the_gateway_from_a_phone_browser() {
             .starts_with("Certificate and key found. The claim expires in"),
         "{result}"
     );
+    assert!(
+        form["width320"].as_u64().unwrap() <= 320,
+        "no sideways scrolling at 320 px: {result}"
+    );
     assert_eq!(
         result["console"],
         json!([]),
