@@ -244,28 +244,16 @@ impl Server {
             tokio::select! {
                 Some(accepted) = next_page_connection(&mut page) => {
                     let Accepted { tcp, peer, link } = accepted;
-                    if connections.len() >= shared.limits.max_connections {
-                        tracing::warn!(%peer, "onboarding page: refusing a connection: {} are open already", connections.len());
-                        drop(tcp);
+                    if !admit(&connections, &shared.limits, &tcp, peer) {
                         continue;
-                    }
-                    if let Err(error) = tcp.set_nodelay(true) {
-                        tracing::debug!(%peer, "onboarding page: TCP_NODELAY: {error}");
                     }
                     let app = App { shared: shared.clone(), peer, transport: Transport::Plain(link) };
                     connections.spawn(serve_http(Box::new(tcp), app, router.clone()));
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
-                        if connections.len() >= shared.limits.max_connections {
-                            tracing::warn!(%peer, "onboarding: refusing a connection: {} are open already", connections.len());
-                            drop(tcp);
+                        if !admit(&connections, &shared.limits, &tcp, peer) {
                             continue;
-                        }
-                        // Progress events (`/v1/events`) are small writes: without this the
-                        // client's delayed ACK holds each one back by up to 40 ms.
-                        if let Err(error) = tcp.set_nodelay(true) {
-                            tracing::debug!(%peer, "onboarding: TCP_NODELAY: {error}");
                         }
                         let app = App { shared: shared.clone(), peer, transport: Transport::Tls };
                         connections.spawn(connection(tcp, tls.clone(), app, router.clone()));
@@ -306,6 +294,26 @@ mod libc_errno {
     pub const ENFILE: i32 = 23;
     pub const EMFILE: i32 = 24;
     pub const ENOBUFS: i32 = 105;
+}
+
+/// Whether a new connection is served: not when [`Limits::max_connections`] are open already
+/// (it is closed when the caller drops it).
+fn admit(
+    connections: &JoinSet<()>,
+    limits: &Limits,
+    tcp: &tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> bool {
+    if connections.len() >= limits.max_connections {
+        tracing::warn!(%peer, "onboarding: refusing a connection: {} are open already", connections.len());
+        return false;
+    }
+    // Progress events (`/v1/events`) are small writes: without this the client's delayed ACK
+    // holds each one back by up to 40 ms.
+    if let Err(error) = tcp.set_nodelay(true) {
+        tracing::debug!(%peer, "onboarding: TCP_NODELAY: {error}");
+    }
+    true
 }
 
 /// The next connection of the page's listeners; pending forever when the page is not served

@@ -1754,17 +1754,14 @@ async fn the_form_says_what_the_page_asks_and_whether_the_link_is_direct() {
 async fn plain_http_pairs_with_binding_none_only() {
     let gateway = Gateway::with_page(Link::Direct).await;
     let page = gateway.page.unwrap();
-    let body = params_body(&[7; RANDOM_LEN], "tls-server-end-point").to_string();
-    let (status, _, answer) = plain(
-        page,
-        "POST",
-        PARAMS,
-        &[("content-type", "application/json")],
-        &body,
-    )
-    .await;
+    let pair = |binding: &'static str| async move {
+        let body = params_body(&[7; RANDOM_LEN], binding).to_string();
+        let json = [("content-type", "application/json")];
+        let (status, _, answer) = plain(page, "POST", PARAMS, &json, &body).await;
+        (status, serde_json::from_slice::<Value>(&answer).unwrap())
+    };
+    let (status, answer) = pair("tls-server-end-point").await;
     assert_eq!(status, 400);
-    let answer: Value = serde_json::from_slice(&answer).unwrap();
     assert_eq!(answer["error"], "malformed", "{answer}");
     assert!(
         answer["message"]
@@ -1773,18 +1770,8 @@ async fn plain_http_pairs_with_binding_none_only() {
             .contains("must be \"none\" on plain HTTP"),
         "{answer}"
     );
-
-    let body = params_body(&[7; RANDOM_LEN], "none").to_string();
-    let (status, _, answer) = plain(
-        page,
-        "POST",
-        PARAMS,
-        &[("content-type", "application/json")],
-        &body,
-    )
-    .await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
-    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    let (status, answer) = pair("none").await;
+    assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["serial"], SERIAL, "{answer}");
     assert_eq!(gateway.counted(), 0);
 }
