@@ -144,6 +144,13 @@ const scenarios = {
     const held = new Promise((resolve) => (release = resolve));
     await page.route('**/v1/claim', async (route) => {
       await held;
+      if (job.loseClaimAnswer) {
+        // The claim reaches the gateway, its answer never reaches the page (a Wi-Fi drop):
+        // the page must follow the gateway's events to the end all the same.
+        await route.fetch();
+        await route.abort('connectionreset');
+        return;
+      }
       await route.continue();
     });
     await start();

@@ -443,15 +443,32 @@ async function onboard(digits, plaintext) {
   // From here the claim may have reached the gateway: its progress comes from the event
   // stream, whatever the answer to /v1/claim.
   state.following = true;
-  const acked = await post('/v1/claim', { session_id: params.session_id, seq: 0, ct: toB64(sealed) });
+  let acked;
+  try {
+    acked = await post('/v1/claim', { session_id: params.session_id, seq: 0, ct: toB64(sealed) });
+  } catch (e) {
+    if (!(e instanceof Unreachable)) throw e;
+    // The claim may have arrived: the gateway's events say so once the page reaches it again.
+    $('progress-hint').textContent = 'Lost contact with the gateway while handing over the claim; waiting to hear whether it arrived…';
+    lostTimer = setTimeout(() => {
+      if (state.following && !['claim-received', 'connecting-with-claim', 'certificate-issued', 'thing-registered'].includes(state.view?.phase)) {
+        failed(e);
+      }
+    }, 30000);
+    return;
+  }
   const ack = JSON.parse(new TextDecoder().decode(open(keys.s2c, sessionId, 'claim-ack', acked.seq ?? 0, fromB64(acked.ct, 'ack'))));
   if (ack.status !== 'accepted') throw new ProtocolError('protocol', `the gateway answered the claim with “${ack.status}”`);
+  if (!state.following) return;
   markSteps('connecting-with-claim');
   if (state.view) onView(state.view);
 }
 
+let lostTimer = null;
+
 function failed(e) {
   state.following = false;
+  clearTimeout(lostTimer);
   if (e instanceof Refused) return refused(e);
   if (e instanceof Unreachable) {
     return problem({

@@ -97,7 +97,7 @@ impl Drop for Bound {
 /// Serves the page's listeners until `accepted`'s receiver is gone: binds each configured
 /// interface that exists, and re-binds as interfaces appear, disappear or are made again.
 pub async fn listen(page: PageInterfaces, accepted: mpsc::Sender<Accepted>) {
-    let links = match LinkChanges::open() {
+    let mut links = match LinkChanges::open() {
         Ok(links) => Some(links),
         Err(error) => {
             tracing::warn!(
@@ -154,8 +154,14 @@ pub async fn listen(page: PageInterfaces, accepted: mpsc::Sender<Accepted>) {
         };
         tokio::select! {
             result = changed => {
+                // A socket that fails once would fail again at once: it is given up, not
+                // read in a loop.
                 if let Err(error) = result {
-                    tracing::warn!("onboarding page: reading network interface changes: {error}");
+                    tracing::warn!(
+                        "onboarding page: reading network interface changes: {error}; interfaces \
+                         that appear from now on are not served until iotd restarts"
+                    );
+                    links = None;
                 }
             }
             () = accepted.closed() => return,
