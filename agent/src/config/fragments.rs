@@ -502,8 +502,8 @@ fn to_value(value: Value<'_, '_>) -> Read<toml::Value> {
     })
 }
 
-/// Serde's derived structs also accept arrays, filling fields by position: `cloud = ["host"]`
-/// would set the endpoint. Tables written as arrays are refused before serde sees them.
+/// Tables written as arrays (`cloud = ["host"]`, `[[state]]`) are refused here, at the key, so
+/// that the message points where the table is named (the reader would point at the array).
 fn refuse_arrays_as_tables(root: &DeTable<'_>, source: &Source<'_>) -> Result<(), ConfigError> {
     let refuse = |path: &str, key: &Spanned<DeString<'_>>, value: &Spanned<DeValue<'_>>| {
         if matches!(value.get_ref(), DeValue::Array(_)) {

@@ -198,12 +198,7 @@ impl Layer {
             report_topic,
         } = cloud;
         self.endpoint = check.opt("cloud.endpoint", endpoint, host_name)?;
-        self.port = check.opt("cloud.port", port, |p| {
-            u16::try_from(p)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("{p} is not a TCP port (1 to 65535)"))
-        })?;
+        self.port = check.opt("cloud.port", port, tcp_port)?;
         self.alpn = check.opt("cloud.alpn", alpn, Ok)?;
         self.ca_bundle = check.opt("cloud.ca_bundle", ca_bundle, absolute_path)?;
         // AWS IoT refuses keep-alives outside 30..=1200 s; better to say so here than to be
@@ -348,12 +343,7 @@ impl Layer {
             page_shared_interfaces,
             |names| names.into_iter().map(interface_name).collect(),
         )?;
-        self.page_port = check.opt("onboarding.page_port", page_port, |p| {
-            u16::try_from(p)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("{p} is not a TCP port (1 to 65535)"))
-        })?;
+        self.page_port = check.opt("onboarding.page_port", page_port, tcp_port)?;
         if let Some(serial) = serial {
             let key = "onboarding.serial";
             let span = serial.span();
@@ -684,8 +674,14 @@ fn report_topic_value(topic: String) -> Result<String, String> {
     Ok(topic)
 }
 
-/// `onboarding.listen`: an IP address and a port of 1024 or more (the unit has no capability
-/// to bind below).
+/// A TCP port, 1 to 65535.
+fn tcp_port(port: i64) -> Result<u16, String> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{port} is not a TCP port (1 to 65535)"))
+}
+
 /// A network interface's name as Linux allows it: 1 to 15 bytes, no `/`, `:` or white space,
 /// not `.` or `..`.
 fn interface_name(name: String) -> Result<String, String> {
@@ -706,6 +702,8 @@ fn interface_name(name: String) -> Result<String, String> {
     }
 }
 
+/// `onboarding.listen`: an IP address and a port of 1024 or more (the unit has no capability
+/// to bind below).
 fn listen_address(value: String) -> Result<std::net::SocketAddr, String> {
     let address: std::net::SocketAddr = value.parse().map_err(|_| {
         format!("{value:?} is not an address and port, like \"0.0.0.0:8443\" or \"[::]:8443\"")

@@ -1,8 +1,13 @@
 //! The onboarding server (profile §5.3–5.6): HTTPS (axum over rustls, HTTP/1.1) on the
-//! configured address, for the installer's client.
+//! configured address, for the installer's client; and, where the page is served (`page`),
+//! plain HTTP on the interfaces configured for it: the installer's page and the profile's
+//! browser variant of the API (binding `"none"` only: there is no certificate to bind to).
+//! Both transports share one session slot, one rate limit and one connection cap.
 //!
 //! | endpoint | what |
 //! |---|---|
+//! | `GET /` | the installer's page (plain HTTP only; gzip, with its Content-Security-Policy) |
+//! | `GET /v1/form` | what the page asks before pairing: serial, installer parameters, link |
 //! | `POST /v1/pair/params` | a new session: randoms, serial, PBKDF parameters (rate-limited) |
 //! | `POST /v1/pair/start` | `share_p` → `share_v`, `confirm_v` (the attempt is counted first) |
 //! | `POST /v1/pair/finish` | `confirm_p` → `paired` |
