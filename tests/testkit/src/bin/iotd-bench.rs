@@ -518,9 +518,15 @@ async fn bench(args: Args) -> Result<()> {
     }
 
     if let Some(iotctl) = iotctl.filter(|_| args.runs(Part::Size)) {
-        // 3. Binary sizes. iotd has no build without onboarding: its server is always in.
+        // 3. Binary sizes. iotd has no build without onboarding: its server and the installer's
+        // page are always in.
         let binaries = [
-            ("iotd", ", onboarding server included", &exe, Some(5.0)),
+            (
+                "iotd",
+                ", onboarding server and installer's page included",
+                &exe,
+                Some(5.0),
+            ),
             ("iotctl", "", &iotctl, None),
         ];
         for (name, note, binary, target) in binaries {
