@@ -87,7 +87,6 @@ function problem({ title, cause, detail = '', next = [], actions = [] }) {
       return button;
     }),
   );
-  document.body.dataset.problem = title;
   show('problem', title);
 }
 
@@ -96,6 +95,14 @@ const backToForm = (focus) => () => {
   if (focus) $(focus).focus();
 };
 const reload = () => window.location.reload();
+
+/** Back to the form with the claim files cleared, for a new or corrected claim. */
+function chooseClaimAgain() {
+  $('claim').value = '';
+  state.files = [];
+  renderClaim();
+  backToForm('claim')();
+}
 
 // ---------------------------------------------------------------------------------------------
 // The gateway's API.
@@ -565,7 +572,7 @@ function refused(e) {
           'Choose the claim files again: the certificate and the key must come from the same claim.',
           'If the portal gave you one file, choose that file alone.',
         ],
-        actions: [['Choose the claim again', () => { $('claim').value = ''; state.files = []; renderClaim(); backToForm('claim')(); }]],
+        actions: [['Choose the claim again', chooseClaimAgain]],
       });
     case 'no_session':
     case 'wrong_state':
@@ -593,7 +600,7 @@ function failedOnline(error) {
     'Get a new claim from your company portal (a claim is valid for 5 minutes).',
     'Choose it here and set up again: the setup code stays the same.',
   ];
-  const again = [['Use a new claim', () => { $('claim').value = ''; state.files = []; renderClaim(); backToForm('claim')(); }]];
+  const again = [['Use a new claim', chooseClaimAgain]];
   const byCode = {
     'claim-expired': {
       title: 'The claim has expired',
