@@ -90,6 +90,30 @@ function problem({ title, cause, detail = '', next = [], actions = [] }) {
   show('problem', title);
 }
 
+/**
+ * Disables the problem screen's first button for `seconds`, counting down on it; it is enabled
+ * again when the time is up (unless another screen replaced it).
+ */
+function holdFirstAction(seconds) {
+  const button = $('problem-actions').querySelector('button');
+  const label = button.textContent;
+  const until = Date.now() + seconds * 1000;
+  button.disabled = true;
+  const tick = () => {
+    if (!button.isConnected) return;
+    const left = Math.ceil((until - Date.now()) / 1000);
+    if (left <= 0) {
+      button.disabled = false;
+      button.textContent = label;
+      return;
+    }
+    button.textContent = `${label} (${left} s)`;
+    // Wakes when the shown number changes, not more often.
+    setTimeout(tick, until - Date.now() - (left - 1) * 1000);
+  };
+  tick();
+}
+
 const backToForm = (focus) => () => {
   show('form');
   if (focus) $(focus).focus();
@@ -108,12 +132,20 @@ function chooseClaimAgain() {
 // The gateway's API.
 
 class Refused extends Error {
-  constructor(status, body) {
+  constructor(status, body, retryAfter = null) {
     super(body?.message ?? `HTTP ${status}`);
     this.status = status;
     this.code = body?.error ?? 'unknown';
     this.attemptsLeft = body?.attempts_left;
+    // Whole seconds (a 429's Retry-After), or null.
+    this.retryAfter = retryAfter;
   }
+}
+
+/** A `Retry-After` in seconds (the gateway sends whole seconds), at most 5 minutes. */
+function retryAfter(response) {
+  const seconds = Number(response.headers.get('retry-after') ?? NaN);
+  return Number.isInteger(seconds) && seconds > 0 ? Math.min(seconds, 300) : null;
 }
 
 class Unreachable extends Error {}
@@ -136,7 +168,7 @@ async function call(method, path, body) {
   } catch {
     answer = null;
   }
-  if (!response.ok) throw new Refused(response.status, answer);
+  if (!response.ok) throw new Refused(response.status, answer, retryAfter(response));
   if (answer === null) throw new ProtocolError('protocol', `the gateway’s answer to ${path} is not JSON`);
   return answer;
 }
@@ -554,13 +586,17 @@ function refused(e) {
         next: ['Wait a minute, then try again.'],
         actions: [['Try again', backToForm('start')]],
       });
-    case 'rate_limited':
-      return problem({
+    case 'rate_limited': {
+      const wait = e.retryAfter ?? 10;
+      problem({
         title: 'Too many requests',
         cause: 'The gateway is receiving too many setup requests.',
-        next: ['Wait a few seconds, then try again.'],
+        next: [`Wait ${wait} ${wait === 1 ? 'second' : 'seconds'}, then try again.`],
         actions: [['Try again', backToForm('start')]],
       });
+      // Trying again sooner would only be refused again.
+      return holdFirstAction(wait);
+    }
     case 'claim_invalid':
       return problem({
         title: 'The gateway refused the claim',

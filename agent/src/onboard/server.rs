@@ -42,7 +42,8 @@
 //!   claim's ack, the session is gone: a replayed `/claim` gets `404 no_session`.
 //! - **Rate limit.** `/pair/params` takes a token from one bucket for the whole server
 //!   ([`Limits::params_burst`] tokens, one more every [`Limits::params_refill`]: 10 per 10 s),
-//!   `429 rate_limited` when it is empty. One bucket, not one per peer: the memory stays
+//!   `429 rate_limited` when it is empty, with `Retry-After` in whole seconds until the next
+//!   token (the page waits that long before it offers to try again). One bucket, not one per peer: the memory stays
 //!   bounded, and a client on the LAN that floods it could as well hold the session slot.
 //! - **Bodies.** At most [`PARAMS_BODY_LIMIT`] (1 KiB), [`CLAIM_BODY_LIMIT`] (20 KiB) for
 //!   `/claim`: a `Content-Length` over the limit is refused before reading, and a body is
@@ -414,7 +415,8 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn take(&mut self, limits: &Limits, now: Instant) -> bool {
+    /// Takes a token, or says how long until the next one comes.
+    fn take(&mut self, limits: &Limits, now: Instant) -> Result<(), Duration> {
         let per = limits.params_refill.max(Duration::from_millis(1));
         if self.tokens >= limits.params_burst {
             self.last = now;
@@ -432,10 +434,10 @@ impl Bucket {
             }
         }
         if self.tokens == 0 {
-            return false;
+            return Err((self.last + per).saturating_duration_since(now));
         }
         self.tokens -= 1;
-        true
+        Ok(())
     }
 }
 
@@ -706,6 +708,9 @@ pub(crate) struct ApiError {
     pub(crate) status: StatusCode,
     pub(crate) code: &'static str,
     pub(crate) message: String,
+    /// Whole seconds for `Retry-After` (a `429`): the client can wait for the next token
+    /// instead of guessing.
+    pub(crate) retry_after: Option<u64>,
 }
 
 /// Every code a refusal of the server can have (the profile's table, and `internal`).
@@ -732,6 +737,22 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn rate_limited(wait: Duration) -> Self {
+        // Rounded up, and at least a second: a client that waits that long finds the token.
+        let seconds = wait.as_millis().div_ceil(1000).max(1);
+        let seconds = u64::try_from(seconds).unwrap_or(u64::MAX);
+        let unit = if seconds == 1 { "second" } else { "seconds" };
+        Self {
+            retry_after: Some(seconds),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("Too many pairing requests; try again in {seconds} {unit}."),
+            )
         }
     }
 
@@ -824,7 +845,13 @@ impl App {
             error.message
         );
         let attempts_left = self.shared.view.borrow().attempts_left;
-        json_response(error.status, &error.body(attempts_left))
+        let mut response = json_response(error.status, &error.body(attempts_left));
+        if let Some(seconds) = error.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 
     fn reply(&self, endpoint: &'static str, result: Result<Value, ApiError>) -> Response {
@@ -1230,12 +1257,9 @@ async fn pair_params(State(app): State<App>, request: HttpRequest) -> Response {
 
 async fn params_step(app: &App, request: HttpRequest) -> Result<Value, ApiError> {
     let shared = &app.shared;
-    if !lock(&shared.bucket).take(&shared.limits, Instant::now()) {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "Too many pairing requests; wait a few seconds and try again.",
-        ));
+    let taken = lock(&shared.bucket).take(&shared.limits, Instant::now());
+    if let Err(wait) = taken {
+        return Err(ApiError::rate_limited(wait));
     }
     let body = read_body(request, PARAMS_BODY_LIMIT, shared.limits.request_timeout).await?;
     let asked = parse_params(&body)?;

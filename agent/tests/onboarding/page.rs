@@ -204,7 +204,8 @@ async fn the_qr_code_can_be_scanned_and_the_claim_given_as_two_files() {
 
 /// Wrong codes (valid check digit, so they reach the gateway): each shows the attempts left;
 /// the 20th closes the window, and the page says setup is locked and what to do. The gateway
-/// counted 20 and handed nothing to the cloud.
+/// counted 20 and handed nothing to the cloud. On the way, the gateway's rate limit: the page
+/// waits out its `Retry-After` before it offers to try again.
 #[tokio::test]
 async fn wrong_codes_show_the_attempts_left_and_the_window_closes_at_the_cap() {
     let cloud = Cloud::start().await;
@@ -229,6 +230,22 @@ async fn wrong_codes_show_the_attempts_left_and_the_window_closes_at_the_cap() {
         .filter(|s| s["title"] == "Setup code not accepted")
         .collect();
     assert_eq!(refusals.len(), 19, "{result}");
+    // The gateway's rate limit (the driver empties its bucket before the first try): the page
+    // says how long to wait, and holds "Try again" until then.
+    let rated: Vec<&Value> = result["seen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["title"] == "Too many requests")
+        .collect();
+    assert!(!rated.is_empty(), "{result}");
+    for screen in rated {
+        assert_eq!(screen["held"], true, "{screen}");
+        assert!(
+            text(screen).contains("Wait 1 second, then try again."),
+            "{screen}"
+        );
+    }
     for (i, refusal) in refusals.iter().enumerate() {
         let left = 19 - i;
         let tries = if left == 1 { "try" } else { "tries" };

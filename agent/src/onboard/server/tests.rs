@@ -1169,7 +1169,26 @@ async fn params_are_rate_limited() {
         400,
         "malformed",
     );
-    assert_refused(&client.post(PARAMS, &body).await, 429, "rate_limited");
+    let refused = client
+        .send("POST", PARAMS, Full::new(Bytes::from(body.to_string())))
+        .await;
+    // The next token comes in a minute: the client is told when, in whole seconds.
+    let wait: u64 = refused.headers()[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((59..=60).contains(&wait), "Retry-After: {wait}");
+    let refused = Client::read(refused).await;
+    assert_refused(&refused, 429, "rate_limited");
+    assert!(
+        refused.1["message"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("try again in {wait} seconds.")),
+        "{}",
+        refused.1
+    );
 }
 
 #[test]
@@ -1184,16 +1203,18 @@ fn the_bucket_refills_one_token_per_period_up_to_the_burst() {
         tokens: 2,
         last: start,
     };
-    assert!(bucket.take(&limits, start));
-    assert!(bucket.take(&limits, start));
-    assert!(!bucket.take(&limits, start + Duration::from_secs(4)));
-    assert!(bucket.take(&limits, start + Duration::from_secs(5)));
-    assert!(!bucket.take(&limits, start + Duration::from_secs(6)));
+    let at = |seconds: u64| start + Duration::from_secs(seconds);
+    assert_eq!(bucket.take(&limits, start), Ok(()));
+    assert_eq!(bucket.take(&limits, start), Ok(()));
+    // Empty: the wait is until the next token.
+    assert_eq!(bucket.take(&limits, at(4)), Err(Duration::from_secs(1)));
+    assert_eq!(bucket.take(&limits, at(5)), Ok(()));
+    assert_eq!(bucket.take(&limits, at(6)), Err(Duration::from_secs(4)));
     // A long pause fills it to the burst only.
-    let later = start + Duration::from_secs(3600);
-    assert!(bucket.take(&limits, later));
-    assert!(bucket.take(&limits, later));
-    assert!(!bucket.take(&limits, later));
+    let later = at(3600);
+    assert_eq!(bucket.take(&limits, later), Ok(()));
+    assert_eq!(bucket.take(&limits, later), Ok(()));
+    assert_eq!(bucket.take(&limits, later), Err(Duration::from_secs(5)));
 }
 
 // ---------------------------------------------------------------------------------------------
