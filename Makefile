@@ -13,9 +13,12 @@ setup:
 build: setup
 	$(CARGO) build --workspace --all-targets
 
+# third-party.py --check: the crate list, the recipe's LICENSE and debian/copyright are what
+# Cargo.lock gives, and every crate linked in is under a licence of its allow-list.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	python3 scripts/third-party.py --check
 
 # The whole suite: lints, unit tests, and black-box tests that start the real binaries (and AWS's
 # Python SDK against fake-iot-core). A missing tool fails the run; nothing is skipped.

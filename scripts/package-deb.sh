@@ -44,6 +44,10 @@ fi
 command -v strip >/dev/null || {
     echo "package-deb: strip (binutils) is missing; run scripts/setup.sh" >&2; exit 1; }
 
+# The copyright file the package ships must list what the binaries link, under licences of the
+# allow-list (scripts/third-party.py); a stale or refused listing stops the build here.
+python3 scripts/third-party.py --check >&2
+
 # Build both binaries; the JSON messages tell where iotctl's build script wrote its OUT_DIR.
 json=$(mktemp)
 trap 'rm -f "$json"' EXIT

@@ -59,8 +59,9 @@ check() {
 [ "$(id -u)" -eq 0 ] || { echo "test-packaging: must run as root (debootstrap, chroot, nspawn)" >&2; exit 1; }
 
 # lintian, debootstrap and piuparts test the package; systemd-container brings systemd-nspawn;
-# binutils' strip is used by cargo-deb; man-db lets lintian check the man pages.
-tools=(lintian debootstrap piuparts systemd-container binutils man-db python3)
+# binutils' strip is used by cargo-deb; man-db lets lintian check the man pages; python3-debian
+# reads the copyright file as DEP-5.
+tools=(lintian debootstrap piuparts systemd-container binutils man-db python3 python3-debian)
 missing=()
 for p in "${tools[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -178,6 +179,30 @@ if lintian --fail-on error,warning "$deb" >/dev/null 2>&1 && ! grep -qE '^(E|W):
 else
     fail "lintian reports errors or warnings"
 fi
+
+# lintian reads a copyright file as DEP-5 only in a source package; this package is built from
+# the tree, so the same checks run here on the file it ships, with Debian's own parser
+# (python3-debian, strict): every licence a Files paragraph names has its own paragraph and
+# none is unused; a licence with a text in /usr/share/common-licenses points there.
+check "debian/copyright as shipped is DEP-5 (python3-debian, strict): each licence named has its paragraph, none unused" \
+    bash -c 'dpkg-deb --fsys-tarfile "$1" | tar -xO ./usr/share/doc/iotd/copyright | /usr/bin/python3 -c "$2"' _ "$deb" '
+import re, sys
+from debian import copyright as dep5
+c = dep5.Copyright(sys.stdin, strict=True)
+named, defined = set(), set()
+for p in c.all_files_paragraphs():
+    names = re.sub(r"[()]", " ", p.license.synopsis)
+    named |= {n.strip() for n in re.split(r"\s+(?:and|or)\s+", names) if n.strip()}
+for p in c.all_license_paragraphs():
+    defined.add(p.license.synopsis)
+    if p.license.synopsis.startswith("Apache-2.0") and "/usr/share/common-licenses/Apache-2.0" not in p.license.text:
+        sys.exit(f"{p.license.synopsis}: does not point at /usr/share/common-licenses/Apache-2.0")
+missing, unused = named - defined, defined - named
+if missing or unused:
+    sys.exit(f"without a licence paragraph: {sorted(missing)}; paragraphs no file uses: {sorted(unused)}")
+files = sum(len(p.files) for p in c.all_files_paragraphs())
+print(f"{len(list(c.all_files_paragraphs()))} files paragraphs ({files} patterns), licences: {sorted(defined)}")
+'
 
 # --- 3. a fresh bookworm root ----------------------------------------------------------------
 

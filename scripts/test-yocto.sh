@@ -2,16 +2,21 @@
 # The Yocto layer yocto/meta-iotd, checked without a Yocto build (no registry carries poky or
 # OE-core, so neither `bitbake` nor yocto-check-layer can run here):
 #
-#   1. iotd-crates.inc is what scripts/yocto-crates.py generates from the current Cargo.lock;
-#   2. the recipe's version is the crate's;
+#   1. iotd-crates.inc, the recipe's LICENSE and debian/copyright are what
+#      scripts/third-party.py writes from the current Cargo.lock and the crates' metadata, and
+#      every linked crate's licence is in its allow-list;
+#   2. the recipe's version is the crate's, as a git snapshot (PV = "<version>+git");
 #   3. oelint-adv finds nothing (not even info) for scarthgap and for wrynose;
 #   4. bitbake's own parser (the `bb` modules of PyPI's bitbake-setup) parses the layer for
-#      wrynose, scarthgap with meta-lts-mixins' Rust, and stock scarthgap (where the recipe must
-#      skip itself: Rust 1.75 is too old); the recipe's do_install, run against this tree,
-#      installs every file the .deb takes from the tree, byte for byte, each file in a package
-#      (yocto/tests/bbparse.py);
-#   5. the layer README names a maintainer, an e-mail address and how to send patches
-#      (yocto-check-layer's test_readme).
+#      wrynose and for scarthgap with meta-lts-mixins' Rust; the recipe's do_install, run
+#      against this tree, installs every file the .deb takes from the tree, byte for byte, each
+#      file in its package; every licence has its text (yocto/tests/bbparse.py). With a Rust
+#      too old, the recipe skips itself and says what to do: on stock scarthgap (no mixin;
+#      the layer's dependency on the mixin is missing too) add the mixin, with an old mixin
+#      update it;
+#   5. yocto-check-layer's test_readme and test_security: the layer README names a maintainer,
+#      an e-mail address and how to send patches; a SECURITY file is in the layer or at the top
+#      of its repository.
 #
 # The tools live in target/yocto-venv, pinned by yocto/tests/requirements.txt. Each check prints
 # "ok: ..." or "FAIL: ..."; the last line is the summary.
@@ -64,11 +69,14 @@ fi
 
 # --- 1, 2: generated and versioned files -----------------------------------------------------
 
-check "iotd-crates.inc is current with Cargo.lock (scripts/yocto-crates.py --check)" \
-    python3 scripts/yocto-crates.py --check
+check "scripts/third-party.py: licence expressions, the allow-list, copyright notices (scripts/third_party_test.py)" \
+    python3 scripts/third_party_test.py
+check "iotd-crates.inc, the recipe's LICENSE and debian/copyright are current; licences allowed (scripts/third-party.py --check)" \
+    python3 scripts/third-party.py --check
 version=$(cargo metadata --no-deps --format-version 1 --locked |
     python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "iotd"))')
-check "the recipe is iotd_$version.bb, the crate's version" test -f "$recipe_dir/iotd_$version.bb"
+check "the recipe is iotd_git.bb with PV = \"$version+git\", the crate's version" \
+    grep -qx "PV = \"$version+git\"" "$recipe_dir/iotd_git.bb"
 
 # --- 3. oelint-adv ---------------------------------------------------------------------------
 
@@ -86,20 +94,30 @@ done
 parse() {
     "$venv/bin/python" yocto/tests/bbparse.py --layer "$layer" --source . "$@"
 }
-check "bitbake parse, wrynose: parses; do_install installs the .deb's files byte for byte, each in a package" \
+check "bitbake parse, wrynose: parses; do_install installs the .deb's files byte for byte, each in its package" \
     parse --release wrynose
 check "bitbake parse, scarthgap with meta-lts-mixins' Rust (1.91): parses; do_install as above" \
-    parse --release scarthgap --rustversion 1.91.0%
-check "bitbake parse, stock scarthgap (Rust 1.75): the recipe skips itself, naming the mixin" \
-    parse --release scarthgap --expect-skip "meta-lts-mixins (branch scarthgap/rust)"
+    parse --release scarthgap --mixin 1.91.0%
+check "bitbake parse, scarthgap with an old meta-lts-mixins (Rust 1.84): the recipe skips itself, asking for an update" \
+    parse --release scarthgap --mixin 1.84.1% \
+        --expect-skip "your meta-lts-mixins (scarthgap/rust) provides Rust 1.84.1; iotd needs 1.89 or newer: update"
+check "bitbake parse, stock scarthgap (Rust 1.75): the layer needs the mixin; the recipe skips itself, asking for it" \
+    parse --release scarthgap --expect-missing-layer scarthgap-rust-mixin \
+        --expect-skip "iotd needs Rust 1.89 or newer and this build has 1.75: add the layer meta-lts-mixins, branch scarthgap/rust"
 
-# --- 5. README -------------------------------------------------------------------------------
+# --- 5. README, SECURITY ---------------------------------------------------------------------
 
 # yocto-check-layer's test_readme: a top-level README* that mentions a maintainer and patches
 # and has an e-mail address.
 check "layer README names a maintainer, an e-mail address and how to send patches" \
     bash -c 'f=$(ls "$1"/README* | head -n 1) && grep -qi maintainer "$f" && grep -qi patch "$f" &&
              grep -qE "[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]+" "$f"' _ "$layer"
+
+# yocto-check-layer's test_security: SECURITY or SECURITY.* in the layer or at the top of the
+# git repository that holds it, not empty.
+check "a SECURITY file in the layer or at the top of its repository, not empty" \
+    bash -c 'for f in "$1"/SECURITY "$1"/SECURITY.* "$2"/SECURITY "$2"/SECURITY.*; do
+                 [ -s "$f" ] && exit 0; done; exit 1' _ "$layer" "$(git -C "$layer" rev-parse --show-toplevel)"
 
 echo "yocto: $passed passed, $failed failed ($((SECONDS - t_start)) s)"
 ((failed == 0))

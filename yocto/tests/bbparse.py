@@ -3,15 +3,20 @@
 Yocto release, and checks what a real build would check early:
 
     bbparse.py --layer yocto/meta-iotd --source . --release wrynose
-    bbparse.py ... --release scarthgap --rustversion 1.91.0%     (scarthgap + meta-lts-mixins)
-    bbparse.py ... --release scarthgap --expect-skip "Rust 1.89"  (stock scarthgap: skipped)
+    bbparse.py ... --release scarthgap --mixin 1.91.0%      (scarthgap + meta-lts-mixins)
+    bbparse.py ... --release scarthgap --mixin 1.84.1% --expect-skip "update"   (an old mixin)
+    bbparse.py ... --release scarthgap --expect-missing-layer scarthgap-rust-mixin \
+                   --expect-skip "add the layer meta-lts-mixins"   (stock scarthgap)
 
 There is no OE-core here (no registry carries it): stub/conf/bitbake.conf and stub/classes/
 stand in for it, with OE-core's values and its parse-time checks. On top of parsing, this runs
 the recipe's do_install (with cargo's install step fed two stand-in binaries) against the source
 tree, then checks that every installed file lands in a package (OE's installed-vs-shipped),
-that the unit, its ExecStart and the conffiles are installed, the licence checksum matches, and
-the runtime dependencies are packages that exist (OE-core, meta-tpm).
+that the unit, its ExecStart and the conffiles are installed, the layer's dependencies are
+the collections the release provides, the licence checksums match, every licence is in the
+release's common licences or has its text in the source (NO_GENERIC_LICENSE, as
+do_populate_lic wants), and the runtime dependencies are packages that exist (OE-core,
+meta-tpm).
 Prints one line per finding and exits non-zero on the first failure.
 """
 
@@ -33,8 +38,22 @@ STUB = os.path.join(HERE, "stub")
 # meta-security's tpm2-tss recipe (meta-tpm): PACKAGES = tpm2-tss libtss2 libtss2-mu
 # libtss2-tcti-device libtss2-tcti-mssim and their -dev/-staticdev/-dbg/-doc.
 KNOWN_RUNTIME_PACKAGES = {
-    "ca-certificates", "dbus", "tpm2-tss", "libtss2", "libtss2-mu", "libtss2-tcti-device",
-    "libtss2-tcti-mssim",
+    "bash-completion", "ca-certificates", "dbus", "tpm2-tss", "libtss2", "libtss2-mu",
+    "libtss2-tcti-device", "libtss2-tcti-mssim",
+}
+
+# The collections of the layers a build has: OE-core and meta-tpm always, meta-lts-mixins'
+# scarthgap/rust (whose layer.conf also sets RUSTVERSION) with --mixin.
+BASE_COLLECTIONS = ["core", "tpm-layer"]
+MIXIN_COLLECTION = "scarthgap-rust-mixin"
+
+# Where each file must land: the completions each in its shell's package.
+PACKAGE_OF = {
+    "${datadir}/bash-completion/completions/iotctl": "${PN}-bash-completion",
+    "${datadir}/zsh/site-functions/_iotctl": "${PN}-zsh-completion",
+    "${datadir}/fish/vendor_completions.d/iotctl.fish": "${PN}-fish-completion",
+    "${bindir}/iotctl": "${PN}",
+    "${mandir}/man1/iotctl.1": "${PN}-doc",
 }
 
 # What the image must get, as the .deb installs it (Debian-only files aside).
@@ -78,14 +97,26 @@ def load_bb():
     return bb
 
 
-def parse(bb, layer, release, rustversion, topdir):
+def common_licences(release):
+    with open(os.path.join(STUB, f"common-licenses-{release}.txt")) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def parse(bb, layer, release, mixin, expect_missing_layer, topdir):
     d = bb.data.init()
     d.setVar("BBPATH", f"{STUB}:{layer}")
     d.setVar("TOPDIR", topdir)
     d.setVar("LAYERSERIES_CORENAMES", release)
-    if rustversion:
+    # COMMON_LICENSE_DIR (${TOPDIR}/licenses) as the release has it.
+    os.makedirs(os.path.join(topdir, "licenses"))
+    for name in common_licences(release):
+        open(os.path.join(topdir, "licenses", name), "w").close()
+    collections = list(BASE_COLLECTIONS)
+    if mixin:
         # What meta-lts-mixins' layer.conf does, before bitbake.conf's weak default.
-        d.setVar("RUSTVERSION", rustversion)
+        d.setVar("RUSTVERSION", mixin)
+        collections.append(MIXIN_COLLECTION)
+    d.setVar("BBFILE_COLLECTIONS", " ".join(collections))
     d.setVar("__bbclasstype", "global")
     bb.parse.handle(os.path.join(STUB, "conf/bitbake.conf"), d, True)
     d.setVar("LAYERDIR", layer)
@@ -93,12 +124,25 @@ def parse(bb, layer, release, rustversion, topdir):
     # Expand LAYERDIR into BBFILES etc. before it goes away, as bitbake's cooker does.
     d.expandVarref("LAYERDIR")
     d.delVar("LAYERDIR")
+    present = set(d.getVar("BBFILE_COLLECTIONS").split())
     for coll in (d.getVar("BBFILE_COLLECTIONS") or "").split():
+        if coll in collections:
+            continue  # the other layers: not parsed here
         compat = (d.getVar(f"LAYERSERIES_COMPAT_{coll}") or "").split()
         if release not in compat:
             fail(f"layer {coll}: LAYERSERIES_COMPAT_{coll} = {' '.join(compat)!r} lacks {release}")
-        print(f"layer {coll}: compatible with {release}; depends on "
-              f"{d.getVar(f'LAYERDEPENDS_{coll}')}")
+        depends = (d.getVar(f"LAYERDEPENDS_{coll}") or "").split()
+        print(f"layer {coll}: compatible with {release}; depends on {' '.join(depends)}")
+        # As bitbake's cooker checks them (a "name:version" pins a version; none here).
+        missing = [dep for dep in (dep.split(":")[0] for dep in depends) if dep not in present]
+        for dep in missing:
+            message = (f"Layer '{coll}' depends on layer '{dep}', but this layer is not enabled "
+                       f"in your configuration")
+            if dep != expect_missing_layer:
+                fail(message)
+            print(f"as expected, bitbake would stop: {message}")
+        if expect_missing_layer and expect_missing_layer not in missing:
+            fail(f"layer {coll} does not depend on {expect_missing_layer} for {release}")
     bb.parse.BBHandler.inherit("base", "configuration INHERITs", 0, d)
     bb.parse.siggen = bb.siggen.init(d)
     d.setVar("__bbclasstype", "recipe")
@@ -131,7 +175,27 @@ def check_license(r, source):
         md5 = hashlib.md5(b"".join(lines[begin - 1:end])).hexdigest()
         if md5 != params.get("md5"):
             fail(f"LIC_FILES_CHKSUM: {rel} has md5 {md5}, the recipe says {params.get('md5')}")
-        print(f"licence: {r.getVar('LICENSE')}, {rel} md5 matches")
+        print(f"LIC_FILES_CHKSUM: {rel} md5 matches")
+
+
+def check_licence_texts(r, release):
+    """As do_populate_lic: each licence of LICENSE has a text in the release's common licences,
+    or NO_GENERIC_LICENSE names one from LIC_FILES_CHKSUM; never both (license-exists and
+    license-no-generic, QA warnings a reviewer wants gone)."""
+    generic = set(common_licences(release))
+    in_checksums = {entry.split(";")[0][len("file://"):]
+                    for entry in (r.getVar("LIC_FILES_CHKSUM") or "").split()}
+    print(f"LICENSE: {r.getVar('LICENSE')}")
+    names = sorted(set(re.findall(r"[A-Za-z0-9.+_-]+", r.getVar("LICENSE"))))
+    for name in names:
+        own = r.getVarFlag("NO_GENERIC_LICENSE", name)
+        if name in generic and own:
+            fail(f"{name} is in {release}'s common licences, but NO_GENERIC_LICENSE[{name}] = {own}")
+        if name not in generic and not own:
+            fail(f"{release} has no common licence {name}, and NO_GENERIC_LICENSE[{name}] is unset")
+        if own and own not in in_checksums:
+            fail(f"NO_GENERIC_LICENSE[{name}] = {own}, which LIC_FILES_CHKSUM does not list")
+        print(f"licence {name}: " + (f"its text from the source, {own}" if own else f"{release}'s common licence"))
 
 
 def run_install(bb, r, source, tmp):
@@ -191,6 +255,10 @@ def check_install(r, installed):
         path = r.expand(want)
         if path not in where:
             fail(f"not installed: {path}")
+    for want, pkg in PACKAGE_OF.items():
+        path, pkg = r.expand(want), r.expand(pkg)
+        if where.get(path) != pkg:
+            fail(f"{path} is in {where.get(path)}, not {pkg}")
     for unit in (r.getVar(f"SYSTEMD_SERVICE:{pn}") or "").split():
         path = r.expand(f"${{systemd_system_unitdir}}/{unit}")
         if where.get(path) != pn:
@@ -244,15 +312,18 @@ def main():
     ap.add_argument("--layer", required=True)
     ap.add_argument("--source", required=True, help="the iotd source tree the recipe fetches")
     ap.add_argument("--release", required=True, choices=["scarthgap", "wrynose"])
-    ap.add_argument("--rustversion", help="RUSTVERSION as a Rust layer sets it")
+    ap.add_argument("--mixin", metavar="RUSTVERSION",
+                    help="meta-lts-mixins (scarthgap/rust) is in the build and sets RUSTVERSION")
     ap.add_argument("--expect-skip", help="the recipe must be skipped with this text")
+    ap.add_argument("--expect-missing-layer",
+                    help="the layer depends on this collection, which the build lacks")
     args = ap.parse_args()
     layer = os.path.abspath(args.layer)
     source = os.path.abspath(args.source)
 
     bb = load_bb()
     with tempfile.TemporaryDirectory() as tmp:
-        for fn, r in parse(bb, layer, args.release, args.rustversion, tmp):
+        for fn, r in parse(bb, layer, args.release, args.mixin, args.expect_missing_layer, tmp):
             name = os.path.relpath(fn, layer)
             skipped = r.getVar("__SKIPPED")
             if args.expect_skip:
@@ -274,11 +345,15 @@ def main():
                 fail(f"the git checkout ({src_uri[0]}) does not land in S = {r.getVar('S')}")
             print(f"CARGO_BUILD_FLAGS: {r.getVar('CARGO_BUILD_FLAGS')}")
             print(f"DEPENDS: {r.getVar('DEPENDS')}")
-            rdepends = r.getVar(f"RDEPENDS:{pn}").split()
-            print(f"RDEPENDS:{pn}: {' '.join(rdepends)}")
-            unknown = [p for p in rdepends if p not in KNOWN_RUNTIME_PACKAGES]
-            if unknown:
-                fail(f"RDEPENDS:{pn} names packages no layer provides: {' '.join(unknown)}")
+            packages = r.getVar("PACKAGES").split()
+            print(f"PACKAGES: {' '.join(packages)}")
+            for pkg in packages:
+                rdepends = (r.getVar(f"RDEPENDS:{pkg}") or "").split()
+                if rdepends:
+                    print(f"RDEPENDS:{pkg}: {' '.join(rdepends)}")
+                unknown = [p for p in rdepends if p not in KNOWN_RUNTIME_PACKAGES | set(packages)]
+                if unknown:
+                    fail(f"RDEPENDS:{pkg} names packages no layer provides: {' '.join(unknown)}")
             print(f"USERADD_PARAM:{pn}: {r.getVar(f'USERADD_PARAM:{pn}')}")
             print(f"GROUPADD_PARAM:{pn}: {r.getVar(f'GROUPADD_PARAM:{pn}')}")
             print(f"SYSTEMD_SERVICE:{pn}: {r.getVar(f'SYSTEMD_SERVICE:{pn}')}")
@@ -287,10 +362,11 @@ def main():
                 if task not in tasks:
                     fail(f"task {task} missing")
             check_license(r, source)
+            check_licence_texts(r, args.release)
             r2, installed = run_install(bb, r, source, tmp)
             check_install(r2, installed)
             check_same_as_deb(r2, os.path.join(source, "agent/Cargo.toml"))
-    print(f"ok: {args.release}{' (Rust ' + args.rustversion + ')' if args.rustversion else ''}")
+    print(f"ok: {args.release}{' with meta-lts-mixins (Rust ' + args.mixin + ')' if args.mixin else ''}")
 
 
 if __name__ == "__main__":
