@@ -31,7 +31,7 @@ PV = "0.1.0+git"
 SRC_URI = "git://github.com/iotd/iotd.git;protocol=https;branch=main;destsuffix=${BP}"
 # The commit of this release. The crate list below is generated from that commit's
 # Cargo.lock, so the two change together (scripts/third-party.py).
-SRCREV = "01f32a5949e3a5e6aefcefdc1671ca8aa7cd2ca0"
+SRCREV = "27e7a62c9c100c0d9d957f1f38cbe65289f91d3c"
 
 require ${BPN}-crates.inc
 
