@@ -182,8 +182,9 @@ fi
 
 # lintian reads a copyright file as DEP-5 only in a source package; this package is built from
 # the tree, so the same checks run here on the file it ships, with Debian's own parser
-# (python3-debian, strict): every licence a Files paragraph names has its own paragraph and
-# none is unused; a licence with a text in /usr/share/common-licenses points there.
+# (python3-debian, strict): License fields in DEP-5's syntax, every licence a Files paragraph
+# names has its own paragraph and none is unused; a licence with a text in
+# /usr/share/common-licenses points there.
 check "debian/copyright as shipped is DEP-5 (python3-debian, strict): each licence named has its paragraph, none unused" \
     bash -c 'dpkg-deb --fsys-tarfile "$1" | tar -xO ./usr/share/doc/iotd/copyright | /usr/bin/python3 -c "$2"' _ "$deb" '
 import re, sys
@@ -191,8 +192,10 @@ from debian import copyright as dep5
 c = dep5.Copyright(sys.stdin, strict=True)
 named, defined = set(), set()
 for p in c.all_files_paragraphs():
-    names = re.sub(r"[()]", " ", p.license.synopsis)
-    named |= {n.strip() for n in re.split(r"\s+(?:and|or)\s+", names) if n.strip()}
+    # DEP-5 groups with a comma ("A or B, and C"); it has no parentheses.
+    if re.search(r"[()]", p.license.synopsis):
+        sys.exit(f"License: {p.license.synopsis}: DEP-5 has no parentheses")
+    named |= {n.strip() for n in re.split(r",?\s+(?:and|or)\s+", p.license.synopsis) if n.strip()}
 for p in c.all_license_paragraphs():
     defined.add(p.license.synopsis)
     if p.license.synopsis.startswith("Apache-2.0") and "/usr/share/common-licenses/Apache-2.0" not in p.license.text:

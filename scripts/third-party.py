@@ -28,7 +28,6 @@ The copyright holders are the `Copyright` lines of each crate's licence files, o
 """
 
 import difflib
-import glob
 import json
 import os
 import re
@@ -172,8 +171,10 @@ SPDX = (" AND ", " OR ", lambda base, e: f"{base} WITH {e}")
 # OE's: an exception is one licence name (Apache-2.0-with-LLVM-exception, as in OE-core's
 # common-licenses).
 BITBAKE = (" & ", " | ", lambda base, e: f"{base}-with-{e}")
-# DEP-5's: `X with Y exception`.
-DEP5 = (" and ", " or ", lambda base, e: f"{base} with {e.removesuffix('-exception')} exception")
+
+def dep5_exception(base, exception):
+    """DEP-5's `X with Y exception`."""
+    return f"{base} with {exception.removesuffix('-exception')} exception"
 
 
 def spdx(tree) -> str:
@@ -185,7 +186,25 @@ def bitbake(tree) -> str:
 
 
 def dep5(tree) -> str:
-    return render(tree, DEP5)
+    """DEP-5's syntax, which has no parentheses: `and` binds tighter than `or`, and a comma
+    ends a group, so (A or B) and C is `A or B, and C`. Deeper nesting cannot be written."""
+    if isinstance(tree, str):
+        return tree
+    if tree[0] == "WITH":
+        return dep5_exception(tree[1], tree[2])
+
+    def flat(term, inner):
+        if isinstance(term, tuple) and term[0] == inner:
+            if any(isinstance(t, tuple) and t[0] in ("AND", "OR") for t in term[1]):
+                fail(f"{spdx(tree)} nests too deeply for DEP-5's License field")
+            return f" {inner.lower()} ".join(dep5(t) for t in term[1])
+        return dep5(term)
+
+    if tree[0] == "OR":  # A and B or C: `and` binds tighter, no grouping needed
+        return " or ".join(flat(t, "AND") for t in tree[1])
+    if any(isinstance(t, tuple) and t[0] == "OR" for t in tree[1]):
+        return ", and ".join(flat(t, "OR") for t in tree[1])
+    return " and ".join(dep5(t) for t in tree[1])
 
 
 def acceptable(tree) -> bool:
@@ -204,12 +223,13 @@ def dep5_names(tree) -> set:
     return set().union(*map(dep5_names, tree[1]))
 
 
-def package_licence(trees) -> str:
-    """The recipe's LICENSE: every crate's expression ANDed. A choice (A | B) is dropped when
-    one of its licences is required anyway: whoever accepts the package's licences then has
-    one of the crate's choices, so the expression means the same and reads shorter."""
+def package_licence(own, trees) -> str:
+    """The recipe's LICENSE: our own licence and every crate's expression, ANDed. A choice
+    (A | B) is dropped when one of its licences is required anyway: whoever accepts the
+    package's licences then has one of the crate's choices, so the expression means the same
+    and reads shorter."""
     terms = []
-    for tree in trees:
+    for tree in [own, *trees]:
         terms += tree[1] if isinstance(tree, tuple) and tree[0] == "AND" else [tree]
     required = {t for t in terms if isinstance(t, str) or t[0] == "WITH"}
     kept = [t for t in set(terms)
@@ -258,6 +278,14 @@ def crate_metadata():
     return found
 
 
+def own_package(metadata, name):
+    """A workspace member's cargo metadata."""
+    found = [p for (n, _), p in metadata.items() if n == name and p.get("source") is None]
+    if len(found) != 1:
+        fail(f"cargo metadata lists {len(found)} workspace packages named {name}")
+    return found[0]
+
+
 LICENCE_FILE = re.compile(r"^(licen[cs]e|copying|copyright|notice)", re.IGNORECASE)
 # "Copyright (c) 2019 Someone", "Copyright 2015-2016 Someone", "(c) 2020 Someone", "© ...":
 # a notice has a year; licence texts say "copyright" in their sentences too.
@@ -270,8 +298,9 @@ def holders(directory: str, authors: list, name: str) -> list:
     """The copyright lines of a package's licence files (its top directory), without the
     templates of licence texts ("<year> <copyright holders>", "[yyyy]"); its authors if none."""
     lines = []
-    for path in sorted(glob.glob(os.path.join(directory, "*"))):
-        if not (os.path.isfile(path) and LICENCE_FILE.match(os.path.basename(path))):
+    for entry in sorted(os.listdir(directory)):
+        path = os.path.join(directory, entry)
+        if not (os.path.isfile(path) and LICENCE_FILE.match(entry)):
             continue
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -293,7 +322,7 @@ def holders(directory: str, authors: list, name: str) -> list:
 
 def page_packages():
     """(name, version, licence, directory) of the npm packages bundled into the page."""
-    with open(PAGE_LOCK) as f:
+    with open(PAGE_LOCK, encoding="utf-8") as f:
         lock = json.load(f)
     bundled = []
     for key, p in lock["packages"].items():
@@ -343,7 +372,7 @@ def crates_inc() -> str:
 def licence_text(name: str) -> str:
     path = os.path.join(LICENSES, f"{name}.txt")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return f.read()
     except FileNotFoundError:
         fail(f"no text for {name}: add it as {os.path.relpath(path, REPO)}")
@@ -418,7 +447,11 @@ def generate():
     for name in sorted(needed, key=lambda n: (n != "Apache-2.0", n.lower())):
         copyright_ += "\n" + standalone(name)
 
-    return crates_inc(), package_licence(trees), copyright_
+    own = {parse_expression(metadata_own["license"], f"package {name}")
+           for name, metadata_own in ((n, own_package(metadata, n)) for n in PACKAGES)}
+    if len(own) != 1:
+        fail(f"{' and '.join(PACKAGES)} declare different licences: {sorted(map(spdx, own))}")
+    return crates_inc(), package_licence(own.pop(), trees), copyright_
 
 
 def with_licence_line(recipe: str, licence: str) -> str:
@@ -436,13 +469,13 @@ def main() -> int:
         print(__doc__, file=sys.stderr)
         return 2
     inc, licence, copyright_ = generate()
-    with open(RECIPE) as f:
+    with open(RECIPE, encoding="utf-8") as f:
         recipe = f.read()
     wanted = {INC: inc, RECIPE: with_licence_line(recipe, licence), COPYRIGHT: copyright_}
     stale = []
     for path, text in wanted.items():
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 current = f.read()
         except FileNotFoundError:
             current = ""
@@ -455,7 +488,7 @@ def main() -> int:
                 rel, f"{rel} as {SELF} writes it", n=1))
             stale.append(rel)
         else:
-            with open(path, "w") as f:
+            with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
             print(f"wrote {rel}")
     crates = inc.count("crate://")

@@ -32,7 +32,17 @@ class Expressions(unittest.TestCase):
         self.assertEqual(tp.dep5_names(tree), {"Apache-2.0", "Apache-2.0 with LLVM exception", "MIT"})
         tree = parse("(MIT OR Apache-2.0) AND Unicode-3.0")
         self.assertEqual(tp.bitbake(tree), "(Apache-2.0 | MIT) & Unicode-3.0")
-        self.assertEqual(tp.dep5(tree), "(Apache-2.0 or MIT) and Unicode-3.0")
+        self.assertEqual(tp.spdx(tree), "(Apache-2.0 OR MIT) AND Unicode-3.0")
+
+    def test_dep5_groups_with_a_comma_not_parentheses(self):
+        self.assertEqual(tp.dep5(parse("(MIT OR Apache-2.0) AND Unicode-3.0")),
+                         "Apache-2.0 or MIT, and Unicode-3.0")
+        # `and` binds tighter than `or`: no grouping needed.
+        self.assertEqual(tp.dep5(parse("MIT AND BSD-3-Clause OR Apache-2.0")),
+                         "Apache-2.0 or BSD-3-Clause and MIT")
+        self.assertEqual(tp.dep5(parse("Apache-2.0 AND ISC")), "Apache-2.0 and ISC")
+        with self.assertRaises(SystemExit):
+            tp.dep5(parse("(MIT OR (ISC AND Zlib)) AND Unicode-3.0"))
 
     def test_unreadable_expressions_are_refused(self):
         for text in ("", "MIT OR", "(MIT", "MIT; Apache-2.0", "MIT AND AND ISC"):
@@ -57,12 +67,17 @@ class AllowList(unittest.TestCase):
 
 class PackageLicence(unittest.TestCase):
     def test_a_choice_is_dropped_only_when_one_of_its_licences_is_required(self):
+        own = parse("Apache-2.0")
         trees = [parse(t) for t in ("MIT", "MIT OR Apache-2.0", "Apache-2.0 AND ISC",
                                     "(MIT OR Apache-2.0) AND Unicode-3.0")]
-        self.assertEqual(tp.package_licence(trees), "Apache-2.0 & ISC & MIT & Unicode-3.0")
-        trees = [parse(t) for t in ("MIT", "Apache-2.0 OR BSL-1.0")]
-        self.assertEqual(tp.package_licence(trees), "(Apache-2.0 | BSL-1.0) & MIT")
-        self.assertEqual(tp.package_licence([parse("MIT OR Unlicense")]), "MIT | Unlicense")
+        self.assertEqual(tp.package_licence(own, trees), "Apache-2.0 & ISC & MIT & Unicode-3.0")
+        trees = [parse(t) for t in ("MIT", "ISC OR BSL-1.0")]
+        self.assertEqual(tp.package_licence(own, trees), "Apache-2.0 & (BSL-1.0 | ISC) & MIT")
+
+    def test_our_own_licence_is_in_it_when_no_crate_requires_it(self):
+        trees = [parse("MIT OR Apache-2.0"), parse("MIT OR Unlicense")]
+        self.assertEqual(tp.package_licence(parse("Apache-2.0"), trees),
+                         "Apache-2.0 & (MIT | Unlicense)")
 
 
 class Holders(unittest.TestCase):

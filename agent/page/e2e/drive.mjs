@@ -58,6 +58,17 @@ if (job.scan) {
   }, job.scan);
 }
 
+// The problem screen's buttons that were disabled (held), as they happen: a held button is
+// enabled again a second later, sooner than a look at the screen may come on a busy machine.
+await page.addInitScript(() => {
+  window.heldButtons = [];
+  new MutationObserver((records) => {
+    for (const r of records) {
+      if (r.target.disabled && r.target.closest('#problem-actions')) window.heldButtons.push(r.target.textContent);
+    }
+  }).observe(document, { subtree: true, attributes: true, attributeFilter: ['disabled'] });
+});
+
 const seen = [];
 
 async function shot(name) {
@@ -196,7 +207,7 @@ const scenarios = {
       if (rates === 0) await emptyTheBucket();
       await start();
       const found = await screen('problem');
-      const held = await page.locator('#problem-actions button').first().isDisabled();
+      const held = await page.evaluate(() => window.heldButtons.splice(0).length > 0);
       seen.push({ title: found.title, text: found.text, held });
       if (found.title === 'Setup is locked') {
         await shot('7-locked');

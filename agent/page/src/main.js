@@ -97,11 +97,12 @@ function problem({ title, cause, detail = '', next = [], actions = [] }) {
 function holdFirstAction(seconds) {
   const button = $('problem-actions').querySelector('button');
   const label = button.textContent;
-  const until = Date.now() + seconds * 1000;
+  // The monotonic clock: a wall clock set back would hold the button for as long.
+  const until = performance.now() + seconds * 1000;
   button.disabled = true;
   const tick = () => {
     if (!button.isConnected) return;
-    const left = Math.ceil((until - Date.now()) / 1000);
+    const left = Math.ceil((until - performance.now()) / 1000);
     if (left <= 0) {
       button.disabled = false;
       button.textContent = label;
@@ -109,7 +110,7 @@ function holdFirstAction(seconds) {
     }
     button.textContent = `${label} (${left} s)`;
     // Wakes when the shown number changes, not more often.
-    setTimeout(tick, until - Date.now() - (left - 1) * 1000);
+    setTimeout(tick, until - performance.now() - (left - 1) * 1000);
   };
   tick();
 }

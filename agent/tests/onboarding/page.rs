@@ -253,6 +253,7 @@ async fn wrong_codes_show_the_attempts_left_and_the_window_closes_at_the_cap() {
             text(refusal).contains(&format!("allows {left} more {tries}")),
             "refusal {i}: {refusal}"
         );
+        assert_eq!(refusal["held"], false, "refusal {i}: {refusal}");
     }
     let window = gateway.window().await;
     assert_eq!(window["open"], false, "{window}");
