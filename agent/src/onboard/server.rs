@@ -43,8 +43,9 @@
 //! - **Rate limit.** `/pair/params` takes a token from one bucket for the whole server
 //!   ([`Limits::params_burst`] tokens, one more every [`Limits::params_refill`]: 10 per 10 s),
 //!   `429 rate_limited` when it is empty, with `Retry-After` in whole seconds until the next
-//!   token (the page waits that long before it offers to try again). One bucket, not one per peer: the memory stays
-//!   bounded, and a client on the LAN that floods it could as well hold the session slot.
+//!   token (the page waits that long before it offers to try again). One bucket, not one per
+//!   peer: the memory stays bounded, and a client on the LAN that floods it could as well hold
+//!   the session slot.
 //! - **Bodies.** At most [`PARAMS_BODY_LIMIT`] (1 KiB), [`CLAIM_BODY_LIMIT`] (20 KiB) for
 //!   `/claim`: a `Content-Length` over the limit is refused before reading, and a body is
 //!   counted as it arrives, so a chunked one stops at the limit (`413 too_large`).
