@@ -447,8 +447,8 @@ def generate():
     for name in sorted(needed, key=lambda n: (n != "Apache-2.0", n.lower())):
         copyright_ += "\n" + standalone(name)
 
-    own = {parse_expression(metadata_own["license"], f"package {name}")
-           for name, metadata_own in ((n, own_package(metadata, n)) for n in PACKAGES)}
+    own = {parse_expression(own_package(metadata, name)["license"], f"package {name}")
+           for name in PACKAGES}
     if len(own) != 1:
         fail(f"{' and '.join(PACKAGES)} declare different licences: {sorted(map(spdx, own))}")
     return crates_inc(), package_licence(own.pop(), trees), copyright_
